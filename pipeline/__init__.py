@@ -1,0 +1,1 @@
+"""The distributed system: storage, Ray Data stages, Ray Train loop, reports."""

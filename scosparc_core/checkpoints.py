@@ -1,0 +1,137 @@
+"""Checkpoint formats: the official DINO backbone state_dict and the official stage-1 head state_dict.
+
+Everything loads with ``torch.load(weights_only=True)``: a file that carries code is refused. Errors name the
+file and the keys or shapes at fault. ``source`` may be a local path, a file object, or a URL; URLs are opened
+with fsspec (imported only then), so ``s3://``, ``gs://`` and ``https://`` work where their filesystems exist.
+"""
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+HEAD_PREFIX = "encoder_attn."
+HEAD_LAYERS = ("conv", "query_transform", "key_transform")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be read, or does not fit the model it is loaded into."""
+
+
+def _name(source) -> str:
+    return getattr(source, "name", None) or str(source)
+
+
+def _open(source, mode: str):
+    if hasattr(source, "read" if "r" in mode else "write"):
+        return _Borrowed(source)
+    path = os.fspath(source)
+    if "://" in path and not path.startswith("file://"):
+        import fsspec  # URLs only; the core needs no storage library otherwise
+
+        return fsspec.open(path, mode).open()
+    path = path.removeprefix("file://")
+    if "w" in mode:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return open(path, mode)
+
+
+class _Borrowed:
+    """A caller's file object used in a ``with`` block without being closed."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self.f
+
+    def __exit__(self, *exc):
+        return False
+
+
+def load_state_dict(source) -> dict[str, torch.Tensor]:
+    """Reads a state_dict of tensors from ``source`` with ``weights_only=True``."""
+    name = _name(source)
+    try:
+        with _open(source, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"{name}: checkpoint file not found") from None
+    except OSError as exc:
+        raise CheckpointError(f"{name}: cannot read checkpoint ({exc})") from exc
+    if not data:
+        raise CheckpointError(f"{name}: checkpoint file is empty")
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        if "Weights only load failed" in text or "weights_only" in text:
+            raise CheckpointError(
+                f"{name}: refused, the file holds Python objects other than tensors and could run code when "
+                "unpickled; only plain state_dicts load (weights_only=True)"
+            ) from exc
+        raise CheckpointError(f"{name}: not a readable torch checkpoint, truncated or corrupt? ({exc})") from exc
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{name}: expected a state_dict (a mapping of names to tensors), got {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{name}: entries that are not tensors: {sorted(map(str, bad))[:8]}")
+    return dict(obj)
+
+
+def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], name: str, what: str) -> None:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        if shapes:
+            parts.append(f"shape mismatches {shapes[:8]}")
+        raise CheckpointError(f"{name}: does not fit the {what}: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)
+
+
+def load_backbone_checkpoint(vit: nn.Module, source) -> None:
+    """Loads a DINO-format backbone state_dict (e.g. ``dino_vitbase8_pretrain.pth``) into a timm ViT, strictly.
+
+    A ``module.`` or ``backbone.`` prefix (DDP / DINO's multi-crop wrapper) is stripped.
+    """
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in load_state_dict(source).items()}
+    _load_strict(vit, state, _name(source), "backbone")
+
+
+def head_state_dict(head: nn.Module) -> dict[str, torch.Tensor]:
+    """The head's parameters under the official keys ``encoder_attn.{conv,query_transform,key_transform}.*``."""
+    return {HEAD_PREFIX + k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+
+
+def load_head_checkpoint(head: nn.Module, source) -> None:
+    """Loads an official-format stage-1 checkpoint (``model_combined.pt`` and the like) into ``head``."""
+    name = _name(source)
+    state = load_state_dict(source)
+    if not any(k.startswith(HEAD_PREFIX) for k in state):
+        raise CheckpointError(
+            f"{name}: no '{HEAD_PREFIX}*' keys; a stage-1 checkpoint holds "
+            f"{HEAD_PREFIX}{{{','.join(HEAD_LAYERS)}}}.{{weight,bias}} (found {sorted(state)[:6]})"
+        )
+    _load_strict(head, {k.removeprefix(HEAD_PREFIX): v for k, v in state.items()}, name, "stage-1 head")
+
+
+def save_head_checkpoint(head: nn.Module, dest) -> None:
+    """Writes the head in the official format (a plain state_dict, loadable with weights_only=True)."""
+    buf = io.BytesIO()
+    torch.save(head_state_dict(head), buf)
+    with _open(dest, "wb") as f:
+        f.write(buf.getvalue())

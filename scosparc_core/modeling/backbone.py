@@ -1,0 +1,176 @@
+"""Frozen DINO ViT backbone: patch tokens and the CLS attention map from one forward pass."""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_BACKBONE = "vit_base_patch8_224.dino"
+# The paper code upsamples each head's attention map by 16 (nearest) before averaging and normalising.
+CLS_ATTENTION_UPSAMPLE = 16
+
+
+class BackboneUnavailableError(RuntimeError):
+    """Pretrained weights were asked for and could not be fetched."""
+
+
+@dataclass
+class BackboneOutput:
+    """tokens: (B, P, C) final-LayerNorm patch tokens (CLS dropped); cls_token: (B, C);
+    cls_attention: (B, h, w) last block's CLS->patch attention averaged over heads (raw softmax values)."""
+
+    tokens: torch.Tensor
+    cls_token: torch.Tensor
+    cls_attention: torch.Tensor
+
+
+def cls_attention_maps(cls_attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head-averaged CLS attention (B, h, w) -> the reference's (B, 16h, 16w) and (B, h, w) maps.
+
+    Reference order: per head 28x28 -> x16 nearest -> mean over heads -> min-max -> bilinear
+    (align_corners=True) back to 28x28. Nearest upsampling commutes with the head mean, so the mean is taken
+    first. A constant map has no range; it normalises to zeros (the reference gives NaN).
+    """
+    b, h, w = cls_attention.shape
+    flat = cls_attention.reshape(b, -1).float()
+    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    span = hi - lo
+    norm = torch.where(span > 0, (flat - lo) / torch.where(span > 0, span, 1.0), torch.zeros_like(flat))
+    norm = norm.view(b, 1, h, w)
+    big = F.interpolate(norm, scale_factor=CLS_ATTENTION_UPSAMPLE, mode="nearest")
+    small = F.interpolate(big, size=(h, w), mode="bilinear", align_corners=True)
+    return big[:, 0], small[:, 0]
+
+
+class DinoBackbone(nn.Module):
+    """A timm ViT that returns patch tokens and the head-averaged CLS attention of its last block.
+
+    The attention comes from a hook on the last block's ``qkv`` projection, so the fused attention kernel
+    still runs and nothing is computed twice (the paper code runs the backbone twice per image).
+    """
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        if not hasattr(vit, "blocks") or not hasattr(vit.blocks[-1].attn, "qkv"):
+            raise TypeError("DinoBackbone needs a timm VisionTransformer (blocks[-1].attn.qkv)")
+        self.vit = vit.eval().requires_grad_(False)
+        self._qkv_out: torch.Tensor | None = None
+        self._forward = self.forward
+        vit.blocks[-1].attn.qkv.register_forward_hook(self._keep_qkv)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.vit.embed_dim
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return tuple(self.vit.patch_embed.grid_size)
+
+    @property
+    def num_patches(self) -> int:
+        h, w = self.grid_size
+        return h * w
+
+    def compile_forward(self) -> "DinoBackbone":
+        """Runs ``extract`` through torch.compile (inductor, frozen weights, dynamic batch size).
+
+        Costs ~30 s once per process on CPU, then about 10% less time per image there (bias and GELU fused
+        into the matmuls); worth it for long runs, not for a single small group.
+        """
+        self._forward = torch.compile(self.forward, dynamic=True, options={"freezing": True})
+        return self
+
+    def _keep_qkv(self, module, inputs, output):
+        self._qkv_out = output
+
+    @classmethod
+    def create(
+        cls,
+        name: str = DEFAULT_BACKBONE,
+        checkpoint=None,
+        random_init: bool = False,
+        **model_kwargs,
+    ) -> "DinoBackbone":
+        """Builds timm ``name`` (any timm ViT) with ``num_classes=0``.
+
+        ``checkpoint``: a path, URL or file object holding a DINO-format state_dict (e.g.
+        ``dino_vitbase8_pretrain.pth``), loaded strictly. ``None``: timm's pretrained weights, which need a
+        network. ``random_init=True`` (and no checkpoint): random weights, with a warning.
+        ``model_kwargs`` override the architecture (``embed_dim``, ``depth``, ``num_heads`` ...).
+        """
+        from ..checkpoints import load_backbone_checkpoint
+
+        kwargs = dict(num_classes=0, **model_kwargs)
+        if checkpoint is not None:
+            vit = timm.create_model(name, pretrained=False, **kwargs)
+            load_backbone_checkpoint(vit, checkpoint)
+        elif random_init:
+            warnings.warn(
+                f"backbone {name!r} has RANDOM weights (random_init=True): its masks mean nothing",
+                stacklevel=2,
+            )
+            vit = timm.create_model(name, pretrained=False, **kwargs)
+        else:
+            try:
+                vit = timm.create_model(name, pretrained=True, **kwargs)
+            except Exception as exc:  # hub, HTTP and offline errors all surface here
+                raise BackboneUnavailableError(
+                    f"could not fetch timm's pretrained weights for {name!r} ({type(exc).__name__}: {exc}). "
+                    "Without network access, pass the official checkpoint instead "
+                    "(backbone='/path/or/url/dino_vitbase8_pretrain.pth'), or random_init=True for tests."
+                ) from exc
+        return cls(vit)
+
+    def forward(self, images: torch.Tensor) -> BackboneOutput:
+        """images: (B, 3, H, W) normalised -> BackboneOutput (see its docstring)."""
+        vit = self.vit
+        feats = vit.forward_features(images)
+        qkv, self._qkv_out = self._qkv_out, None
+        prefix = vit.num_prefix_tokens
+        tokens, cls_token = feats[:, prefix:], feats[:, 0]
+
+        attn = vit.blocks[-1].attn
+        b, n, _ = qkv.shape
+        qkv = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+        # Same expression as the DINO reference: softmax((q * scale) @ k^T), CLS row only.
+        logits = (q[:, :, :1].float() * attn.scale) @ k.float().transpose(-2, -1)
+        cls_attn = logits.softmax(dim=-1)[:, :, 0, prefix:].mean(dim=1)
+        h, w = self.grid_size
+        return BackboneOutput(tokens=tokens, cls_token=cls_token, cls_attention=cls_attn.reshape(b, h, w))
+
+    @torch.inference_mode()
+    def extract(
+        self,
+        images: torch.Tensor,
+        micro_batch: int = 16,
+        dtype: torch.dtype = torch.float32,
+        out_device: torch.device | str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, 224, 224) -> tokens (N, P, C) float32 and CLS attention (N, h, w) float32 (raw head mean).
+
+        Runs in micro-batches on the backbone's device; ``dtype=torch.bfloat16`` uses autocast.
+        """
+        device = next(self.vit.parameters()).device
+        out_device = device if out_device is None else torch.device(out_device)
+        n = images.shape[0]
+        tokens = torch.empty((n, self.num_patches, self.embed_dim), dtype=torch.float32, device=out_device)
+        attn = torch.empty((n, *self.grid_size), dtype=torch.float32, device=out_device)
+        autocast = (
+            torch.autocast(device_type=device.type, dtype=dtype)
+            if dtype != torch.float32
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            for start in range(0, n, max(1, micro_batch)):
+                chunk = images[start : start + micro_batch].to(device, non_blocking=True)
+                out = self._forward(chunk)
+                stop = start + chunk.shape[0]
+                tokens[start:stop] = out.tokens.float().to(out_device)
+                attn[start:stop] = out.cls_attention.float().to(out_device)
+        return tokens, attn

@@ -1,0 +1,142 @@
+"""Defined behaviour for inputs the paper code never met."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.sample import synthetic_group
+from scosparc_core import crf_refine, stage2_image
+from scosparc_core.crf import crf_params, dense_crf
+from scosparc_core.image import to_rgb
+from scosparc_core.region_filter import group_prototype, region_filter
+
+
+def jpeg(image: Image.Image, **kw) -> Image.Image:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", **kw)
+    return Image.open(io.BytesIO(buf.getvalue()))
+
+
+@pytest.fixture(scope="module")
+def rgb():
+    return synthetic_group("horse", 1)[0][0]
+
+
+def test_modes_become_rgb(rgb):
+    base = Image.fromarray(rgb)
+    gray = base.convert("L")
+    out = to_rgb(gray)
+    assert out.shape == rgb.shape and (out[..., 0] == out[..., 1]).all()
+    np.testing.assert_array_equal(to_rgb(base.convert("RGBA")), rgb)  # alpha dropped, as convert('RGB')
+    assert to_rgb(base.convert("P")).shape == rgb.shape
+    pal = base.convert("P")
+    pal.info["transparency"] = 0
+    assert to_rgb(pal).dtype == np.uint8
+    cmyk = jpeg(base.convert("CMYK"))
+    assert cmyk.mode == "CMYK"
+    assert np.abs(to_rgb(cmyk).astype(int) - rgb.astype(int)).mean() < 12
+    assert to_rgb(base.convert("1")).shape == rgb.shape
+
+
+def test_16_bit_is_scaled_not_clipped():
+    ramp = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    out = to_rgb(Image.fromarray(ramp))
+    assert out[0, 0, 0] == 0 and out[-1, -1, 0] == 255
+    assert 100 < out[32, 0, 0] < 155  # the middle stays mid-grey (convert('RGB') would make it white)
+    arr = to_rgb(np.stack([ramp] * 3, axis=2))
+    assert arr.dtype == np.uint8 and arr[-1, -1, 0] == 255
+
+
+def test_exif_rotation_is_applied(rgb):
+    base = Image.fromarray(rgb)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    buf = io.BytesIO()
+    base.save(buf, format="JPEG", exif=exif, quality=95)
+    out = to_rgb(Image.open(io.BytesIO(buf.getvalue())))
+    assert out.shape == (rgb.shape[1], rgb.shape[0], 3)
+
+
+def test_arrays(rgb):
+    np.testing.assert_array_equal(to_rgb(rgb), rgb)
+    assert to_rgb(rgb[..., 0]).shape == rgb.shape
+    np.testing.assert_array_equal(to_rgb(np.dstack([rgb, np.zeros(rgb.shape[:2], np.uint8)])), rgb)
+    assert to_rgb(rgb / 255.0).dtype == np.uint8
+    with pytest.raises(ValueError, match="shape"):
+        to_rgb(np.zeros((4, 4, 5), np.uint8))
+    with pytest.raises(ValueError, match="dtype"):
+        to_rgb(np.zeros((4, 4, 3), np.int8))
+    with pytest.raises(ValueError, match="no pixels"):
+        to_rgb(np.zeros((0, 4, 3), np.uint8))
+
+
+def test_group_of_mixed_sizes_and_modes(model, rgb):
+    group = synthetic_group("horse", 3)
+    images = [Image.fromarray(group[0][0]).convert("L"), Image.fromarray(group[1][0]).convert("RGBA"),
+              group[2][0], np.full((1, 1, 3), 128, np.uint8), np.zeros((2600, 3100, 3), np.uint8)]
+    pred = model.predict_group(images, crf="coca")
+    assert len(pred) == 5 and pred.mask.shape == (5, 224, 224)
+    assert [m.shape for m in pred.masks] == [g[0].shape[:2] for g in group] + [(1, 1), (2600, 3100)]
+    assert all(m.dtype == np.uint8 for m in pred.masks)
+    assert np.isfinite(pred.stage1_map).all() and np.isfinite(pred.threshold)
+
+
+def test_group_of_one_and_empty_group(model, rgb):
+    one = model.predict_group([rgb], crf="none")
+    assert len(one) == 1 and np.isfinite(one.confidence) and one.masks[0].shape == rgb.shape[:2]
+    empty = model.predict_group([])
+    assert len(empty) == 0 and empty.mask.shape == (0, 224, 224) and np.isnan(empty.threshold)
+
+
+def test_unknown_crf_preset_fails_before_work(model, rgb):
+    with pytest.raises(ValueError, match="unknown CRF preset"):
+        model.predict_group([rgb], crf="cocaa")
+
+
+def test_image_without_foreground_patch_is_left_out_of_the_prototype():
+    tokens = torch.stack([torch.ones(4, 3), torch.full((4, 3), 5.0)])
+    weights = torch.tensor([[0.9, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.1]])
+    torch.testing.assert_close(group_prototype(tokens, weights, 0.5), torch.ones(3))
+    assert torch.equal(group_prototype(tokens, weights * 0, 0.5), torch.zeros(3))
+
+
+def test_empty_stage1_mask_falls_back_to_the_stage1_map():
+    smap = np.random.default_rng(0).uniform(0, 0.5, (224, 224)).astype(np.float32)
+    s2 = stage2_image(smap >= 0.6, smap, torch.randn(784, 8), torch.randn(8))
+    assert s2.fallback and s2.regions_found == 0
+    np.testing.assert_array_equal(crf_refine(s2, np.zeros((224, 224, 3), np.uint8), "coca"), smap)
+
+
+def test_all_foreground_mask_is_one_region_and_crf_keeps_it():
+    tokens = torch.randn(784, 8)
+    kept = region_filter(np.ones((224, 224), bool), tokens, tokens.mean(0))
+    assert kept.found == 1 and kept.kept == 1 and kept.mask.all()
+    out = dense_crf(np.full((224, 224, 3), 90, np.uint8), kept.mask, crf_params("coca"))
+    assert out.all()  # the paper code's min-max would have turned this into an empty mask
+
+
+def test_region_filter_keeps_regions_like_the_prototype():
+    mask = np.zeros((224, 224), bool)
+    mask[8:64, 8:64] = True  # region A: patches with token a
+    mask[150:210, 150:210] = True  # region B: patches with token b
+    tokens = torch.zeros(28, 28, 2)
+    tokens[:, :14] = torch.tensor([1.0, 0.0])
+    tokens[:, 14:] = torch.tensor([0.0, 1.0])
+    tokens[14:, 14:] = torch.tensor([-1.0, 0.2])
+    kept = region_filter(mask, tokens.reshape(784, 2), torch.tensor([1.0, 0.0]))
+    assert kept.found == 2 and kept.kept == 1
+    assert kept.scores[0] == 100 and kept.scores[1] < 0
+    assert kept.mask[30, 30] and not kept.mask[180, 180]
+
+
+def test_best_region_score_zero_keeps_the_zero_regions():
+    mask = np.zeros((224, 224), bool)
+    mask[8:64, 8:64] = True
+    mask[150:210, 150:210] = True
+    tokens = torch.zeros(28, 28, 2)
+    tokens[:14, :14] = torch.tensor([0.0, 1.0])  # orthogonal to the prototype: score 0
+    tokens[14:, 14:] = torch.tensor([-1.0, 0.0])  # opposite: score -100
+    kept = region_filter(mask, tokens.reshape(784, 2), torch.tensor([1.0, 0.0]))
+    assert kept.scores == [0, -100] and kept.kept == 1 and kept.mask[30, 30]
