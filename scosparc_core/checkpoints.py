@@ -25,14 +25,14 @@ def _name(source) -> str:
     return getattr(source, "name", None) or str(source)
 
 
-def _open(source, mode: str):
+def _open(source, mode: str, storage_options: dict | None = None):
     if hasattr(source, "read" if "r" in mode else "write"):
         return _Borrowed(source)
     path = os.fspath(source)
     if "://" in path and not path.startswith("file://"):
         import fsspec  # URLs only; the core needs no storage library otherwise
 
-        return fsspec.open(path, mode).open()
+        return fsspec.open(path, mode, **(storage_options or {})).open()
     path = path.removeprefix("file://")
     if "w" in mode:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -52,11 +52,13 @@ class _Borrowed:
         return False
 
 
-def load_state_dict(source) -> dict[str, torch.Tensor]:
-    """Reads a state_dict of tensors from ``source`` with ``weights_only=True``."""
+def load_state_dict(source, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
+    """Reads a state_dict of tensors from ``source`` with ``weights_only=True``.
+
+    ``storage_options`` go to fsspec for URLs (endpoint, credentials ...)."""
     name = _name(source)
     try:
-        with _open(source, "rb") as f:
+        with _open(source, "rb", storage_options) as f:
             data = f.read()
     except FileNotFoundError:
         raise CheckpointError(f"{name}: checkpoint file not found") from None
@@ -103,12 +105,13 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], name: str, w
     module.load_state_dict(state, strict=True)
 
 
-def load_backbone_checkpoint(vit: nn.Module, source) -> None:
+def load_backbone_checkpoint(vit: nn.Module, source, storage_options: dict | None = None) -> None:
     """Loads a DINO-format backbone state_dict (e.g. ``dino_vitbase8_pretrain.pth``) into a timm ViT, strictly.
 
     A ``module.`` or ``backbone.`` prefix (DDP / DINO's multi-crop wrapper) is stripped.
     """
-    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in load_state_dict(source).items()}
+    state = load_state_dict(source, storage_options)
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
     _load_strict(vit, state, _name(source), "backbone")
 
 
@@ -117,10 +120,10 @@ def head_state_dict(head: nn.Module) -> dict[str, torch.Tensor]:
     return {HEAD_PREFIX + k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
 
 
-def load_head_checkpoint(head: nn.Module, source) -> None:
+def load_head_checkpoint(head: nn.Module, source, storage_options: dict | None = None) -> None:
     """Loads an official-format stage-1 checkpoint (``model_combined.pt`` and the like) into ``head``."""
     name = _name(source)
-    state = load_state_dict(source)
+    state = load_state_dict(source, storage_options)
     if not any(k.startswith(HEAD_PREFIX) for k in state):
         raise CheckpointError(
             f"{name}: no '{HEAD_PREFIX}*' keys; a stage-1 checkpoint holds "
@@ -129,9 +132,9 @@ def load_head_checkpoint(head: nn.Module, source) -> None:
     _load_strict(head, {k.removeprefix(HEAD_PREFIX): v for k, v in state.items()}, name, "stage-1 head")
 
 
-def save_head_checkpoint(head: nn.Module, dest) -> None:
+def save_head_checkpoint(head: nn.Module, dest, storage_options: dict | None = None) -> None:
     """Writes the head in the official format (a plain state_dict, loadable with weights_only=True)."""
     buf = io.BytesIO()
     torch.save(head_state_dict(head), buf)
-    with _open(dest, "wb") as f:
+    with _open(dest, "wb", storage_options) as f:
         f.write(buf.getvalue())

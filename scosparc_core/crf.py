@@ -55,7 +55,7 @@ def dense_crf(rgb: np.ndarray, labels: np.ndarray, params: CRFParams) -> np.ndar
     crf.addPairwiseBilateral(
         sxy=params.bilateral_sxy,
         srgb=params.bilateral_srgb,
-        rgbim=np.ascontiguousarray(rgb, dtype=np.uint8),
+        rgbim=np.array(rgb, dtype=np.uint8, order="C"),  # a writable copy: pydensecrf rejects read-only buffers
         compat=params.bilateral_compat,
         kernel=dcrf.DIAG_KERNEL,
         normalization=dcrf.NORMALIZE_SYMMETRIC,

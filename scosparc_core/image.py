@@ -69,16 +69,26 @@ def to_rgb(image) -> np.ndarray:
     return rgb
 
 
-def network_input(rgb: np.ndarray) -> torch.Tensor:
-    """``(H, W, 3) uint8`` -> ``(3, 224, 224) float32``: PIL bilinear resize, /255, ImageNet mean/std.
-
-    Same operations, in the same order, as the paper code's FixedResize -> to_tensor -> normalize.
-    """
+def network_pixels(rgb: np.ndarray) -> np.ndarray:
+    """``(H, W, 3) uint8`` -> ``(224, 224, 3) uint8``: the paper code's PIL bilinear resize."""
     resized = Image.fromarray(rgb).resize((INPUT_SIZE, INPUT_SIZE), Image.BILINEAR)
-    x = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return np.asarray(resized, dtype=np.uint8).copy()
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """``(..., 224, 224, 3) uint8`` -> ``(..., 3, 224, 224) float32``: /255, then ImageNet mean/std.
+
+    Same operations, in the same order, as to_tensor -> normalize in the paper code (exact on any device).
+    """
+    x = pixels.movedim(-1, -3).float().div(255)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
     return x.sub_(mean).div_(std)
+
+
+def network_input(rgb: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3) uint8`` -> ``(3, 224, 224) float32`` network input."""
+    return normalize(torch.from_numpy(network_pixels(rgb)))
 
 
 def crf_image(rgb: np.ndarray) -> np.ndarray:

@@ -176,25 +176,35 @@ class SCoSPARC:
         micro_batch: int = 16,
         compile: bool = False,
         crf_workers: int = 0,
+        storage_options: dict | None = None,
         **backbone_kwargs,
     ) -> "SCoSPARC":
         """backbone: DINO state_dict path/URL, or None for timm's pretrained weights (needs a network).
         head: official-format stage-1 checkpoint path/URL. With ``random_init=True`` whichever is None gets
         random weights, with a warning; without it a missing head is an error. ``compile=True``: see
-        ``DinoBackbone.compile_forward``. ``crf_workers`` >= 2 runs a group's CRFs in that many processes."""
-        net = DinoBackbone.create(
-            backbone_name, checkpoint=backbone, random_init=random_init and backbone is None, **backbone_kwargs
-        )
-        stage1_head = Stage1Head(net.embed_dim)
-        if head is not None:
-            load_head_checkpoint(stage1_head, head)
-        elif random_init:
-            warnings.warn("stage-1 head has RANDOM weights (random_init=True): its masks mean nothing", stacklevel=2)
-        else:
+        ``DinoBackbone.compile_forward``. ``crf_workers`` >= 2 runs a group's CRFs in that many processes.
+        ``storage_options`` go to fsspec when a checkpoint is a URL."""
+        if head is None and not random_init:
             raise ValueError(
                 "no stage-1 head checkpoint: pass head='model_combined.pt' (official format) or a checkpoint "
                 "written by training, or random_init=True for tests"
             )
+        # Seeded in a forked RNG: the same random weights in every process (actors, re-runs), and the
+        # caller's RNG untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = DinoBackbone.create(
+                backbone_name,
+                checkpoint=backbone,
+                random_init=random_init and backbone is None,
+                storage_options=storage_options,
+                **backbone_kwargs,
+            )
+            stage1_head = Stage1Head(net.embed_dim)
+        if head is not None:
+            load_head_checkpoint(stage1_head, head, storage_options)
+        else:
+            warnings.warn("stage-1 head has RANDOM weights (random_init=True): its masks mean nothing", stacklevel=2)
         return cls(net, stage1_head, device=device, dtype=dtype, micro_batch=micro_batch, compile=compile,
                    crf_workers=crf_workers)
 

@@ -46,3 +46,57 @@ def tiny_model(seed: int = 0, **kwargs):
 @pytest.fixture(scope="session")
 def model():
     return tiny_model()
+
+
+TINY_ARGS = ["--backbone-name", "vit_base_patch8_224"] + [
+    a for k, v in TINY_VIT.items() for a in ("--backbone-arg", f"{k}={v}")
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """(backbone path, head path): the tiny golden DINO ViT and a seeded stage-1 head in the official format."""
+    from scosparc_core import Stage1Head, save_head_checkpoint
+
+    torch.manual_seed(7)
+    head = tmp_path_factory.mktemp("weights") / "head.pt"
+    save_head_checkpoint(Stage1Head(TINY_VIT["embed_dim"]), head)
+    return str(GOLDEN / "tiny_dino_vit.pth"), str(head)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the session (address='local': never an existing cluster); shut down only if started here."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 API on loopback, with dummy credentials; yields the endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ.setdefault(key, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def make_bucket(endpoint: str, name: str):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, key="testing", secret="testing")
+    fs.mkdir(name)
+    fs.invalidate_cache()
+    return fs

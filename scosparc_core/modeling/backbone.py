@@ -94,6 +94,7 @@ class DinoBackbone(nn.Module):
         name: str = DEFAULT_BACKBONE,
         checkpoint=None,
         random_init: bool = False,
+        storage_options: dict | None = None,
         **model_kwargs,
     ) -> "DinoBackbone":
         """Builds timm ``name`` (any timm ViT) with ``num_classes=0``.
@@ -101,14 +102,15 @@ class DinoBackbone(nn.Module):
         ``checkpoint``: a path, URL or file object holding a DINO-format state_dict (e.g.
         ``dino_vitbase8_pretrain.pth``), loaded strictly. ``None``: timm's pretrained weights, which need a
         network. ``random_init=True`` (and no checkpoint): random weights, with a warning.
-        ``model_kwargs`` override the architecture (``embed_dim``, ``depth``, ``num_heads`` ...).
+        ``storage_options`` go to fsspec for URLs. ``model_kwargs`` override the architecture
+        (``embed_dim``, ``depth``, ``num_heads`` ...).
         """
         from ..checkpoints import load_backbone_checkpoint
 
         kwargs = dict(num_classes=0, **model_kwargs)
         if checkpoint is not None:
             vit = timm.create_model(name, pretrained=False, **kwargs)
-            load_backbone_checkpoint(vit, checkpoint)
+            load_backbone_checkpoint(vit, checkpoint, storage_options)
         elif random_init:
             warnings.warn(
                 f"backbone {name!r} has RANDOM weights (random_init=True): its masks mean nothing",

@@ -111,10 +111,11 @@ def test_official_vit_b8_key_format_loads_strict():
     assert torch.equal(target.blocks[11].attn.qkv.weight, reference.blocks[11].attn.qkv.weight)
 
 
-def test_pretrained_weights_unreachable_gives_a_clear_error(monkeypatch):
+def test_pretrained_weights_unreachable_gives_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(BackboneUnavailableError, match="dino_vitbase8_pretrain.pth"):
-        SCoSPARC.from_checkpoints(backbone=None, random_init=False, backbone_name="vit_base_patch8_224.dino", depth=1)
+    save_head_checkpoint(Stage1Head(768), tmp_path / "head.pt")
+    with pytest.raises(BackboneUnavailableError, match="could not fetch.*dino_vitbase8_pretrain.pth"):
+        SCoSPARC.from_checkpoints(backbone=None, head=tmp_path / "head.pt", backbone_name="vit_base_patch8_224.dino")
 
 
 def test_random_init_only_when_asked_and_with_a_warning():
