@@ -235,8 +235,10 @@ def run_inference(cfg: InferConfig) -> dict:
     try:
         plan = plan_resources(cfg, ray.cluster_resources())
         progress = Progress(len(todo), sum(len(g.images) for g in todo), cfg.progress_interval)
+        t_data = time.monotonic()
         if todo:
             _run_dataset(cfg, plan, todo, progress)
+        data_seconds = time.monotonic() - t_data
         progress.print()
     finally:
         if started_ray:
@@ -254,6 +256,7 @@ def run_inference(cfg: InferConfig) -> dict:
         "processed": {"groups": len(todo), "images": progress.done_images},
         "output": counts,
         "images_per_s": progress.done_images / max(time.monotonic() - t0, 1e-9),
+        "dataset_seconds": data_seconds,  # the Ray Data execution alone (no listing, Ray start-up, counting)
     }
     out.write_json("_manifest.json", manifest)
     if counts["rows"] != n_images:

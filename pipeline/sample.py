@@ -57,21 +57,24 @@ def synthetic_group(kind: str = "horse", n: int = 4, seed: int = 0) -> list[tupl
 def write_sample(root: str, groups: dict[str, int] | None = None, seed: int = 0, storage_options=None) -> list[str]:
     """Writes ``<root>/image/<group>/<group>_NNN.jpg`` and ``<root>/groundtruth/<group>/<group>_NNN.png``.
 
-    ``groups`` maps an object kind ("horse" or "disc") to an image count. Returns the image URLs written.
+    ``groups`` maps a group name to an image count; the name is an object kind ("horse" or "disc"), optionally
+    followed by digits that pick other placements ("horse2"). Returns the image URLs written.
     """
     import fsspec
 
     groups = {"horse": 4, "disc": 3} if groups is None else groups
     fs, base = fsspec.core.url_to_fs(root, **(storage_options or {}))
     written = []
-    for kind, count in groups.items():
-        for i, (rgb, mask) in enumerate(synthetic_group(kind, count, seed)):
-            stem = f"{kind}_{i:03d}"
+    for group, count in groups.items():
+        kind = group.rstrip("0123456789")
+        variant = int(group[len(kind):] or 0)
+        for i, (rgb, mask) in enumerate(synthetic_group(kind, count, seed + 1000 * variant)):
+            stem = f"{group}_{i:03d}"
             for sub, array, fmt, ext in (("image", rgb, "JPEG", "jpg"), ("groundtruth", mask, "PNG", "png")):
-                path = posixpath.join(base, sub, kind, f"{stem}.{ext}")
+                path = posixpath.join(base, sub, group, f"{stem}.{ext}")
                 buf = io.BytesIO()
                 Image.fromarray(array).save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
                 fs.makedirs(posixpath.dirname(path), exist_ok=True)
                 fs.pipe_file(path, buf.getvalue())
-            written.append(fs.unstrip_protocol(posixpath.join(base, "image", kind, f"{stem}.jpg")))
+            written.append(fs.unstrip_protocol(posixpath.join(base, "image", group, f"{stem}.jpg")))
     return written

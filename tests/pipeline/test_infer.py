@@ -102,3 +102,27 @@ def test_plan_for_a_laptop_and_a_gpu_cluster():
     assert cluster.stage1_args["resources"] == {"scosparc_stage1": 1}
     assert cluster.refine_args == {"num_cpus": 1.0, "resources": {"scosparc_stage2": 1}}
     assert cluster.refine_actors == 79
+
+
+def test_a_stage1_failure_turns_its_group_into_error_rows(tiny_weights, sample):
+    """The actor's per-group work, called directly: a failing backbone must not crash the job or lose rows."""
+    from pipeline.decode import decode_group
+    from pipeline.listing import list_layout
+    from pipeline.infer import group_row
+    from pipeline.stage1 import Stage1Actor
+    from pipeline.storage import Storage
+
+    backbone, head = tiny_weights
+    actor = Stage1Actor({"backbone": backbone, "head": head, "backbone_name": "vit_base_patch8_224",
+                         "backbone_kwargs": dict(TINY_VIT)}, chunk_size=2)
+    spec = next(g for g in list_layout(Storage(str(sample))) if g.group == "disc")
+    row = decode_group(group_row(spec), {})
+
+    def broken(_):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    actor.model.features = broken
+    chunks = actor.group(row)
+    assert [len(c["ok"]) for c in chunks] == [2, 1]
+    kinds = [k for c in chunks for k in c["error_kind"]]
+    assert kinds == ["Stage1:RuntimeError"] * 3 and not any(ok for c in chunks for ok in c["ok"])

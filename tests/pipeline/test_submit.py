@@ -91,14 +91,18 @@ def test_ray_job_submit_over_a_bucket(cluster, s3_server, tiny_weights):
     for name, path in zip(("backbone.pth", "head.pt"), tiny_weights):
         fs.put_file(path, f"e2e/weights/{name}")
 
-    job = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-         "--runtime-env-json", '{"excludes": ["tests/golden/*.npz", "out", ".git"]}', "--",
-         "python", "jobs/infer.py", "--input", "s3://e2e/CoCA", "--output", "s3://e2e/runs/r1",
-         "--endpoint", s3_server, "--backbone", "s3://e2e/weights/backbone.pth", "--head", "s3://e2e/weights/head.pt",
-         *TINY_ARGS, "--progress-interval", "2"],
-        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT,
-    )
+    command = [
+        str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+        "--runtime-env-json", '{"excludes": ["tests/golden/*.npz", "out", ".git"]}', "--",
+        "python", "jobs/infer.py", "--input", "s3://e2e/CoCA", "--output", "s3://e2e/runs/r1",
+        "--endpoint", s3_server, "--backbone", "s3://e2e/weights/backbone.pth", "--head", "s3://e2e/weights/head.pt",
+        *TINY_ARGS, "--progress-interval", "2",
+    ]
+    for _ in range(30):  # the head's job agent may still be starting: submission is refused, nothing is created
+        job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        if "No available agent to submit job" not in job.stdout + job.stderr:
+            break
+        time.sleep(2)
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     assert "succeeded" in job.stdout + job.stderr
     assert "rows 6 (ok 5, errors 1)" in job.stdout
