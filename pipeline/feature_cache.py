@@ -19,9 +19,11 @@ import torch
 from scosparc_core import DinoBackbone
 from scosparc_core.image import normalize
 from scosparc_core.modeling import cls_attention_maps
+from scosparc_core.predictor import DTYPES
 
 from .decode import decode_group
 from .listing import GroupSpec
+from .stage1 import actor_device
 from .storage import Storage, safe_component
 
 FEATURE_DTYPE = np.float16
@@ -41,7 +43,7 @@ def cache_folder(cache_root: str, data_root: str, cfg: dict) -> str:
 
 def build_backbone(cfg: dict) -> tuple[DinoBackbone, str, torch.dtype]:
     """The frozen backbone a worker or actor runs: (module on its device, device, autocast dtype)."""
-    device = "cuda" if cfg.get("num_gpus", 0) and torch.cuda.is_available() else "cpu"
+    device, dtype = actor_device(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random_init gives every process the same weights
         backbone = DinoBackbone.create(
@@ -51,9 +53,7 @@ def build_backbone(cfg: dict) -> tuple[DinoBackbone, str, torch.dtype]:
             storage_options=cfg.get("storage_options"),
             **cfg.get("backbone_kwargs", {}),
         )
-    dtype = cfg.get("dtype", "auto")
-    dtype = torch.bfloat16 if dtype == "bfloat16" or (dtype == "auto" and device == "cuda") else torch.float32
-    return backbone.to(device), device, dtype
+    return backbone.to(device), device, DTYPES[dtype]
 
 
 def features(backbone: DinoBackbone, pixels: np.ndarray, device: str, dtype, micro_batch: int = 32):
@@ -139,6 +139,7 @@ def build_cache(groups: list[GroupSpec], cache_url: str, cfg: dict, actors: int,
         return summary
     ds = ray.data.from_items([group_row(g) for g in todo], override_num_blocks=min(len(todo), 10_000))
     ds = ds.map(decode_group, fn_kwargs={"storage_options": cfg.get("storage_options") or {}}, num_cpus=0.25)
+    # actor_args: what the inference job's plan gives its stage-1 actors (fractional CPUs on small machines)
     ds = ds.map_batches(FeatureActor, fn_constructor_kwargs={"cfg": cfg, "cache_url": cache_url}, batch_size=1,
                         compute=ray.data.ActorPoolStrategy(size=actors), **actor_args)
     for row in ds.iter_rows():

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from scosparc_core import Stage2Image, crf_refine
+from scosparc_core.crf import Stage2Image, crf_refine
 from scosparc_core.image import mask_to_original
 from scosparc_core.metrics import CURVE_POINTS, CURVES, SCALARS, gt_to_mask, image_metrics
 

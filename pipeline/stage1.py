@@ -23,14 +23,21 @@ from .decode import error_kind
 PER_IMAGE = ("names", "image_uris", "gt_uris", "mask_keys", "ok", "error", "error_kind", "height", "width")
 
 
-def build_model(cfg: dict) -> SCoSPARC:
-    """The model an actor runs, from the job's model settings (plain dict: it travels to Ray workers)."""
+def actor_device(cfg: dict) -> tuple[str, str]:
+    """(device, dtype) for an actor or worker from the job's model settings; on CPU, torch gets the planned
+    thread count (Ray would otherwise leave it one thread per requested CPU)."""
     device = "cuda" if cfg.get("num_gpus", 0) and torch.cuda.is_available() else "cpu"
     if device == "cpu" and cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg["cpu_threads"]))
     dtype = cfg.get("dtype", "auto")
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
+    return device, dtype
+
+
+def build_model(cfg: dict) -> SCoSPARC:
+    """The model an actor runs, from the job's model settings (plain dict: it travels to Ray workers)."""
+    device, dtype = actor_device(cfg)
     return SCoSPARC.from_checkpoints(
         backbone=cfg.get("backbone"),
         head=cfg.get("head"),

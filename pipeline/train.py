@@ -31,6 +31,7 @@ from scosparc_core.threshold import adaptive_threshold, image_confidences, stage
 
 from .decode import decode_image, read_many
 from .feature_cache import FeatureCache, build_backbone, build_cache, cache_folder, features
+from .infer import InferConfig, plan_resources
 from .listing import GroupSpec, list_layout
 from .refine import read_gt
 from .storage import Storage, redact
@@ -118,7 +119,8 @@ class GroupFeatures:
             return torch.zeros(0), torch.zeros(0), []
         backbone, device, dtype = self._backbone
         tokens, attention = features(backbone, np.stack(pixels), device, dtype, int(self.cfg.get("micro_batch", 32)))
-        return tokens.cpu(), attention.cpu(), kept
+        # clone: the backbone ran in inference mode, and autograd may not save such tensors for the head's backward
+        return tokens.cpu().clone(), attention.cpu().clone(), kept
 
 
 def epoch_assignment(n_groups: int, epoch: int, rank: int, world: int, seed: int) -> list[int]:
@@ -327,12 +329,14 @@ def run_training(cfg: TrainConfig):
         model_cfg = cfg.model_cfg()
         cache_folders: dict[str, str] = {}
         if cfg.feature_cache:
+            # the feature pass is the inference job's stage 1 without the head: plan its actors the same way
+            plan = plan_resources(InferConfig(gpus_per_actor=1.0 if cfg.gpu else 0.0), ray.cluster_resources())
             cache_root = cfg.cache_url or f"{cfg.storage.rstrip('/')}/feature-cache"
             for root in roots:
                 folder = cache_folder(cache_root, root, model_cfg)
                 t0 = time.monotonic()
-                summary = build_cache(listed[root], folder, model_cfg, actors=max(1, cfg.workers),
-                                      actor_args={"num_gpus": 1 if cfg.gpu else 0, "num_cpus": cfg.cpus_per_worker})
+                summary = build_cache(listed[root], folder, {**model_cfg, "cpu_threads": plan.cpu_threads},
+                                      actors=plan.stage1_actors, actor_args=plan.stage1_args)
                 print(f"[train] feature cache {folder}: {summary} in {time.monotonic() - t0:.1f}s",
                       file=sys.stderr, flush=True)
                 cache_folders[root] = folder

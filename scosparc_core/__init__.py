@@ -3,29 +3,37 @@
     from scosparc_core import SCoSPARC
     model = SCoSPARC.from_checkpoints(backbone=PATH_OR_URL_OR_None, head=PATH_OR_URL, device="cpu")
     pred = model.predict_group(images, crf="coca")
-"""
-from .checkpoints import CheckpointError, load_head_checkpoint, save_head_checkpoint
-from .crf import CRF_PRESETS, CRFParams
-from .losses import LossParts, training_loss
-from .modeling import BackboneUnavailableError, DinoBackbone, Stage1Head
-from .predictor import GroupPrediction, GroupStage1, PreparedImage, SCoSPARC, Stage2Image, crf_refine, stage2_image
 
-__all__ = [
-    "CRF_PRESETS",
-    "BackboneUnavailableError",
-    "CRFParams",
-    "CheckpointError",
-    "DinoBackbone",
-    "GroupPrediction",
-    "GroupStage1",
-    "LossParts",
-    "PreparedImage",
-    "SCoSPARC",
-    "Stage1Head",
-    "load_head_checkpoint",
-    "Stage2Image",
-    "crf_refine",
-    "save_head_checkpoint",
-    "stage2_image",
-    "training_loss",
-]
+Names are imported on first use, so that ``scosparc_core.crf``, ``.image`` and ``.metrics`` (what CPU workers
+need for the CRF, masks and metrics) load without torch.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "CheckpointError": "checkpoints",
+    "load_head_checkpoint": "checkpoints",
+    "save_head_checkpoint": "checkpoints",
+    "CRF_PRESETS": "crf",
+    "CRFParams": "crf",
+    "Stage2Image": "crf",
+    "crf_refine": "crf",
+    "LossParts": "losses",
+    "training_loss": "losses",
+    "BackboneUnavailableError": "modeling",
+    "DinoBackbone": "modeling",
+    "Stage1Head": "modeling",
+    "GroupPrediction": "predictor",
+    "GroupStage1": "predictor",
+    "PreparedImage": "predictor",
+    "SCoSPARC": "predictor",
+    "stage2_image": "predictor",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'scosparc_core' has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -62,3 +62,25 @@ def dense_crf(rgb: np.ndarray, labels: np.ndarray, params: CRFParams) -> np.ndar
     )
     q = np.array(crf.inference(params.iterations)).reshape(2, h, w)
     return np.argmax(q, axis=0).astype(np.uint8)
+
+
+@dataclass
+class Stage2Image:
+    """The region filter's result for one image. mask: (224, 224) float32.
+
+    0/1, except when the stage-1 mask has no region: then, as in the paper code, it is the continuous stage-1
+    map and ``fallback`` is True (the CRF needs labels, so it is skipped for that image).
+    """
+
+    mask: np.ndarray
+    regions_found: int
+    regions_kept: int
+    fallback: bool
+
+
+def crf_refine(stage2: Stage2Image, crf_rgb: np.ndarray, crf: str | CRFParams | None = "coca") -> np.ndarray:
+    """The final (224, 224) float32 mask: the dense CRF on the stage-2 labels (skipped for a fallback map)."""
+    params = crf_params(crf)
+    if params is None or stage2.fallback:
+        return stage2.mask
+    return dense_crf(crf_rgb, stage2.mask.astype(np.uint8), params).astype(np.float32)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 INPUT_SIZE = 224
@@ -75,19 +74,23 @@ def network_pixels(rgb: np.ndarray) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8).copy()
 
 
-def normalize(pixels: torch.Tensor) -> torch.Tensor:
+def normalize(pixels):
     """``(..., 224, 224, 3) uint8`` -> ``(..., 3, 224, 224) float32``: /255, then ImageNet mean/std.
 
     Same operations, in the same order, as to_tensor -> normalize in the paper code (exact on any device).
     """
+    import torch  # here, not at the top: CPU workers that only decode or write masks never load torch
+
     x = pixels.movedim(-1, -3).float().div(255)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
     return x.sub_(mean).div_(std)
 
 
-def network_input(rgb: np.ndarray) -> torch.Tensor:
-    """``(H, W, 3) uint8`` -> ``(3, 224, 224) float32`` network input."""
+def network_input(rgb: np.ndarray):
+    """``(H, W, 3) uint8`` -> ``(3, 224, 224) float32`` torch tensor, the network input."""
+    import torch
+
     return normalize(torch.from_numpy(network_pixels(rgb)))
 
 

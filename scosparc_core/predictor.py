@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoints import load_head_checkpoint, save_head_checkpoint
-from .crf import CRFParams, crf_params, dense_crf
+from .crf import CRFParams, Stage2Image, crf_params, crf_refine
 from .image import crf_image, mask_to_original, network_input, to_rgb
 from .modeling.backbone import DEFAULT_BACKBONE, DinoBackbone, cls_attention_maps
 from .modeling.stage1 import Stage1Head
@@ -62,20 +62,6 @@ class GroupStage1:
 
 
 @dataclass
-class Stage2Image:
-    """The region filter's result for one image. mask: (224, 224) float32.
-
-    0/1, except when the stage-1 mask has no region: then, as in the paper code, it is the continuous stage-1
-    map and ``fallback`` is True (the CRF needs labels, so it is skipped for that image).
-    """
-
-    mask: np.ndarray
-    regions_found: int
-    regions_kept: int
-    fallback: bool
-
-
-@dataclass
 class GroupPrediction:
     """The result for a group of N images; every map is (N, 224, 224) unless said otherwise.
 
@@ -115,14 +101,6 @@ def stage2_image(
     if kept is None:
         return Stage2Image(np.asarray(stage1_map_, dtype=np.float32), 0, 0, True)
     return Stage2Image(kept.mask.astype(np.float32), kept.found, kept.kept, False)
-
-
-def crf_refine(stage2: Stage2Image, crf_rgb: np.ndarray, crf: str | CRFParams | None = "coca") -> np.ndarray:
-    """The final (224, 224) float32 mask: the dense CRF on the stage-2 labels (skipped for a fallback map)."""
-    params = crf_params(crf)
-    if params is None or stage2.fallback:
-        return stage2.mask
-    return dense_crf(crf_rgb, stage2.mask.astype(np.uint8), params).astype(np.float32)
 
 
 class SCoSPARC:

@@ -71,6 +71,9 @@ def cluster(s3_server):
     subprocess.run(
         [str(BIN / "ray"), "start", "--head", f"--port={free_port()}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+         # own ports throughout: the session's local Ray (another cluster on this machine) holds the defaults
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
          "--disable-usage-stats"],
         env=env, check=True, capture_output=True, timeout=120,
     )

@@ -1,0 +1,75 @@
+"""CoSOD evaluation report for inference runs and for any method's prediction maps.
+
+    python jobs/evaluate.py --run scosparc=out/coca --output out/eval
+    python jobs/evaluate.py --run ours=s3://b/runs/r1 --maps gicd=s3://b/maps/GICD/CoCA \
+        --gt s3://b/CoCA/groundtruth --dataset CoCA --output s3://b/reports/coca
+
+Writes <output>/report.html (self-contained) and <output>/metrics.parquet (per dataset and per group).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jobs.infer import key_value  # noqa: E402
+from pipeline.evaluate import Source, evaluate, write_outputs  # noqa: E402
+from pipeline.report import render  # noqa: E402
+from pipeline.storage import storage_options  # noqa: E402
+
+
+def labelled(text: str) -> tuple[str, str]:
+    label, sep, url = text.partition("=")
+    if not sep or "://" in label:
+        url, label = text, os.path.basename(text.rstrip("/")) or text
+    return label, url
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=labelled, action="append", default=[], metavar="[LABEL=]URL",
+                    help="output of jobs/infer.py with ground truth (repeatable)")
+    ap.add_argument("--maps", type=labelled, action="append", default=[], metavar="[LABEL=]URL",
+                    help="prediction maps <root>/<group>/<stem>.png of any method (repeatable; needs --gt)")
+    ap.add_argument("--gt", help="ground-truth root <root>/<group>/<stem>.png for --maps")
+    ap.add_argument("--dataset", help="dataset name (default: from the run's input or the --gt path)")
+    ap.add_argument("--output", required=True, help="where report.html and metrics.parquet go")
+    ap.add_argument("--ray", action="store_true", help="score --maps on Ray Data (large sets)")
+    ap.add_argument("--title", default="SCoSPARC evaluation")
+    ap.add_argument("--endpoint")
+    ap.add_argument("--anonymous", action="store_true")
+    ap.add_argument("--storage-option", type=key_value, action="append", default=[], metavar="KEY=VALUE")
+    a = ap.parse_args(argv)
+    if not a.run and not a.maps:
+        ap.error("give at least one --run or --maps")
+    if a.maps and not a.gt:
+        ap.error("--maps needs --gt")
+    options = storage_options(a.endpoint, a.anonymous, dict(a.storage_option))
+    sources = [Source(label, run=url, dataset=a.dataset, options=options) for label, url in a.run]
+    sources += [Source(label, maps=url, gt=a.gt, dataset=a.dataset, options=options) for label, url in a.maps]
+    if len({s.label for s in sources}) != len(sources):
+        ap.error("labels must differ: use LABEL=URL")
+    base = a.output.rstrip("/")
+    print(f"report:  {base}/report.html\nmetrics: {base}/metrics.parquet", flush=True)
+    started_ray = False
+    if a.ray:
+        import ray
+
+        started_ray = not ray.is_initialized()
+        if started_ray:
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
+    try:
+        metrics, details = evaluate(sources, use_ray=a.ray)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    write_outputs(a.output, options, metrics, render(metrics, details, a.title))
+    table = metrics[metrics["scope"] == "dataset"][["label", "dataset", "images", "max_fm", "sm", "max_em", "mae"]]
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
