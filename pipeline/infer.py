@@ -18,11 +18,12 @@ from importlib import metadata
 
 import pyarrow.dataset as pads
 
+from scosparc_core.checkpoints import load_state_dict
 from scosparc_core.modeling import DEFAULT_BACKBONE
 
 from .decode import DEFAULT_MAX_PIXELS, decode_group
 from .listing import GroupSpec, list_layout, list_manifest
-from .refine import PART_NAME, RefineActor
+from .refine import PART_NAME, RefineActor, part_key
 from .stage1 import Stage1Actor
 from .storage import Storage, redact
 
@@ -57,6 +58,7 @@ class InferConfig:
     overwrite: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress_interval: float = 30.0
+    fault: dict | None = None  # fault injection for tests (see Stage1Actor._maybe_die); not on the command line
 
     def fingerprint(self) -> dict:
         return redact({k: getattr(self, k) for k in RESULT_SETTINGS})
@@ -216,6 +218,8 @@ def run_inference(cfg: InferConfig) -> dict:
     import ray
 
     started, t0 = _now(), time.monotonic()
+    if cfg.head:  # fail here, with the checkpoint's own error, rather than in every actor
+        load_state_dict(cfg.head, cfg.storage_options)
     out = Storage(cfg.output, cfg.storage_options)
     prepare_output(cfg, out)
     groups = list_input(cfg)
@@ -224,7 +228,7 @@ def run_inference(cfg: InferConfig) -> dict:
     todo = [g for g in groups if not is_complete(parts.get(g.key, set()))]
     for g in todo:  # parts of a half-done group are rewritten from scratch; stale ones must not linger
         for part, total in parts.get(g.key, ()):
-            out.remove(f"predictions/{g.key}-{part:05d}-of-{total:05d}.parquet")
+            out.remove(part_key(g.key, part, total))
     out.write_json("_run.json", {"settings": cfg.fingerprint(), "started": started})
     print(f"[infer] {len(groups)} groups, {n_images} images in {cfg.manifest or cfg.input}; "
           f"{len(groups) - len(todo)} groups already done in {cfg.output}", file=sys.stderr, flush=True)
@@ -251,7 +255,8 @@ def run_inference(cfg: InferConfig) -> dict:
         "started": started,
         "finished": _now(),
         "seconds": time.monotonic() - t0,
-        "input": {"groups": len(groups), "images": n_images},
+        "input": {"groups": len(groups), "images": n_images,
+                  "empty_groups": [g.group for g in groups if not g.images]},
         "resumed_groups": len(groups) - len(todo),
         "processed": {"groups": len(todo), "images": progress.done_images},
         "output": counts,
@@ -274,7 +279,7 @@ def _run_dataset(cfg: InferConfig, plan: Plan, todo: list[GroupSpec], progress: 
         "backbone_name": cfg.backbone_name, "backbone_kwargs": cfg.backbone_kwargs, "dtype": cfg.dtype,
         "micro_batch": cfg.micro_batch, "compile": cfg.compile,
         "num_gpus": plan.stage1_args["num_gpus"], "cpu_threads": plan.cpu_threads,
-        "storage_options": cfg.storage_options,
+        "storage_options": cfg.storage_options, "fault": cfg.fault,
     }
     ds = ray.data.from_items([group_row(g) for g in todo], override_num_blocks=min(len(todo), 10_000))
     ds = ds.map(decode_group, fn_kwargs={"storage_options": cfg.storage_options, "max_pixels": cfg.max_pixels},

@@ -49,23 +49,32 @@ def _stem(name: str) -> str:
     return base if ext else name
 
 
+def _relative(path: str, root: str) -> str:
+    # Not posixpath.relpath: it would resolve a literal ".." in an object key (legal in S3) into a parent.
+    return path[len(root):].lstrip("/")
+
+
 def list_layout(storage: Storage) -> list[GroupSpec]:
-    """Lists a CoSOD-layout root (image/ + groundtruth/) or a root of group folders."""
+    """Lists a CoSOD-layout root (image/ + groundtruth/) or a root of group folders. A group folder with no
+    file is kept as an empty group (it yields no rows, and the run records it)."""
     fs = storage.fs
     if fs.isdir(storage.path("image")):
         image_root, gt_root = storage.path("image"), storage.path("groundtruth")
     else:
         image_root, gt_root = storage.base, None
-    files = [p for p in fs.find(image_root) if not _hidden(posixpath.relpath(p, image_root))]
+    # keys ending in "/" are folder markers that object stores keep for empty folders, not files
+    files = [p for p in fs.find(image_root) if not p.endswith("/") and not _hidden(_relative(p, image_root))]
+    folders = [_relative(e["name"], image_root).rstrip("/") for e in fs.ls(image_root, detail=True)
+               if e["type"] == "directory"]
     gts: dict[str, str] = {}
     if gt_root and fs.isdir(gt_root):
         for p in fs.find(gt_root):
-            rel = posixpath.relpath(p, gt_root)
-            if not _hidden(rel):
+            rel = _relative(p, gt_root)
+            if not p.endswith("/") and not _hidden(rel):
                 gts.setdefault(_stem(rel), p)  # <group>/<stem> -> path (first extension wins: .png sorts early)
-    groups: dict[str, GroupSpec] = {}
+    groups: dict[str, GroupSpec] = {name: GroupSpec(name) for name in folders if name}
     for p in sorted(files):
-        rel = posixpath.relpath(p, image_root)
+        rel = _relative(p, image_root)
         group, _, name = rel.partition("/") if "/" in rel else ("", "", rel)
         spec = groups.setdefault(group, GroupSpec(group))
         gt = gts.get(f"{group}/{_stem(name)}" if group else _stem(name))

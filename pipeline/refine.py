@@ -1,6 +1,6 @@
 """Stage 3 of the pipeline (CPU actors): dense CRF, PNG masks, per-image metrics, one Parquet part per chunk.
 
-Each chunk of a group becomes ``predictions/<group>-<part>-of-<parts>.parquet`` holding one row per input
+Each chunk of a group becomes ``predictions/part-<group>-<part>-of-<parts>.parquet`` holding one row per input
 image, successful or not. A part is written in one piece after its masks, so a part that exists is complete;
 a group is done when all its parts exist (that is what a re-run checks).
 """
@@ -22,7 +22,8 @@ from scosparc_core.metrics import CURVE_POINTS, CURVES, SCALARS, gt_to_mask, ima
 from .decode import error_kind, read_many
 from .storage import Storage, redact_url
 
-PART_NAME = re.compile(r"^(?P<key>.+)-(?P<part>\d{5})-of-(?P<parts>\d{5})\.parquet$")
+# "part-" first: readers (pyarrow, Spark) skip files whose names start with "_" or ".", as group names may.
+PART_NAME = re.compile(r"^part-(?P<key>.+)-(?P<part>\d{5})-of-(?P<parts>\d{5})\.parquet$")
 
 CURVE = pa.list_(pa.float64(), CURVE_POINTS)
 SCHEMA = pa.schema(
@@ -56,7 +57,7 @@ SCHEMA = pa.schema(
 
 
 def part_key(group_key: str, part: int, parts: int) -> str:
-    return f"predictions/{group_key}-{part:05d}-of-{parts:05d}.parquet"
+    return f"predictions/part-{group_key}-{part:05d}-of-{parts:05d}.parquet"
 
 
 def read_gt(data) -> np.ndarray:

@@ -9,6 +9,7 @@ actor is the stage-2 mask (224x224) and the CRF's colour input. The group then g
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import numpy as np
@@ -56,11 +57,25 @@ class Stage1Actor:
     def __init__(self, model_cfg: dict, chunk_size: int = 32):
         self.model = build_model(model_cfg)
         self.chunk_size = max(1, int(chunk_size))
-        self.pid = os.getpid()
+        self.fault = model_cfg.get("fault")
+        self.calls = 0
 
     def __call__(self, batch: dict) -> dict:
         chunks = [chunk for i in range(len(batch["group"])) for chunk in self.group(_row(batch, i))]
+        self.calls += 1
+        self._maybe_die()
         return {k: [c[k] for c in chunks] for k in chunks[0]} if chunks else {}
+
+    def _maybe_die(self) -> None:
+        """Fault injection (tests): the process is killed once, before returning its n-th group, so Ray must
+        restart the actor and redo that group. ``fault = {"kill_after_groups": n, "marker": local path}``."""
+        if not self.fault or self.calls < int(self.fault["kill_after_groups"]):
+            return
+        marker = self.fault["marker"]
+        if not os.path.exists(marker):
+            with open(marker, "w") as f:
+                f.write(f"stage-1 actor {os.getpid()} killed after {self.calls} groups")
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def group(self, row: dict) -> list[dict]:
         """One decoded group row -> chunk rows with everything the CPU stage needs."""

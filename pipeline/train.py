@@ -66,7 +66,7 @@ class TrainConfig:
     seed: int = 0
     max_failures: int = 3
     storage_options: dict = field(default_factory=dict)
-    fail_at_epoch: int | None = None  # fault injection for tests: one failure after this epoch's checkpoint
+    fail_at_epoch: int | None = None  # fault injection for tests: rank 0 is killed once, mid-way through this epoch
 
     def run_url(self) -> str:
         return f"{self.storage.rstrip('/')}/{self.name}"
@@ -215,7 +215,9 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(state["epoch"], config["epochs"]):
         start = time.monotonic()
         sums = torch.zeros(4, dtype=torch.float64)  # loss, co, sal, steps
-        for gi in epoch_assignment(len(groups), epoch, rank, world, config["seed"]):
+        for step, gi in enumerate(epoch_assignment(len(groups), epoch, rank, world, config["seed"])):
+            if step == 1:
+                _maybe_die(config, run, epoch)
             rows = sample_rows(sizes[gi], config["max_images"], config["seed"], epoch, gi)
             tokens, attention, _ = source.get(groups[gi], rows)
             if tokens.numel() == 0:
@@ -254,7 +256,6 @@ def train_loop_per_worker(config: dict) -> None:
                 report_checkpoint = ray.train.Checkpoint.from_directory(folder)
                 _print_epoch(metrics, state, config["epochs"], time.monotonic() - config["started"])
             ray.train.report(metrics, checkpoint=report_checkpoint)
-        _maybe_fail(config, run, epoch)
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -296,15 +297,17 @@ def _print_epoch(m: dict, state: dict, epochs: int, elapsed: float) -> None:
           f"{val}  {m['groups_per_s']:.2f} groups/s  {m['epoch_seconds']:.1f}s/epoch  eta {eta:.0f}s", flush=True)
 
 
-def _maybe_fail(config: dict, run: Storage, epoch: int) -> None:
-    """Fault injection (tests): one worker failure right after the given epoch's checkpoint, once per run."""
+def _maybe_die(config: dict, run: Storage, epoch: int) -> None:
+    """Fault injection (tests): rank 0's process is killed (SIGKILL) mid-epoch, once per run."""
     if config.get("fail_at_epoch") != epoch:
         return
+    import signal
+
     import ray.train
 
     if ray.train.get_context().get_world_rank() == 0 and not run.exists("_injected_failure"):
-        run.write_bytes("_injected_failure", b"")
-        raise RuntimeError(f"injected failure after epoch {epoch + 1}")
+        run.write_bytes("_injected_failure", f"killed mid-way through epoch {epoch + 1}".encode())
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------- driver

@@ -100,3 +100,26 @@ def make_bucket(endpoint: str, name: str):
     fs.mkdir(name)
     fs.invalidate_cache()
     return fs
+
+
+# The reliability suite (tests/reliability) records what it tried and what survived; printed at the end.
+RELIABILITY = {"inputs tried": 0, "rows out": 0, "errors by kind": {}, "faults injected": {}, "faults survived": {}}
+
+
+def count(section: str, key: str, n: int = 1) -> None:
+    RELIABILITY[section][key] = RELIABILITY[section].get(key, 0) + n
+
+
+def pytest_terminal_summary(terminalreporter):
+    r = RELIABILITY
+    if not r["inputs tried"] and not r["faults injected"]:
+        return
+    terminalreporter.section("reliability summary")
+
+    def listing(d):
+        return f"{sum(d.values())} (" + ", ".join(f"{k} x{v}" for k, v in sorted(d.items())) + ")"
+
+    for line in (f"inputs tried:    {r['inputs tried']}", f"rows out:        {r['rows out']}",
+                 f"errors by kind:  {listing(r['errors by kind'])}", f"faults injected: {listing(r['faults injected'])}",
+                 f"faults survived: {listing(r['faults survived'])}"):
+        terminalreporter.write_line(line)

@@ -53,8 +53,8 @@ def test_one_row_per_image_and_an_error_row_for_the_corrupt_file(first_run):
     assert (out / "_SUCCESS").exists() and json.loads((out / "_manifest.json").read_text())["input"]["images"] == 7
     # chunk_size=2: the horse group (4 images) went out as two parts, the disc group (3) as two
     assert sorted(p.name for p in (out / "predictions").iterdir()) == [
-        "disc-00000-of-00002.parquet", "disc-00001-of-00002.parquet",
-        "horse-00000-of-00002.parquet", "horse-00001-of-00002.parquet"]
+        "part-disc-00000-of-00002.parquet", "part-disc-00001-of-00002.parquet",
+        "part-horse-00000-of-00002.parquet", "part-horse-00001-of-00002.parquet"]
 
 
 def test_masks_equal_predict_group_on_the_same_images(first_run, tiny_weights, sample):
@@ -76,7 +76,7 @@ def test_masks_equal_predict_group_on_the_same_images(first_run, tiny_weights, s
 
 def test_rerun_resumes_without_duplicates(ray_local, first_run, tiny_weights, sample):
     out, _ = first_run
-    (out / "predictions" / "disc-00001-of-00002.parquet").unlink()  # as if the job died mid-group
+    (out / "predictions" / "part-disc-00001-of-00002.parquet").unlink()  # as if the job died mid-group
     manifest = run_inference(config(tiny_weights, sample, out, chunk_size=2))
     assert manifest["resumed_groups"] == 1 and manifest["processed"] == {"groups": 1, "images": 3}
     table = rows(out)
@@ -90,7 +90,7 @@ def test_rerun_with_other_settings_is_refused_unless_overwrite(ray_local, first_
     manifest = run_inference(config(tiny_weights, sample, out, crf="none", overwrite=True, chunk_size=32))
     assert manifest["processed"]["images"] == 7 and len(rows(out)) == 7
     assert sorted(p.name for p in (out / "predictions").iterdir()) == [
-        "disc-00000-of-00001.parquet", "horse-00000-of-00001.parquet"]
+        "part-disc-00000-of-00001.parquet", "part-horse-00000-of-00001.parquet"]
 
 
 def test_plan_for_a_laptop_and_a_gpu_cluster():
