@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import time
 import warnings
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -108,11 +107,3 @@ def decode_group(row: dict, storage_options: dict, max_pixels: int = DEFAULT_MAX
         "crf": np.stack(crfs) if crfs else empty,
         "decode_s": time.perf_counter() - start,
     }
-
-
-def errors_by_kind(kinds) -> dict[str, int]:
-    counts: dict[str, int] = defaultdict(int)
-    for k in kinds:
-        if k:
-            counts[k] += 1
-    return dict(counts)

@@ -91,18 +91,24 @@ class GroupFeatures:
         self.options = cfg.get("storage_options") or {}
         self.caches = {root: FeatureCache(url, self.options) for root, url in (cache_folders or {}).items()}
         self._backbone = None
+        self._indexes: dict[tuple[str, str], dict] = {}
+
+    def _index(self, group: dict) -> dict:
+        key = (group["root"], group["key"])
+        if key not in self._indexes:
+            self._indexes[key] = self.caches[group["root"]].index(group["key"])
+        return self._indexes[key]
 
     def sizes(self, group: dict) -> int:
         if group["root"] in self.caches:
-            return int(self.caches[group["root"]].index(group["key"])["count"])
+            return int(self._index(group)["count"])
         return len(group["image_uris"])
 
     def get(self, group: dict, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         cache = self.caches.get(group["root"])
         if cache is not None:
-            index = cache.index(group["key"])
             tokens, attention = cache.read(group["key"], rows)
-            return tokens, attention, [index["image_uris"][r] for r in rows]
+            return tokens, attention, [self._index(group)["image_uris"][r] for r in rows]
         if self._backbone is None:
             self._backbone = build_backbone(self.cfg)
         uris = [group["image_uris"][r] for r in rows]
@@ -150,9 +156,10 @@ def validate(head: torch.nn.Module, groups: list[dict], source: GroupFeatures, g
             tokens, _, uris = source.get(group, list(range(n)))
             if not uris:
                 continue
+            side = math.isqrt(tokens.shape[1])  # square patch grid (28x28 for ViT-B/8 at 224)
             w = head(tokens.to(device))
-            maps = stage1_map(w, (28, 28))
-            _, tau = adaptive_threshold(image_confidences(maps, (28, 28)))
+            maps = stage1_map(w, (side, side))
+            _, tau = adaptive_threshold(image_confidences(maps, (side, side)))
             masks = (maps.cpu().numpy() >= np.float32(tau)).astype(np.uint8) * 255
             for uri, mask in zip(uris, masks):
                 if uri in gts:
@@ -254,7 +261,7 @@ def train_loop_per_worker(config: dict) -> None:
                 save_head_checkpoint(module, run.url("head_last.pt"), cfg["storage_options"])
                 _write_history(run, state["history"])
                 report_checkpoint = ray.train.Checkpoint.from_directory(folder)
-                _print_epoch(metrics, state, config["epochs"], time.monotonic() - config["started"])
+                _print_epoch(metrics, state, config["epochs"])
             ray.train.report(metrics, checkpoint=report_checkpoint)
 
 
@@ -287,7 +294,7 @@ def _write_history(run: Storage, history: list[dict]) -> None:
     run.write_bytes(HISTORY, buf.getvalue())
 
 
-def _print_epoch(m: dict, state: dict, epochs: int, elapsed: float) -> None:
+def _print_epoch(m: dict, state: dict, epochs: int) -> None:
     done = m["epoch"] + 1
     eta = (epochs - done) * m["epoch_seconds"]
     val = ""
@@ -358,7 +365,7 @@ def run_training(cfg: TrainConfig):
                 "cfg": model_cfg, "groups": groups, "val_groups": val_groups,
                 "cache_folders": cache_folders or None, "run_url": cfg.run_url(), "dim": dim, "epochs": cfg.epochs, "val_every": cfg.val_every,
                 "max_images": cfg.max_images, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "seed": cfg.seed,
-                "init_head": cfg.init_head, "fail_at_epoch": cfg.fail_at_epoch, "started": time.monotonic(),
+                "init_head": cfg.init_head, "fail_at_epoch": cfg.fail_at_epoch,
             },
             torch_config=TorchConfig(backend="nccl" if cfg.gpu else "gloo"),
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .checkpoints import load_head_checkpoint, save_head_checkpoint
 from .crf import CRFParams, Stage2Image, crf_params, crf_refine

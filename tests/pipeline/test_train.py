@@ -1,7 +1,6 @@
 """Training with Ray Train on CPU: tiny golden ViT, generated groups."""
 import pandas as pd
 import pytest
-import ray.train
 import torch
 
 from conftest import TINY_VIT, make_bucket

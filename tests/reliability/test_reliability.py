@@ -1,6 +1,5 @@
 """A bucket of everything that goes wrong in the wild, faults on top, and the jobs must account for every file."""
 import io
-import json
 import os
 import signal
 import subprocess
@@ -119,7 +118,7 @@ def test_bad_inputs_and_storage_faults_and_a_killed_actor(ray_local, bucket, tin
     assert len(rows) == len(cases) == manifest["input"]["images"] and rows["image_uri"].is_unique
     assert manifest["input"]["empty_groups"] == ["empty"]
     by_name = rows.set_index(rows["group"] + "/" + rows["name"])
-    for group, name, _, gt, expected in cases:
+    for group, name, _, _, expected in cases:
         row = by_name.loc[f"{group}/{name}"]
         got = "ok" if row["status"] == "ok" else row["error_kind"]
         assert got == expected, (group, name, row["error"])
