@@ -78,8 +78,11 @@ def aggregate(rows: Iterable[Mapping]) -> dict:
     for key in SCALARS:
         out[key] = _exact_mean(r[key] for r in rows)
     for key in CURVES:
+        if not rows:  # nothing to average (a run without ground truth): NaN, not an error
+            out[key] = np.full(CURVE_POINTS, np.nan)
+            continue
         stacked = np.array([np.asarray(r[key], np.float64) for r in rows]).reshape(len(rows), -1)
-        out[key] = np.array([_exact_mean(col) for col in stacked.T]) if rows else np.full(CURVE_POINTS, np.nan)
+        out[key] = np.array([_exact_mean(col) for col in stacked.T])
     out["max_fm"] = float(np.max(out["fm_curve"]))
     out["mean_fm"] = float(np.mean(out["fm_curve"]))
     out["max_em"] = float(np.max(out["em_curve"]))

@@ -76,6 +76,11 @@ def test_aggregation_is_exact_whatever_the_split(maps):
         assert np.array_equal(again["fm_curve"], whole["fm_curve"])
 
 
+def test_nothing_to_score_gives_nan_not_an_error():
+    empty = aggregate([])
+    assert empty["images"] == 0 and np.isnan(empty["max_fm"]) and np.isnan(empty["fm_curve"]).all()
+
+
 def test_ray_data_scoring_equals_local(ray_local, maps):
     local, _ = evaluate([Source("m1", maps=str(maps / "m1"), gt=str(maps / "gt"))])
     on_ray, _ = evaluate([Source("m1", maps=str(maps / "m1"), gt=str(maps / "gt"))], use_ray=True)

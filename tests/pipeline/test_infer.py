@@ -126,3 +126,20 @@ def test_a_stage1_failure_turns_its_group_into_error_rows(tiny_weights, sample):
     assert [len(c["ok"]) for c in chunks] == [2, 1]
     kinds = [k for c in chunks for k in c["error_kind"]]
     assert kinds == ["Stage1:RuntimeError"] * 3 and not any(ok for c in chunks for ok in c["ok"])
+
+
+def test_a_manifest_input(ray_local, tiny_weights, sample, tmp_path):
+    images = sorted((sample / "image").rglob("*.jpg"))
+    frame = pd.DataFrame({
+        "group": ["mine"] * len(images),
+        "image_uri": [str(p.relative_to(sample)) for p in images],  # relative to the manifest's folder
+        "gt_uri": [str(sample / "groundtruth" / p.parent.name / f"{p.stem}.png") for p in images],
+    })
+    frame.to_csv(sample / "manifest.csv", index=False)
+    cfg = config(tiny_weights, sample, tmp_path / "out")
+    cfg.input, cfg.manifest = None, str(sample / "manifest.csv")
+    manifest = run_inference(cfg)
+    table = rows(tmp_path / "out")
+    assert manifest["input"] == {"groups": 1, "images": 7, "empty_groups": []}
+    assert len(table) == 7 and set(table["group"]) == {"mine"}
+    assert table.loc[table["status"] == "ok", "mae"].notna().all()  # ground truth came through the manifest
