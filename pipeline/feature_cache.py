@@ -44,15 +44,13 @@ def cache_folder(cache_root: str, data_root: str, cfg: dict) -> str:
 def build_backbone(cfg: dict) -> tuple[DinoBackbone, str, torch.dtype]:
     """The frozen backbone a worker or actor runs: (module on its device, device, autocast dtype)."""
     device, dtype = actor_device(cfg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # random_init gives every process the same weights
-        backbone = DinoBackbone.create(
-            cfg.get("backbone_name", "vit_base_patch8_224.dino"),
-            checkpoint=cfg.get("backbone"),
-            random_init=bool(cfg.get("random_init")) and cfg.get("backbone") is None,
-            storage_options=cfg.get("storage_options"),
-            **cfg.get("backbone_kwargs", {}),
-        )
+    backbone = DinoBackbone.create(
+        cfg.get("backbone_name", "vit_base_patch8_224.dino"),
+        checkpoint=cfg.get("backbone"),
+        random_init=bool(cfg.get("random_init")) and cfg.get("backbone") is None,
+        storage_options=cfg.get("storage_options"),
+        **cfg.get("backbone_kwargs", {}),
+    )
     return backbone.to(device), device, DTYPES[dtype]
 
 

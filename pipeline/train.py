@@ -363,7 +363,8 @@ def run_training(cfg: TrainConfig):
             train_loop_per_worker,
             train_loop_config={
                 "cfg": model_cfg, "groups": groups, "val_groups": val_groups,
-                "cache_folders": cache_folders or None, "run_url": cfg.run_url(), "dim": dim, "epochs": cfg.epochs, "val_every": cfg.val_every,
+                "cache_folders": cache_folders or None, "run_url": cfg.run_url(), "dim": dim,
+                "epochs": cfg.epochs, "val_every": cfg.val_every,
                 "max_images": cfg.max_images, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "seed": cfg.seed,
                 "init_head": cfg.init_head, "fail_at_epoch": cfg.fail_at_epoch,
             },

@@ -166,17 +166,15 @@ class SCoSPARC:
                 "no stage-1 head checkpoint: pass head='model_combined.pt' (official format) or a checkpoint "
                 "written by training, or random_init=True for tests"
             )
-        # Seeded in a forked RNG: the same random weights in every process (actors, re-runs), and the
-        # caller's RNG untouched.
-        with torch.random.fork_rng(devices=[]):
+        net = DinoBackbone.create(
+            backbone_name,
+            checkpoint=backbone,
+            random_init=random_init and backbone is None,
+            storage_options=storage_options,
+            **backbone_kwargs,
+        )
+        with torch.random.fork_rng(devices=[]):  # a random head is the same in every process (actors, re-runs)
             torch.manual_seed(0)
-            net = DinoBackbone.create(
-                backbone_name,
-                checkpoint=backbone,
-                random_init=random_init and backbone is None,
-                storage_options=storage_options,
-                **backbone_kwargs,
-            )
             stage1_head = Stage1Head(net.embed_dim)
         if head is not None:
             load_head_checkpoint(stage1_head, head, storage_options)

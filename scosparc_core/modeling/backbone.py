@@ -101,7 +101,7 @@ class DinoBackbone(nn.Module):
 
         ``checkpoint``: a path, URL or file object holding a DINO-format state_dict (e.g.
         ``dino_vitbase8_pretrain.pth``), loaded strictly. ``None``: timm's pretrained weights, which need a
-        network. ``random_init=True`` (and no checkpoint): random weights, with a warning.
+        network. ``random_init=True`` (and no checkpoint): random weights (seeded: the same in every process), with a warning.
         ``storage_options`` go to fsspec for URLs. ``model_kwargs`` override the architecture
         (``embed_dim``, ``depth``, ``num_heads`` ...).
         """
@@ -116,7 +116,9 @@ class DinoBackbone(nn.Module):
                 f"backbone {name!r} has RANDOM weights (random_init=True): its masks mean nothing",
                 stacklevel=2,
             )
-            vit = timm.create_model(name, pretrained=False, **kwargs)
+            with torch.random.fork_rng(devices=[]):  # same weights in every process; caller's RNG untouched
+                torch.manual_seed(0)
+                vit = timm.create_model(name, pretrained=False, **kwargs)
         else:
             try:
                 vit = timm.create_model(name, pretrained=True, **kwargs)

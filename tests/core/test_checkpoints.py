@@ -123,3 +123,17 @@ def test_random_init_only_when_asked_and_with_a_warning():
         SCoSPARC.from_checkpoints(backbone=GOLDEN / "tiny_dino_vit.pth", backbone_name="vit_base_patch8_224", **TINY_VIT)
     with pytest.warns(UserWarning, match="RANDOM"):
         SCoSPARC.from_checkpoints(random_init=True, backbone_name="vit_base_patch8_224", **TINY_VIT)
+
+
+def test_random_weights_are_the_same_in_every_process_and_leave_the_callers_rng_alone():
+    from scosparc_core import DinoBackbone
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    with pytest.warns(UserWarning, match="RANDOM"):
+        a = DinoBackbone.create("vit_base_patch8_224", random_init=True, **TINY_VIT)
+        b = DinoBackbone.create("vit_base_patch8_224", random_init=True, **TINY_VIT)
+    assert torch.equal(torch.rand(1), expected_next)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
