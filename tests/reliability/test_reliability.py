@@ -191,22 +191,6 @@ def test_an_interrupted_job_is_rerun_to_exactly_one_row_per_image(ray_local, tin
     count("faults survived", "job interrupted (SIGINT) and re-run", int(manifest["output"]["rows"] == 14))
 
 
-def test_a_killed_training_worker_resumes_from_its_checkpoint(ray_local, tiny_weights, tmp_path):
-    from pipeline.train import TrainConfig, run_training
-    import pandas as pd
-
-    write_sample(str(tmp_path / "data"), {"horse": 3, "disc": 3, "horse2": 3})
-    cfg = TrainConfig(data=[str(tmp_path / "data")], storage=str(tmp_path / "runs"), name="killed", epochs=3,
-                      backbone=tiny_weights[0], backbone_name="vit_base_patch8_224", backbone_kwargs=dict(TINY_VIT),
-                      cpus_per_worker=0.5, fail_at_epoch=1, max_failures=1)
-    run_training(cfg)
-    assert (tmp_path / "runs" / "killed" / "_injected_failure").exists()  # the worker died mid-way through epoch 2
-    epochs = list(pd.read_parquet(tmp_path / "runs" / "killed" / "metrics.parquet")["epoch"])
-    assert epochs == [0, 1, 2]  # epoch 1 redone from the checkpoint of epoch 0, nothing twice
-    count("faults injected", "training worker killed mid-epoch (SIGKILL)")
-    count("faults survived", "training worker killed mid-epoch (SIGKILL)")
-
-
 def test_a_checkpoint_that_carries_code_is_refused_before_the_job_starts(tmp_path):
     class Payload:
         def __reduce__(self):

@@ -1,0 +1,19 @@
+"""Training under faults: a worker killed mid-epoch resumes from its checkpoint."""
+from conftest import TINY_VIT, count
+from pipeline.sample import write_sample
+
+
+def test_a_killed_training_worker_resumes_from_its_checkpoint(ray_local, tiny_weights, tmp_path):
+    from pipeline.train import TrainConfig, run_training
+    import pandas as pd
+
+    write_sample(str(tmp_path / "data"), {"horse": 3, "disc": 3, "horse2": 3})
+    cfg = TrainConfig(data=[str(tmp_path / "data")], storage=str(tmp_path / "runs"), name="killed", epochs=3,
+                      backbone=tiny_weights[0], backbone_name="vit_base_patch8_224", backbone_kwargs=dict(TINY_VIT),
+                      cpus_per_worker=0.5, fail_at_epoch=1, max_failures=1)
+    run_training(cfg)
+    assert (tmp_path / "runs" / "killed" / "_injected_failure").exists()  # the worker died mid-way through epoch 2
+    epochs = list(pd.read_parquet(tmp_path / "runs" / "killed" / "metrics.parquet")["epoch"])
+    assert epochs == [0, 1, 2]  # epoch 1 redone from the checkpoint of epoch 0, nothing twice
+    count("faults injected", "training worker killed mid-epoch (SIGKILL)")
+    count("faults survived", "training worker killed mid-epoch (SIGKILL)")
