@@ -1,0 +1,51 @@
+"""The number format the backbone runs in, per device.
+
+float32 on the CPU is the paper code's arithmetic and the reference. On CUDA, ``auto`` is the fastest format whose
+masks stay at mean IoU >= 0.995 and min IoU >= 0.98 against CPU float32 on real photos (README, "Precision on
+GPUs"; ``benchmarks/bench_precision.py`` measures it). Only the backbone changes format: the stage-1 head, the
+threshold, the region filter and the CRF always run in float32.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+PRECISIONS = ("auto", "float32", "tf32", "float16", "bfloat16")
+AUTO = {"cpu": "float32", "cuda": "float16"}
+_AUTOCAST = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve(precision: str | torch.dtype, device: str | torch.device) -> str:
+    """``auto`` (or a name, or a torch dtype) on ``device`` -> the concrete format's name.
+
+    A resolved name is what a run records: a GPU run resumed on a CPU must not silently mix formats.
+    """
+    if isinstance(precision, torch.dtype):
+        precision = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[precision]
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    kind = torch.device(device).type
+    if precision == "auto":
+        return AUTO.get(kind, "float32")
+    if precision == "tf32" and kind != "cuda":
+        return "float32"  # TF32 is a tensor-core format; elsewhere it is plain float32
+    return precision
+
+
+@contextlib.contextmanager
+def backbone_precision(precision: str, device: str | torch.device):
+    """Runs the enclosed backbone forward in ``precision`` (a resolved name) on ``device``."""
+    kind = torch.device(device).type
+    if precision in _AUTOCAST:
+        with torch.autocast(device_type=kind, dtype=_AUTOCAST[precision]):
+            yield
+    elif precision == "tf32" and kind == "cuda":
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(before)
+    else:
+        yield
