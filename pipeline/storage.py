@@ -11,7 +11,12 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import fsspec
 
-_SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|signature|session|private|^key$|access_key)", re.I)
+DEFAULT_RETRIES = 10  # retries per S3 request after the first try (botocore's adaptive mode)
+WRITE_ATTEMPTS = 3  # Storage.write_bytes calls in all, each with the client's own retries inside
+S3_PROTOCOLS = ("s3", "s3a")
+
+_SECRET_KEY = re.compile(
+    r"(secret|token|password|passwd|credential|signature|session|private|^key$|access_?key|^sig$)", re.I)
 
 
 @dataclass
@@ -22,8 +27,16 @@ class Storage:
     options: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.fs, self.base = fsspec.core.url_to_fs(self.root, **self.options)
+        self.fs, self.base = fsspec.core.url_to_fs(self.root, **fs_options(self.root, self.options))
         self.base = self.base.rstrip("/")
+
+    @property
+    def protocol(self) -> str:
+        return self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+
+    @property
+    def is_local(self) -> bool:
+        return _is_local(self.fs)
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.base, *parts) if parts else self.base
@@ -36,17 +49,24 @@ class Storage:
 
     def write_bytes(self, key: str, data: bytes) -> str:
         """Writes ``data`` at ``key`` under the root, atomically where the filesystem allows (rename on local
-        disks; a single PUT on object stores). Returns the URL written."""
+        disks; a single PUT on object stores), retrying transient failures (``errors.retry``: the client's own
+        retries have already run inside each call). Returns the URL written."""
+        from .errors import retry  # errors imports this module
+
         path = self.path(key)
-        parent = posixpath.dirname(path)
-        if _is_local(self.fs):
-            self.fs.makedirs(parent, exist_ok=True)
-            tmp = f"{path}.tmp-{hashlib.sha1(data[:4096]).hexdigest()[:8]}"
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, path)
-        else:
-            self.fs.pipe_file(path, data)
-        return self.fs.unstrip_protocol(path)
+        url = self.fs.unstrip_protocol(path)
+
+        def write():
+            if _is_local(self.fs):
+                self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp-{hashlib.sha1(data[:4096]).hexdigest()[:8]}"
+                self.fs.pipe_file(tmp, data)
+                self.fs.mv(tmp, path)
+            else:
+                self.fs.pipe_file(path, data)
+
+        retry(write, attempts=WRITE_ATTEMPTS, base=0.5, what=f"write {url}")
+        return url
 
     def write_json(self, key: str, obj) -> str:
         return self.write_bytes(key, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
@@ -67,17 +87,39 @@ def _is_local(fs) -> bool:
 
 def open_url(url: str, options: dict):
     """(filesystem, path) for one URL; for inputs that are not under a Storage root (manifest rows)."""
-    return fsspec.core.url_to_fs(url, **options)
+    return fsspec.core.url_to_fs(url, **fs_options(url, options))
 
 
-def storage_options(endpoint: str | None = None, anonymous: bool = False, extra: dict | None = None) -> dict:
-    """fsspec options from the CLI: an S3-compatible endpoint, anonymous access, and raw key=value options."""
+def storage_options(endpoint: str | None = None, anonymous: bool = False, extra: dict | None = None,
+                    retries: int = DEFAULT_RETRIES) -> dict:
+    """fsspec options from the CLI: an S3-compatible endpoint, anonymous access, raw key=value options, and
+    ``retries`` per S3 request after its first try, in botocore's adaptive mode (client-side rate limiting
+    when S3 throttles); a retry config in ``extra["config_kwargs"]`` is kept."""
     opts: dict = dict(extra or {})
     if endpoint:
         opts.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
     if anonymous:
         opts["anon"] = True
+    return _with_retries(opts, retries)
+
+
+def fs_options(url: str, options: dict | None) -> dict:
+    """The options for ``url``'s filesystem. S3 URLs get botocore's adaptive retry mode with DEFAULT_RETRIES
+    retries unless the options set ``config_kwargs["retries"]`` themselves; other filesystems do not get
+    ``config_kwargs`` (botocore's Config: it means nothing to them, and HTTP would pass it on to aiohttp)."""
+    opts = dict(options or {})
+    if "::" in url:  # a chained URL: options belong to its layers, leave them as given
+        return opts
+    if fsspec.core.split_protocol(url)[0] in S3_PROTOCOLS:
+        return _with_retries(opts, DEFAULT_RETRIES)
+    opts.pop("config_kwargs", None)
     return opts
+
+
+def _with_retries(opts: dict, retries: int) -> dict:
+    config = dict(opts.get("config_kwargs") or {})
+    config.setdefault("retries", {"mode": "adaptive", "max_attempts": int(retries)})
+    return {**opts, "config_kwargs": config}
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9._ \-()\[\]+,=@~]")
@@ -107,12 +149,26 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+_URL_IN_TEXT = re.compile(r"\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
+_USERINFO = re.compile(r"://[^/\s@'\"<>]*@")
+_PARAM_IN_TEXT = re.compile(r"(?P<name>[A-Za-z][\w.\-]*)=(?P<value>[^&\s'\"<>,;]+)")
+
+
+def redact_text(text: str) -> str:
+    """Free text (an error message, a log line) with every URL passed through ``redact_url`` and any
+    credential-like ``name=value`` left outside URLs (a signed URL split at a space, s3fs's protocol-less
+    paths) given the value REDACTED."""
+    text = _URL_IN_TEXT.sub(lambda m: redact_url(_USERINFO.sub("://", m.group(0))), str(text))
+    return _PARAM_IN_TEXT.sub(
+        lambda m: f"{m['name']}=REDACTED" if _SECRET_KEY.search(m["name"].split(".")[-1]) else m.group(0), text)
+
+
 def redact(obj):
-    """Recursively replaces credential-like values in config dicts/lists/URLs with 'REDACTED'."""
+    """Recursively replaces credential-like values in config dicts/lists/URLs/texts with 'REDACTED'."""
     if isinstance(obj, dict):
         return {k: ("REDACTED" if _SECRET_KEY.search(str(k)) else redact(v)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [redact(v) for v in obj]
     if isinstance(obj, str) and "://" in obj:
-        return redact_url(obj)
+        return redact_url(obj) if _URL_IN_TEXT.fullmatch(obj) else redact_text(obj)
     return obj

@@ -1,0 +1,146 @@
+"""Storage: S3 options with adaptive retries, writes retried through a fault proxy, throttling bursts survived,
+credentials redacted from free text."""
+import logging
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import s3fs
+
+from pipeline import errors
+from pipeline.errors import classify
+from pipeline.storage import (DEFAULT_RETRIES, WRITE_ATTEMPTS, Storage, fs_options, open_url, redact, redact_text,
+                              redact_url, storage_options)
+from conftest import make_bucket
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "reliability"))
+from s3_faults import Fault, FaultProxy  # noqa: E402
+
+ADAPTIVE = {"mode": "adaptive", "max_attempts": DEFAULT_RETRIES}
+CREDS = {"key": "testing", "secret": "testing"}
+
+
+def test_s3_options_get_adaptive_retries_unless_set_and_other_filesystems_do_not():
+    assert storage_options()["config_kwargs"] == {"retries": ADAPTIVE}
+    opts = storage_options("http://127.0.0.1:9", anonymous=True, extra={"key": "k"}, retries=3)
+    assert opts == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}, "anon": True, "key": "k",
+                    "config_kwargs": {"retries": {"mode": "adaptive", "max_attempts": 3}}}
+    own = {"config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": 2}, "read_timeout": 5}}
+    assert storage_options(extra=own)["config_kwargs"] == own["config_kwargs"]
+    assert fs_options("s3://b/k", own) == own
+    assert fs_options("s3://b/k", {}) == {"config_kwargs": {"retries": ADAPTIVE}}
+    assert fs_options("s3a://b/k", None)["config_kwargs"]["retries"] == ADAPTIVE
+    for url in ("/tmp/x", "file:///tmp/x", "https://h/x.jpg", "memory://x"):
+        assert "config_kwargs" not in fs_options(url, opts), url
+        assert fs_options(url, opts)["anon"] is True
+    assert fs_options("simplecache::s3://b/k", {"s3": {}}) == {"s3": {}}
+
+
+def test_the_retry_config_reaches_the_s3_client(s3_server, tmp_path):
+    make_bucket(s3_server, "storage-config")
+    store = Storage("s3://storage-config/run", storage_options(s3_server, extra=CREDS, retries=4))
+    assert store.fs.s3.meta.config.retries == {"mode": "adaptive", "total_max_attempts": 5}
+    fs, _ = open_url("s3://storage-config/x", {"client_kwargs": {"endpoint_url": s3_server}, **CREDS})
+    assert fs.s3.meta.config.retries == {"mode": "adaptive", "total_max_attempts": DEFAULT_RETRIES + 1}
+    local = Storage(str(tmp_path), storage_options())  # S3 options on a local path are harmless
+    assert local.is_local and local.write_bytes("a/b.bin", b"x") == local.url("a/b.bin")
+
+
+@pytest.fixture
+def proxied(s3_server):
+    """(proxy, storage through it with no client retries, storage straight to moto) on a fresh bucket."""
+    name = f"storage-{time.monotonic_ns()}"
+    make_bucket(s3_server, name)
+    proxy = FaultProxy(s3_server)
+    through = Storage(f"s3://{name}/run", storage_options(proxy.url, extra=CREDS, retries=0))
+    direct = Storage(f"s3://{name}/run", storage_options(s3_server, extra=CREDS))
+    yield proxy, through, direct
+    proxy.stop()
+
+
+def test_a_put_that_fails_twice_then_succeeds_is_written(proxied, monkeypatch, caplog):
+    proxy, through, direct = proxied
+    monkeypatch.setattr(errors, "sleep", lambda s: None)
+    proxy.fail_puts("masks/g/a.png", times=2)
+    with caplog.at_level(logging.WARNING, logger="pipeline.errors"):
+        url = through.write_bytes("masks/g/a.png", b"png bytes")
+    assert url == through.url("masks/g/a.png")
+    assert direct.fs.cat_file(direct.path("masks/g/a.png")) == b"png bytes"
+    assert proxy.injected["500:put:masks/g/a.png"] == 2 and proxy.hits["put:masks/g/a.png"] == 3
+    assert sum("retry" in r.getMessage() for r in caplog.records) == 2  # our retries, not the client's
+
+
+def test_the_client_retries_a_failing_put_itself_in_adaptive_mode(proxied, monkeypatch):
+    proxy, _, direct = proxied
+    retried = []
+    monkeypatch.setattr(errors, "sleep", retried.append)
+    store = Storage(direct.root, storage_options(proxy.url, extra=CREDS))  # default retries
+    proxy.fail_puts("predictions/", times=2)
+    store.write_bytes("predictions/part-0.parquet", b"parquet")
+    assert direct.fs.cat_file(direct.path("predictions/part-0.parquet")) == b"parquet"
+    assert proxy.injected["500:put:predictions/"] == 2 and retried == []  # botocore did it inside one call
+
+
+def test_a_put_that_always_fails_or_is_denied_raises_with_its_class(proxied, monkeypatch):
+    proxy, through, direct = proxied
+    monkeypatch.setattr(errors, "sleep", lambda s: None)
+    proxy.fail_puts("always.png")
+    with pytest.raises(OSError) as failed:
+        through.write_bytes("masks/always.png", b"x")
+    assert classify(failed.value).transient and proxy.hits["put:always.png"] == WRITE_ATTEMPTS
+    proxy.fail_puts("denied.png", status=403)
+    with pytest.raises(PermissionError) as denied:
+        through.write_bytes("masks/denied.png", b"x")
+    assert not classify(denied.value).transient and proxy.hits["put:denied.png"] == 1  # permanent: no retry
+    assert not direct.exists("masks/always.png") and not direct.exists("masks/denied.png")
+
+
+def test_reads_survive_a_slowdown_burst_on_many_keys(proxied):
+    proxy, _, direct = proxied
+    keys = [f"image/g{i % 4}/{i:03d}.jpg" for i in range(24)]
+    for key in keys:
+        direct.write_bytes(key, key.encode() * 10)
+    store = Storage(direct.root, storage_options(proxy.url, extra=CREDS))  # default: adaptive, 10 retries
+    proxy.burst("run/image/", seconds=2.0)
+    got = store.fs.cat([store.path(k) for k in keys], on_error="raise")
+    assert {p.split("/run/", 1)[1]: v for p, v in got.items()} == {k: k.encode() * 10 for k in keys}
+    assert proxy.injected["503:burst:run/image/"] >= len(keys)  # every key was throttled at least once
+
+
+def test_proxy_rules_api_latency_and_dropped_connections(proxied):
+    proxy, through, direct = proxied
+    direct.write_bytes("a.jpg", b"a")
+    direct.write_bytes("slow.jpg", b"s")
+    proxy.add(Fault("a.jpg", 500, 1))
+    store = Storage(direct.root, storage_options(proxy.url, extra=CREDS, retries=2))
+    assert store.fs.cat_file(store.path("a.jpg")) == b"a"
+    assert proxy.rules["a.jpg"] == (500, 1) and proxy.injected["500:a.jpg"] == 1 and proxy.hits["a.jpg"] >= 2
+    proxy.latency("slow.jpg", 0.3)
+    start = time.perf_counter()
+    assert store.fs.cat_file(store.path("slow.jpg")) == b"s"
+    assert time.perf_counter() - start >= 0.3 and proxy.hits["latency:slow.jpg"] >= 1
+    direct.write_bytes("reset.jpg", b"r")
+    proxy.add(Fault("reset.jpg", 0, None, ("GET",)))
+    once = s3fs.S3FileSystem(client_kwargs={"endpoint_url": proxy.url}, **CREDS, skip_instance_cache=True,
+                             config_kwargs={"retries": {"mode": "standard", "total_max_attempts": 1}})
+    once.retries = 1  # s3fs's own retry loops too: one try, so that the drop reaches us
+    with pytest.raises(Exception) as dropped:
+        once.cat_file(through.path("reset.jpg"))
+    assert classify(dropped.value).transient and proxy.injected["0:reset.jpg"] >= 1, repr(dropped.value)
+
+
+def test_redact_text_and_redact():
+    signed = ("https://bucket.s3.amazonaws.com/img/a.jpg?X-Amz-Algorithm=AWS4-HMAC-SHA256&"
+              "X-Amz-Credential=AKIAEXAMPLE%2F20250101%2Fus-east-1&X-Amz-Signature=deadbeef&X-Amz-Expires=60")
+    text = (f"cannot read {signed}: 403, url='https://u:pw@h.example/p?sig=azuresig&sv=2020' and "
+            f"bucket/key.jpg?X-Amz-Security-Token=tok123 (s3://bucket/my file.jpg)")
+    out = redact_text(text)
+    for secret in ("AKIAEXAMPLE", "deadbeef", "azuresig", "u:pw", "tok123"):
+        assert secret not in out, out
+    for kept in ("X-Amz-Algorithm=AWS4-HMAC-SHA256", "X-Amz-Expires=60", "sv=2020", "s3://bucket/my file.jpg",
+                 "https://h.example/p"):
+        assert kept in out, out
+    assert redact(signed) == redact_url(signed)  # a URL alone: as before
+    assert redact({"input": text, "secret": "x", "n": 3}) == {"input": out, "secret": "REDACTED", "n": 3}
+    assert redact_text("no urls, nothing to hide") == "no urls, nothing to hide"
