@@ -1,7 +1,13 @@
-import pandas as pd
-import pytest
+import gzip
+import posixpath
 
-from pipeline.listing import list_layout, list_manifest
+import pandas as pd
+import pyarrow as pa
+import pytest
+from conftest import make_bucket
+
+from pipeline.listing import (InputSpec, _listing_fs, check_input, group_dataset, group_row, list_group,
+                              list_layout, list_manifest, resolve_layout, summarize)
 from pipeline.storage import Storage, redact, redact_url, safe_component
 
 
@@ -78,3 +84,223 @@ def test_redaction():
     cfg = redact({"storage_options": {"key": "AKIA", "secret": "s3cr3t", "client_kwargs": {"endpoint_url": "http://e"}}})
     assert cfg["storage_options"]["key"] == "REDACTED" and cfg["storage_options"]["secret"] == "REDACTED"
     assert cfg["storage_options"]["client_kwargs"]["endpoint_url"] == "http://e"
+
+
+# --- listing at scale: the same groups as the sequential walk, in parallel, on the driver or in Ray tasks ------
+
+
+def sequential_listing(storage):
+    """The listing this module had before (one recursive walk of image/ and one of groundtruth/), kept here as
+    the reference the parallel listing must reproduce."""
+    from pipeline.listing import GroupSpec, ImageSpec, _hidden, _relative, _stem, finish
+
+    fs = storage.fs
+    if fs.isdir(storage.path("image")):
+        image_root, gt_root = storage.path("image"), storage.path("groundtruth")
+    else:
+        image_root, gt_root = storage.base, None
+    files = [p for p in fs.find(image_root) if not p.endswith("/") and not _hidden(_relative(p, image_root))]
+    folders = [_relative(e["name"], image_root).rstrip("/") for e in fs.ls(image_root, detail=True)
+               if e["type"] == "directory"]
+    gts = {}
+    if gt_root and fs.isdir(gt_root):
+        for p in fs.find(gt_root):
+            rel = _relative(p, gt_root)
+            if not p.endswith("/") and not _hidden(rel):
+                gts.setdefault(_stem(rel), p)
+    groups = {name: GroupSpec(name) for name in folders if name}
+    for p in sorted(files):
+        rel = _relative(p, image_root)
+        group, _, name = rel.partition("/") if "/" in rel else ("", "", rel)
+        spec = groups.setdefault(group, GroupSpec(group))
+        gt = gts.get(f"{group}/{_stem(name)}" if group else _stem(name))
+        spec.images.append(ImageSpec(fs.unstrip_protocol(p), fs.unstrip_protocol(gt) if gt else None, name))
+    return finish(list(groups.values()))
+
+
+# key -> bytes; sizes differ so that image_bytes is checked against the files
+TREE = {
+    "image/cat/a.jpg": b"aaa", "image/cat/b.jpg": b"bbbbb", "image/cat/.DS_Store": b"x",
+    "image/cat/sub/c.jpg": b"cc", "image/dog/a.jpg": b"1", "image/dog/a.png": b"12",
+    "image/dog/x y ü.jpg": b"123", "image/a..b/x.jpg": b"1234", "image/top.jpg": b"12345",
+    "groundtruth/cat/a.jpg": b"m", "groundtruth/cat/a.png": b"m", "groundtruth/cat/sub/c.png": b"m",
+    "groundtruth/cat/.b.png": b"m", "groundtruth/dog/a.png": b"m", "groundtruth/top.png": b"m",
+}
+S3_ONLY = {"image/../d.jpg": b"dd", "image/back\\slash/e.jpg": b"e"}  # names a local disk cannot hold
+
+
+def local_tree(root):
+    for key, data in TREE.items():
+        touch(root / key, data)
+    (root / "image/empty").mkdir()
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def s3_tree(s3_server):
+    fs = make_bucket(s3_server, "listing")
+    for key, data in {**TREE, **S3_ONLY}.items():
+        fs.pipe_file(f"listing/root/{key}", data)
+    fs.pipe_file("listing/root/image/empty/", b"")  # an empty group: a folder marker only
+    fs.pipe_file("listing/root/image/", b"")  # a marker for image/ itself is not an input
+    return "s3://listing/root", {"client_kwargs": {"endpoint_url": s3_server}, "key": "testing", "secret": "testing"}
+
+
+def as_rows(groups):
+    return sorted((group_row(g) for g in groups), key=lambda r: r["group"])
+
+
+def without_sizes(rows):
+    return [{k: v for k, v in r.items() if k != "image_bytes"} for r in rows]
+
+
+def test_parallel_listing_matches_the_sequential_walk_on_disk(tmp_path):
+    root = local_tree(tmp_path)
+    reference = sequential_listing(Storage(root))
+    groups = list_layout(Storage(root))
+    assert without_sizes(as_rows(groups)) == without_sizes(as_rows(reference))
+    assert {g.group for g in groups} == {"", "a..b", "cat", "dog", "empty"}
+    sizes = {im.image_uri: im.size for g in groups for im in g.images}
+    assert sizes == {f"file://{tmp_path}/{k}": len(v) for k, v in TREE.items()
+                     if k.startswith("image/") and not posixpath.basename(k).startswith(".")}
+
+
+def test_parallel_listing_matches_the_sequential_walk_on_s3(s3_tree):
+    url, opts = s3_tree
+    reference = sequential_listing(Storage(url, opts))
+    groups = list_layout(Storage(url, opts))
+    assert without_sizes(as_rows(groups)) == without_sizes(as_rows(reference))
+    assert {"..", "back\\slash", "empty", ""} <= {g.group for g in groups}
+    assert next(g for g in groups if g.group == "empty").images == []
+    # the listing filesystem keeps no listings cache (s3fs would otherwise hold every entry it listed)
+    fs = _listing_fs(url, opts)[0]
+    assert fs.dircache.use_listings_cache is False and len(fs.dircache) == 0
+
+
+def dataset_rows(ray, ds):
+    rows = [row for table in ray.get(ds.to_arrow_refs()) for row in table.to_pylist()]
+    return sorted(rows, key=lambda r: r["group"])
+
+
+def test_group_dataset_lists_in_ray_tasks_and_summarizes(ray_local, tmp_path, s3_tree):
+    ray = ray_local
+    url, opts = s3_tree
+    for spec in (InputSpec(input=local_tree(tmp_path)), InputSpec(input=url, storage_options=opts)):
+        reference = sequential_listing(Storage(spec.input, spec.storage_options))
+        ds = group_dataset(spec).materialize()
+        rows = dataset_rows(ray, ds)
+        assert without_sizes(rows) == without_sizes(as_rows(reference))
+        assert rows == as_rows(list_layout(Storage(spec.input, spec.storage_options)))  # sizes too
+
+        summary = summarize(ds, first=3)
+        sizes = sorted(len(g.images) for g in reference)
+        assert summary["groups"] == len(reference)
+        assert summary["images"] == sum(sizes)
+        assert summary["images_with_gt"] == sum(im.gt_uri is not None for g in reference for im in g.images)
+        assert summary["bytes"] == sum(sum(r["image_bytes"]) for r in rows)
+        assert summary["images_of_unknown_size"] == 0
+        assert summary["empty_groups"] == {"count": 1, "first": ["empty"]}
+        assert summary["largest_group"] == {"group": "cat", "images": 3}  # cat and dog hold 3: ties go by name
+        assert summary["group_size_percentiles"]["min"] == sizes[0]
+        assert summary["group_size_percentiles"]["max"] == sizes[-1]
+        assert sizes[0] <= summary["group_size_percentiles"]["p50"] <= summary["group_size_percentiles"]["p90"]
+
+
+# --- manifests: Parquet, CSV, gzip by content, relative URIs, the same rows on the driver and in Ray ---------
+
+MANIFEST = pd.DataFrame({
+    "group": ["g", "g", "01", "NA", "g"],
+    "image_uri": ["data/b.jpg", "data/a.jpg", "data/c.jpg", "/abs/d.jpg", "data/a.jpg"],
+    "gt_uri": ["", "gt/a.png", None, "s3://bkt/d.png", ""],
+})
+
+
+def write_manifest(tmp_path, name):
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        MANIFEST.to_parquet(path)
+    else:
+        text = MANIFEST.to_csv(index=False).encode()
+        path.write_bytes(gzip.compress(text) if name.endswith(".gz") or name == "zipped-but-named.csv" else text)
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["m.parquet", "m.csv", "m.csv.gz", "zipped-but-named.csv"])
+def test_manifest_formats_on_the_driver(tmp_path, name):
+    groups = {g.group: g for g in list_manifest(write_manifest(tmp_path, name), {})}
+    assert sorted(groups) == ["01", "NA", "g"]  # group names are text: "01" and "NA" are kept as written
+    g = groups["g"].images
+    assert [im.image_uri for im in g] == [f"file://{tmp_path}/data/{n}" for n in ("a.jpg", "a.jpg", "b.jpg")]
+    assert [im.name for im in g] == ["a.jpg", "a.jpg", "b.jpg"]
+    assert len({im.mask_key for im in g}) == 3  # the same file listed twice still gets two outputs
+    assert sum(im.gt_uri is not None for im in g) == 1
+    assert groups["NA"].images[0].image_uri == "/abs/d.jpg"
+    assert groups["NA"].images[0].gt_uri == "s3://bkt/d.png"
+    assert groups["01"].images[0].gt_uri is None and groups["01"].images[0].size == -1
+
+
+def test_manifest_dataset_matches_the_driver(ray_local, tmp_path):
+    for name in ("m.parquet", "m.csv.gz"):
+        url = write_manifest(tmp_path, name)
+        ds = group_dataset(InputSpec(manifest=url))
+        assert dataset_rows(ray_local, ds) == as_rows(list_manifest(url, {}))
+
+
+@pytest.mark.parametrize("name, data, match", [
+    ("m.csv.gz", b"group,image_uri\ng,a.jpg\n", "named .gz but is not gzip"),
+    ("m.parquet", b"group,image_uri\ng,a.jpg\n", "not a Parquet file"),
+    ("m.csv", b"group,image_uri\n", "has no rows"),
+    ("m.csv", gzip.compress(b"image\na.jpg\n"), "missing column"),
+    ("m.csv", b'group,image_uri\n"g,a.jpg\n', "cannot be read as CSV"),
+])
+def test_bad_manifests_fail_before_any_work(tmp_path, name, data, match):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(ValueError, match=match):
+        check_input(InputSpec(manifest=str(tmp_path / name)))
+
+
+# --- inputs that would be misread ----------------------------------------------------------------------------
+
+def test_ambiguous_roots_are_errors_unless_the_layout_is_given(tmp_path):
+    touch(tmp_path / "img/cat/a.jpg")
+    touch(tmp_path / "GT/cat/a.png")
+    with pytest.raises(ValueError, match=r"no image/ folder but has GT/, img/.*--layout groups"):
+        check_input(InputSpec(input=str(tmp_path)))
+    with pytest.raises(ValueError, match="--layout cosod needs"):
+        check_input(InputSpec(input=str(tmp_path), layout="cosod"))
+    groups = list_layout(Storage(str(tmp_path)), layout="groups")
+    assert [(g.group, [im.name for im in g.images]) for g in groups] == [("GT", ["cat/a.png"]), ("img", ["cat/a.jpg"])]
+
+    touch(tmp_path / "image/cat/a.jpg")  # image/ with ground truth in a folder that is not groundtruth/
+    with pytest.raises(ValueError, match="has image/ and GT/ but no groundtruth/"):
+        check_input(InputSpec(input=str(tmp_path)))
+    (cat,) = list_layout(Storage(str(tmp_path)), layout="cosod")
+    assert cat.group == "cat" and cat.images[0].gt_uri is None
+
+
+def test_input_errors_are_clear_and_redacted(tmp_path):
+    with pytest.raises(ValueError, match="give --input"):
+        check_input(InputSpec())
+    with pytest.raises(ValueError, match="not both"):
+        check_input(InputSpec(input=str(tmp_path), manifest=str(tmp_path / "m.csv")))
+    with pytest.raises(ValueError, match="layout 'cosd'"):
+        check_input(InputSpec(input=str(tmp_path), layout="cosd"))
+    with pytest.raises(ValueError, match="holds no images"):
+        check_input(InputSpec(input=str(tmp_path)))
+    touch(tmp_path / "a.jpg")
+    with pytest.raises(ValueError, match="is a file"):
+        check_input(InputSpec(input=str(tmp_path / "a.jpg")))
+    with pytest.raises(FileNotFoundError) as err:
+        check_input(InputSpec(input=f"file://{tmp_path}/missing?X-Amz-Signature=s3cr3t"))
+    assert "s3cr3t" not in str(err.value) and "missing" in str(err.value)
+    with pytest.raises(FileNotFoundError) as err:
+        check_input(InputSpec(manifest=f"file://{tmp_path}/m.csv?X-Amz-Signature=s3cr3t"))
+    assert "s3cr3t" not in str(err.value)
+
+
+def test_one_group_is_listed_alone(tmp_path):
+    roots, names = resolve_layout(InputSpec(input=local_tree(tmp_path)))
+    assert names == ["", "a..b", "cat", "dog", "empty"]  # "" holds the files directly in image/
+    cat = list_group(roots.fs(), roots, "cat")
+    assert [(im.name, im.size, (im.gt_uri or "").rsplit("/", 1)[-1]) for im in cat.images] == [
+        ("a.jpg", 3, "a.jpg"), ("b.jpg", 5, ""), ("sub/c.jpg", 2, "c.png")]  # a.jpg sorts before a.png: it wins
