@@ -2,9 +2,11 @@
 
     python jobs/evaluate.py --run scosparc=out/coca --output out/eval
     python jobs/evaluate.py --run ours=s3://b/runs/r1 --maps gicd=s3://b/maps/GICD/CoCA \
-        --gt s3://b/CoCA/groundtruth --dataset CoCA --output s3://b/reports/coca
+        --gt s3://b/CoCA/groundtruth --dataset CoCA --output s3://b/reports/coca \
+        --storage-option key=... secret=...
 
-Writes <output>/report.html (self-contained) and <output>/metrics.parquet (per dataset and per group).
+Writes <output>/report.html (self-contained) and <output>/metrics.parquet (per dataset and per group). Runs are
+read in a stream, so memory stays bounded however many images they hold.
 """
 from __future__ import annotations
 
@@ -15,9 +17,24 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jobs.infer import key_value  # noqa: E402
-from pipeline.evaluate import Source, evaluate, write_outputs  # noqa: E402
+from pipeline.evaluate import GALLERY, Source, evaluate, write_outputs  # noqa: E402
 from pipeline.report import render  # noqa: E402
 from pipeline.storage import storage_options  # noqa: E402
+
+
+class KeyValues(argparse.Action):
+    """``--flag K=V [K=V ...]``, the flag repeatable: every pair (parsed by ``type``, e.g. key_value) lands in
+    one dict, later pairs winning. Shareable by any job: ``add_argument(..., type=key_value, nargs="+",
+    action=KeyValues, default={})``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        merged = dict(getattr(namespace, self.dest, None) or {})
+        merged.update(values)
+        setattr(namespace, self.dest, merged)
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults and keeps the description's layout."""
 
 
 def labelled(text: str) -> tuple[str, str]:
@@ -27,30 +44,43 @@ def labelled(text: str) -> tuple[str, str]:
     return label, url
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     ap.add_argument("--run", type=labelled, action="append", default=[], metavar="[LABEL=]URL",
                     help="output of jobs/infer.py with ground truth (repeatable)")
     ap.add_argument("--maps", type=labelled, action="append", default=[], metavar="[LABEL=]URL",
                     help="prediction maps <root>/<group>/<stem>.png of any method (repeatable; needs --gt)")
     ap.add_argument("--gt", help="ground-truth root <root>/<group>/<stem>.png for --maps")
+    ap.add_argument("--images", help="photos for the gallery of --maps, <root>/<group>/<stem>.* "
+                                     "(default: the CoSOD layout beside --gt, <gt>/../image)")
     ap.add_argument("--dataset", help="dataset name (default: from the run's input or the --gt path)")
     ap.add_argument("--output", required=True, help="where report.html and metrics.parquet go")
     ap.add_argument("--ray", action="store_true", help="score --maps on Ray Data (large sets)")
-    ap.add_argument("--title", default="SCoSPARC evaluation")
-    ap.add_argument("--endpoint")
-    ap.add_argument("--anonymous", action="store_true")
-    ap.add_argument("--storage-option", type=key_value, action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--title", default="SCoSPARC evaluation", help="the report's title")
+    ap.add_argument("--top-groups", type=int, default=20, metavar="N",
+                    help="the report lists the N best and N worst groups (all are in metrics.parquet)")
+    ap.add_argument("--gallery", type=int, default=GALLERY, metavar="K", help="best and worst images shown per run")
+    ap.add_argument("--endpoint", help="S3-compatible endpoint URL (MinIO, R2, a test server)")
+    ap.add_argument("--anonymous", action="store_true", help="unsigned requests (public buckets)")
+    ap.add_argument("--storage-option", type=key_value, nargs="+", action=KeyValues, default={},
+                    metavar="KEY=VALUE", help="fsspec options, e.g. key=... secret=... (repeatable; never logged)")
     a = ap.parse_args(argv)
     if not a.run and not a.maps:
         ap.error("give at least one --run or --maps")
     if a.maps and not a.gt:
         ap.error("--maps needs --gt")
-    options = storage_options(a.endpoint, a.anonymous, dict(a.storage_option))
-    sources = [Source(label, run=url, dataset=a.dataset, options=options) for label, url in a.run]
-    sources += [Source(label, maps=url, gt=a.gt, dataset=a.dataset, options=options) for label, url in a.maps]
-    if len({s.label for s in sources}) != len(sources):
+    a.options = storage_options(a.endpoint, a.anonymous, a.storage_option)
+    a.sources = [Source(label, run=url, dataset=a.dataset, options=a.options) for label, url in a.run]
+    a.sources += [Source(label, maps=url, gt=a.gt, images=a.images, dataset=a.dataset, options=a.options)
+                  for label, url in a.maps]
+    if len({s.label for s in a.sources}) != len(a.sources):
         ap.error("labels must differ: use LABEL=URL")
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    options, sources = a.options, a.sources
     base = a.output.rstrip("/")
     print(f"report:  {base}/report.html\nmetrics: {base}/metrics.parquet", flush=True)
     started_ray = False
@@ -61,11 +91,11 @@ def main(argv=None) -> int:
         if started_ray:
             ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
     try:
-        metrics, details = evaluate(sources, use_ray=a.ray)
+        metrics, details = evaluate(sources, use_ray=a.ray, gallery=a.gallery)
     finally:
         if started_ray:
             ray.shutdown()
-    write_outputs(a.output, options, metrics, render(metrics, details, a.title))
+    write_outputs(a.output, options, metrics, render(metrics, details, a.title, a.top_groups))
     table = metrics[metrics["scope"] == "dataset"][["label", "dataset", "images", "max_fm", "sm", "max_em", "mae"]]
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return 0

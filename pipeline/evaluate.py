@@ -1,47 +1,80 @@
-"""Offline evaluation: per-image CoSOD metrics from inference runs or from any method's maps, aggregated per
-dataset and per group (exactly: fsum means, so any split of the images over workers gives the same numbers).
+"""Offline evaluation: per-image metrics from inference runs or from any method's maps, aggregated per dataset and
+per group in a stream (exact sums, so any split or order of the images gives the numbers of one pass).
 
 Two kinds of input, each under a label:
-  * a run of jobs/infer.py: its predictions Parquet already holds every image's metrics;
+  * a run of jobs/infer.py: its predictions Parquet already holds every image's metrics; it is scanned in record
+    batches (pyarrow dataset scanner), reading only the columns needed;
   * maps in the CoSOD layout, ``<maps>/<group>/<stem>.png``, against ground truth ``<gt>/<group>/<stem>.png``:
-    metrics are computed here (pysodmetrics), locally or on Ray Data.
+    metrics are computed here (pysodmetrics), one group per task, locally or on Ray Data.
+
+Memory does not grow with the number of images. What is held, per source:
+  * the dataset's exact sums: ``MetricSums``, (partials ~3, 1029) float64;
+  * open groups' exact sums, 1029 x ~3 float64 (~25 KiB) each. A group is open from its first row until all its
+    rows have been seen (the count per group comes from a first pass over the ``group`` column of a run, or
+    from the listing of a maps group) and is then reduced to its summary and merged into the dataset's sums.
+    Open at once: the groups of one flush (``FLUSH_ROWS`` rows) plus those whose rows are split over files not
+    yet read. Files are read in the order of the first group they hold, which is about the order jobs/infer.py
+    wrote them, so a group split over shards is usually complete one or two files later; a Parquet whose groups
+    are scattered over all files keeps up to all of them open (the bound is then groups x 25 KiB);
+  * the finished groups' summaries (~100 bytes each: 40 MB for 400k groups), which metrics.parquet holds in
+    full while the report shows the top and bottom ones;
+  * the first pass's rows per group (~100 bytes a group) and first group per file;
+  * rows in flight: the scanner's read-ahead (two files' row groups: the Parquet reader buffers a row group's
+    columns, so shards written with row groups of a few thousand rows keep this small) and up to ``FLUSH_ROWS``
+    rows waiting to be added (8 KiB each);
+  * the gallery's candidates: the k best and k worst images by S-measure (``Extremes``), not the rows.
 """
 from __future__ import annotations
 
 import io
 import posixpath
+from array import array
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from PIL import Image
 
-from scosparc_core.metrics import CURVES, SCALARS, aggregate, image_metrics
+from scosparc_core.metrics import CURVE_POINTS, CURVES, SCALARS, WIDTH, MetricSums, image_metrics
 
 from .decode import error_kind, read_many
 from .refine import read_gt
 from .storage import Storage
 
-# Published SCoSPARC figures (trained on COCO-9213 + DUTS-Class): max-F, S-measure, max-E, MAE (DESIGN.md §4).
+# Published SCoSPARC figures (trained on COCO-9213 + DUTS-Class): max-F, S-measure, max-E, MAE.
 PAPER = {
     "coca": {"max_fm": 0.614, "sm": 0.711, "max_em": 0.782, "mae": 0.092},
     "cosal2015": {"max_fm": 0.869, "sm": 0.851, "max_em": 0.905, "mae": 0.062},
     "cosod3k": {"max_fm": 0.827, "sm": 0.823, "max_em": 0.889, "mae": 0.064},
 }
 SUMMARY = ("max_fm", "mean_fm", "adp_fm", "sm", "max_em", "mean_em", "adp_em", "mae", "wfm")
+BATCH_ROWS = 1024  # rows per scanned record batch (~8 MiB of curves)
+FLUSH_ROWS = 4096  # rows gathered before they are added to the exact sums (fewer, larger numpy passes)
+GALLERY = 6  # best and worst images kept per source
+# Columns read for the gallery's few images only, after the scan; tolerated when absent (older runs).
+GALLERY_COLUMNS = ("group", "name", "image_uri", "gt_uri", "mask_uri", "mask_png", "sm", "mae")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Source:
-    """One labelled input: a run (``run`` URL) or maps (``maps`` root + ``gt`` root)."""
+    """One labelled input: a run (``run`` URL) or maps (``maps`` root + ``gt`` root, photos under ``images``)."""
 
     label: str
     run: str | None = None
     maps: str | None = None
     gt: str | None = None
+    images: str | None = None  # maps only: <images>/<group>/<stem>.*; default: the CoSOD layout, <gt>/../image
     dataset: str | None = None
     options: dict = field(default_factory=dict)
+
+    def image_root(self) -> str | None:
+        if self.images or not self.gt:
+            return self.images
+        return posixpath.join(posixpath.dirname(self.gt.rstrip("/")), "image")
 
 
 def dataset_name(source: Source) -> str:
@@ -59,97 +92,386 @@ def dataset_name(source: Source) -> str:
     return posixpath.basename(parent) if leaf.lower() in ("groundtruth", "gt") else leaf
 
 
-def run_rows(source: Source) -> pd.DataFrame:
-    """Per-image rows of an inference run that have metrics (ok images with ground truth)."""
+class Extremes:
+    """The k lowest and k highest S-measure images seen, ordered by (S, reference), in O(k) memory.
+
+    References are sortable tuples, unique per image, so ties resolve the same way in any order of arrival.
+    """
+
+    def __init__(self, k: int = GALLERY):
+        self.k = k
+        self.scored = 0
+        self.low: list[tuple] = []  # (sm, ref, mae)
+        self.high: list[tuple] = []
+
+    def feed(self, sm: np.ndarray, mae: np.ndarray, ref: Callable[[int], tuple]) -> None:
+        valid = np.flatnonzero(np.isfinite(sm))
+        self.scored += len(valid)
+        if not len(valid) or self.k <= 0:
+            return
+        values = sm[valid]
+        low, high = valid, valid
+        if len(values) > self.k:  # only this batch's k lowest and highest (ties included) can enter
+            low = valid[values <= np.partition(values, self.k - 1)[self.k - 1]]
+            high = valid[values >= np.partition(values, len(values) - self.k)[len(values) - self.k]]
+        self.low = sorted(self.low + [(float(sm[i]), ref(i), float(mae[i])) for i in low],
+                          key=lambda c: (c[0], c[1]))[: self.k]
+        self.high = sorted(self.high + [(float(sm[i]), ref(i), float(mae[i])) for i in high],
+                           key=lambda c: (-c[0], c[1]))[: self.k]
+
+    def picks(self) -> dict[str, list[tuple]]:
+        """{"worst": [...], "best": [...]}; small sets give fewer so that the two do not overlap."""
+        count = min(self.k, max(1, self.scored // 2))
+        return {"worst": self.low[:count], "best": self.high[:count]}
+
+
+class StreamingEvaluation:
+    """Per-image metric rows in, dataset and per-group figures out, in bounded memory (see the module's doc).
+
+    ``feed`` takes a batch of rows; ``expected`` (group -> number of rows) says when a group is complete.
+    Groups whose count is unknown stay open until ``finish``.
+    """
+
+    def __init__(self, expected: Mapping[str, int] | None = None, gallery: int = GALLERY):
+        self.expected: dict[str, int] = dict(expected or {})
+        self.dataset = MetricSums()
+        self.groups = MetricSums(slots=8)
+        self.slot: dict[str, int] = {}  # open group -> its slot in self.groups
+        self.free = list(range(8))[::-1]
+        self.seen: dict[str, int] = {}  # open group -> rows seen
+        self.closed: set[str] = set()
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []  # (group names, packed metric rows)
+        self.pending_rows = 0
+        self.table = {"group": [], "images": array("q"), **{k: array("d") for k in SUMMARY}}
+        self.rows = 0
+        self.without_metrics = 0
+        self.missing = 0
+        self.most_open = 0  # groups still open after a flush: those whose rows are not all in yet
+        self.extremes = Extremes(gallery)
+        self.gallery_rows: dict[str, list[dict]] = {"worst": [], "best": []}  # filled by evaluate_run/_maps
+
+    def feed(self, group: np.ndarray, has_metrics: np.ndarray, rows: np.ndarray, ref: Callable[[int], tuple],
+             missing: np.ndarray | None = None) -> None:
+        """group (n,) str and has_metrics (n,) bool for every row of a batch; rows: (m, WIDTH) the metrics of the m
+        rows that have them, in order, packed as ``MetricSums.pack`` does; ref(j) -> a unique sortable reference
+        of the j-th of those rows (for the gallery); missing (n,) bool: rows that stand for a prediction that
+        does not exist (counted, not scored)."""
+        n = len(group)
+        self.rows += n
+        n_missing = int(missing.sum()) if missing is not None else 0
+        self.missing += n_missing
+        self.without_metrics += n - len(rows) - n_missing
+        names, counts = np.unique(group, return_counts=True)
+        for name, c in zip(names.tolist(), counts.tolist()):
+            if name in self.closed:
+                raise RuntimeError(f"rows of group {name!r} arrived after it was complete: the predictions "
+                                   f"changed while they were read, or a group is split over inconsistent files")
+            self.seen[name] = self.seen.get(name, 0) + c
+        if len(rows):
+            self.pending.append((group[has_metrics], rows))
+            self.pending_rows += len(rows)
+            self.extremes.feed(rows[:, SCALARS.index("sm")], rows[:, SCALARS.index("mae")], ref)
+        if self.pending_rows >= FLUSH_ROWS:
+            self.flush()
+        elif not len(rows):
+            self._close_complete(names.tolist())
+
+    def flush(self) -> None:
+        """Adds the pending rows to their groups' sums, then closes the groups that are complete."""
+        if not self.pending:
+            return
+        groups = np.concatenate([g for g, _ in self.pending])
+        rows = self.pending[0][1] if len(self.pending) == 1 else np.concatenate([r for _, r in self.pending])
+        self.pending, self.pending_rows = [], 0
+        names, inverse = np.unique(groups, return_inverse=True)
+        slots = np.array([self._open(name) for name in names.tolist()])
+        self.groups.add_packed(rows, slots[inverse])
+        self._close_complete(list(self.seen))
+        self.most_open = max(self.most_open, len(self.slot))
+
+    def _open(self, name: str) -> int:
+        if name not in self.slot:
+            if not self.free:
+                size = self.groups.sums.slots
+                self.groups.resize(2 * size)
+                self.free = list(range(2 * size - 1, size - 1, -1))
+            self.slot[name] = self.free.pop()
+        return self.slot[name]
+
+    def _close_complete(self, candidates: list[str]) -> None:
+        done = [g for g in candidates if g in self.expected and self.seen.get(g, 0) >= self.expected[g]]
+        if done and not self.pending:
+            self._close(done)
+
+    def _close(self, names: list[str]) -> None:
+        """Reduces groups to their summary rows and merges their sums into the dataset's."""
+        scored = sorted((g for g in names if g in self.slot), key=self.slot.get)
+        if scored:
+            slots = np.array([self.slot.pop(g) for g in scored])
+            result = self.groups.results(slots)
+            self.table["group"].extend(scored)
+            self.table["images"].extend(result["images"].tolist())
+            for k in SUMMARY:
+                self.table[k].extend(result[k].tolist())
+            self.dataset.merge(self.groups, slots, into=0)
+            self.groups.reset(slots)
+            self.free.extend(slots.tolist())
+        for g in names:
+            self.seen.pop(g, None)
+            self.closed.add(g)
+
+    def finish(self) -> tuple[dict, pd.DataFrame]:
+        """(dataset figures as ``aggregate`` gives them, per-group table sorted by group)."""
+        self.flush()
+        self._close(list(self.seen))
+        table = pd.DataFrame({k: (list(v) if k == "group" else np.asarray(v)) for k, v in self.table.items()})
+        return self.dataset.result(), table.sort_values("group", kind="stable").reset_index(drop=True)
+
+
+# ---- runs -----------------------------------------------------------------------------------------------------
+
+def _run_files(source: Source) -> tuple[Storage, list[str]]:
     out = Storage(source.run, source.options)
-    table = pads.dataset(out.path("predictions"), format="parquet", filesystem=out.fs).to_table().to_pandas()
-    table["has_metrics"] = table["mae"].notna()
-    return table
+    root = out.path("predictions")
+    files = sorted(p for p in (out.fs.find(root) if out.fs.exists(root) else [])
+                   if p.endswith(".parquet") and not posixpath.basename(p).startswith(("_", ".")))
+    return out, files
 
 
-def map_pairs(source: Source) -> tuple[list[dict], int]:
-    """(prediction, ground truth) pairs by <group>/<stem>; returns the pairs and how many GTs have no map."""
+def _plan(out: Storage, files: list[str]) -> tuple[list[str], dict[str, int]]:
+    """First pass, over the ``group`` column alone: rows per group (when each group is complete), and the files
+    ordered by the first group they hold. Shards are written in about the order groups are processed but named
+    by digest; in that order a group split over shards meets its other rows soon, so few groups stay open."""
+    counts: dict[str, int] = {}
+    first: dict[str, str] = {}
+    dataset = pads.dataset(files, format="parquet", filesystem=out.fs)
+    for tagged in dataset.scanner(columns=["group"], batch_size=65536).scan_batches():
+        column = tagged.record_batch.column(0).fill_null("")
+        found = pc.value_counts(column)
+        for name, c in zip(found.field("values").to_pylist(), found.field("counts").to_pylist()):
+            counts[name] = counts.get(name, 0) + c
+        low = pc.min(column).as_py()
+        if low is not None:
+            path = tagged.fragment.path
+            first[path] = min(first.get(path, low), low)
+    return sorted(files, key=lambda p: (first.get(p, ""), p)), counts
+
+
+def _strings(column: pa.Array) -> np.ndarray:
+    return np.asarray(column.fill_null("").to_numpy(zero_copy_only=False), dtype=object)
+
+
+def _metric_rows(batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
+    """(has_metrics (n,), (m, WIDTH) packed metrics of the rows that carry every metric)."""
+    n = batch.num_rows
+    if not set(SCALARS) | set(CURVES) <= set(batch.schema.names):  # a run without ground truth
+        return np.zeros(n, bool), np.zeros((0, WIDTH))
+    has = np.isfinite(batch.column("mae").to_numpy(zero_copy_only=False))
+    for key in (*SCALARS, *CURVES):
+        column = batch.column(key)
+        if column.null_count:
+            has &= column.is_valid().to_numpy(zero_copy_only=False)
+    rows = np.empty((int(has.sum()), WIDTH))
+    for i, key in enumerate(SCALARS):
+        rows[:, i] = batch.column(key).to_numpy(zero_copy_only=False)[has]
+    for j, key in enumerate(CURVES):
+        column = batch.column(key)
+        if pa.types.is_fixed_size_list(column.type):  # the child values as they lie, null slots included
+            values = column.values.slice(column.offset * CURVE_POINTS, n * CURVE_POINTS)
+            curves = values.to_numpy(zero_copy_only=False).reshape(n, CURVE_POINTS)[has]
+        else:  # variable-size lists (other writers): only the chosen rows, flattened
+            curves = column.filter(pa.array(has)).flatten().to_numpy(zero_copy_only=False).reshape(-1, CURVE_POINTS)
+        start = len(SCALARS) + j * CURVE_POINTS
+        rows[:, start : start + CURVE_POINTS] = curves
+    return has, rows
+
+
+def evaluate_run(source: Source, gallery: int = GALLERY) -> StreamingEvaluation:
+    """Scans a run's predictions Parquet in record batches: only ``group`` and the metric columns."""
+    out, files = _run_files(source)
+    if not files:
+        return StreamingEvaluation(gallery=gallery)
+    files, counts = _plan(out, files)
+    state = StreamingEvaluation(counts, gallery)
+    dataset = pads.dataset(files, format="parquet", filesystem=out.fs)
+    columns = [c for c in ("group", *SCALARS, *CURVES) if c in dataset.schema.names]
+    # read-ahead bounds the memory in flight: ~2 row groups (the Parquet reader buffers a row group's columns)
+    scanner = dataset.scanner(columns=columns, batch_size=BATCH_ROWS, batch_readahead=2, fragment_readahead=2)
+    path, offset = None, 0
+    for tagged in scanner.scan_batches():  # in order: fragments in file order, batches in row order
+        batch = tagged.record_batch
+        if tagged.fragment.path != path:
+            path, offset = tagged.fragment.path, 0
+        has, rows = _metric_rows(batch)
+        where = np.flatnonzero(has) + offset
+        state.feed(_strings(batch.column("group")), has, rows, lambda j, where=where, path=path: (path, int(where[j])))
+        offset += batch.num_rows
+    state.gallery_rows = _run_gallery_rows(out, state.extremes.picks())
+    return state
+
+
+def _run_gallery_rows(out: Storage, picks: dict[str, list[tuple]]) -> dict[str, list[dict]]:
+    """Reads the few gallery rows back (names, URIs, the mask PNG when the run stored it in Parquet)."""
+    wanted = sorted({ref for side in picks.values() for _, ref, _ in side})
+    found: dict[tuple, dict] = {}
+    for path in sorted({p for p, _ in wanted}):
+        dataset = pads.dataset(path, format="parquet", filesystem=out.fs)
+        columns = [c for c in GALLERY_COLUMNS if c in dataset.schema.names]
+        rows = sorted(r for p, r in wanted if p == path)
+        for r, rec in zip(rows, dataset.take(pa.array(rows), columns=columns).to_pylist()):
+            found[(path, r)] = rec
+    result = {}
+    for side, items in picks.items():
+        result[side] = []
+        for sm, ref, mae in items:
+            rec = found.get(ref)
+            if rec is None or rec.get("sm") != sm:  # a row that moved since the scan is left out, not mislabelled
+                continue
+            result[side].append({**rec, "sm": sm, "mae": mae})
+    return result
+
+
+# ---- maps -----------------------------------------------------------------------------------------------------
+
+def map_groups(source: Source) -> list[str]:
+    """The ground truth's groups: its top-level folders (hidden ones skipped), sorted."""
+    gts = Storage(source.gt, source.options)
+    entries = gts.fs.ls(gts.base, detail=True)
+    return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries
+                  if e["type"] == "directory" and not posixpath.basename(e["name"].rstrip("/")).startswith("."))
+
+
+def _index(store: Storage, group: str) -> dict[str, str]:
+    """<stem path inside the group> -> URL for the files of one group (hidden files skipped)."""
+    root = store.path(group)
+    try:
+        paths = store.fs.find(root)
+    except FileNotFoundError:
+        return {}
+    found = {}
+    for p in sorted(paths):
+        rel = posixpath.relpath(p, root)
+        if not posixpath.basename(rel).startswith("."):
+            found.setdefault(posixpath.splitext(rel)[0], store.fs.unstrip_protocol(p))
+    return found
+
+
+def score_groups(batch: Mapping[str, np.ndarray], source: Source) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` over group names (or called directly): one row per ground-truth image with
+    status ok | error | missing (no map for it), ``group_size`` (the group's rows), metrics (NaN when none)."""
     maps, gts = Storage(source.maps, source.options), Storage(source.gt, source.options)
-
-    def index(store: Storage) -> dict[str, str]:
-        found = {}
-        for p in store.fs.find(store.base):
-            rel = posixpath.relpath(p, store.base)
-            if not posixpath.basename(rel).startswith("."):
-                found.setdefault(posixpath.splitext(rel)[0], store.fs.unstrip_protocol(p))
-        return found
-
-    pred_index, gt_index = index(maps), index(gts)
-    pairs = [{"group": posixpath.dirname(k), "name": posixpath.basename(k), "mask_uri": pred_index[k],
-              "gt_uri": gt_index[k]} for k in sorted(gt_index) if k in pred_index]
-    return pairs, len(set(gt_index) - set(pred_index))
-
-
-def score_pairs(batch: dict, options: dict) -> dict:
-    """Metrics for a batch of pairs (Ray Data map_batches, or called directly)."""
-    n = len(batch["gt_uri"])
-    preds = read_many(list(batch["mask_uri"]), options)
-    gts = read_many(list(batch["gt_uri"]), options)
-    out: dict = {k: [] for k in ("group", "name", "mask_uri", "gt_uri", "error", *SCALARS, *CURVES)}
-    for i in range(n):
-        for k in ("group", "name", "mask_uri", "gt_uri"):
-            out[k].append(batch[k][i])
-        try:
-            if isinstance(preds[i], BaseException):
-                raise preds[i]
-            pred = np.asarray(Image.open(io.BytesIO(preds[i])).convert("L"))
-            metrics = image_metrics(pred, read_gt(gts[i]))
-            out["error"].append(None)
-        except Exception as exc:  # noqa: BLE001 - counted, not fatal
-            metrics = {k: None for k in (*SCALARS, *CURVES)}
-            out["error"].append(f"{error_kind(exc)}: {exc}")
-        for k in (*SCALARS, *CURVES):
-            v = metrics[k]
-            out[k].append(v.tolist() if isinstance(v, np.ndarray) else v)
+    cols: dict[str, list] = {k: [] for k in ("group", "name", "mask_uri", "gt_uri", "status", "error", "group_size")}
+    values: dict[str, list] = {k: [] for k in (*SCALARS, *CURVES)}
+    for group in [str(g) for g in batch["group"]]:
+        gt_index, pred_index = _index(gts, group), _index(maps, group)
+        stems = sorted(gt_index)
+        scored = [s for s in stems if s in pred_index]
+        preds = dict(zip(scored, read_many([pred_index[s] for s in scored], source.options)))
+        truths = dict(zip(scored, read_many([gt_index[s] for s in scored], source.options)))
+        for stem in stems:
+            metrics, status, error = None, "missing", None
+            if stem in pred_index:
+                try:
+                    if isinstance(preds[stem], BaseException):
+                        raise preds[stem]
+                    pred = np.asarray(Image.open(io.BytesIO(preds[stem])).convert("L"))
+                    metrics, status = image_metrics(pred, read_gt(truths[stem])), "ok"
+                except Exception as exc:  # noqa: BLE001 - counted, not fatal
+                    status, error = "error", f"{error_kind(exc)}: {exc}"
+            for k, v in (("group", group), ("name", stem), ("mask_uri", pred_index.get(stem, "")),
+                         ("gt_uri", gt_index[stem]), ("status", status), ("error", error or ""),
+                         ("group_size", len(stems))):
+                cols[k].append(v)
+            for k in SCALARS:
+                values[k].append(metrics[k] if metrics else np.nan)
+            for k in CURVES:
+                values[k].append(metrics[k] if metrics else np.full(CURVE_POINTS, np.nan))
+    out = {k: np.array(v, dtype=np.int64 if k == "group_size" else object) for k, v in cols.items()}
+    for k in SCALARS:
+        out[k] = np.array(values[k], np.float64)
+    for k in CURVES:
+        out[k] = np.array(values[k], np.float64).reshape(-1, CURVE_POINTS)
     return out
 
 
-def maps_rows(source: Source, use_ray: bool = False, batch_size: int = 64) -> tuple[pd.DataFrame, int]:
-    pairs, missing = map_pairs(source)
-    if not pairs:
-        return pd.DataFrame(columns=["group", "name", "mask_uri", "gt_uri", "error", *SCALARS, *CURVES]), missing
+def _maps_batches(source: Source, use_ray: bool) -> Iterator[Mapping[str, np.ndarray]]:
+    groups = map_groups(source)
+    if not groups:
+        return
     if use_ray:
         import ray
 
-        ds = ray.data.from_items(pairs).map_batches(score_pairs, fn_kwargs={"options": source.options},
-                                                      batch_size=batch_size, batch_format="pandas")
-        frame = ds.to_pandas()
+        ds = ray.data.from_items([{"group": g} for g in groups])
+        ds = ds.map_batches(score_groups, fn_kwargs={"source": source}, batch_size=1, batch_format="numpy")
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
     else:
-        parts = [score_pairs(pd.DataFrame(pairs[i : i + batch_size]).to_dict("list"), source.options)
-                 for i in range(0, len(pairs), batch_size)]
-        frame = pd.concat([pd.DataFrame(p) for p in parts], ignore_index=True)
-    frame["has_metrics"] = frame["error"].isna()
-    frame["status"] = np.where(frame["has_metrics"], "ok", "error")
-    return frame, missing
+        for g in groups:
+            yield score_groups({"group": np.array([g], dtype=object)}, source)
 
 
-def evaluate(sources: list[Source], use_ray: bool = False) -> tuple[pd.DataFrame, dict]:
+def evaluate_maps(source: Source, use_ray: bool = False, gallery: int = GALLERY) -> StreamingEvaluation:
+    """Scores maps against the ground truth group by group (on Ray Data with ``use_ray``), streaming."""
+    state = StreamingEvaluation(gallery=gallery)
+    for batch in _maps_batches(source, use_ray):
+        group = np.asarray(batch["group"], dtype=object)
+        status = np.asarray(batch["status"], dtype=object)
+        for name, size in zip(group.tolist(), np.asarray(batch["group_size"]).tolist()):
+            state.expected.setdefault(name, int(size))
+        has = status == "ok"
+        rows = MetricSums.pack({k: np.asarray(batch[k])[has] for k in (*SCALARS, *CURVES)})
+        picked = [np.asarray(batch[k], dtype=object)[has] for k in ("group", "name", "mask_uri", "gt_uri")]
+        state.feed(group, has, rows, lambda j, picked=picked: tuple(str(c[j]) for c in picked),
+                   missing=status == "missing")
+    picks = state.extremes.picks()
+    state.gallery_rows = {side: [{"group": ref[0], "name": ref[1], "mask_uri": ref[2], "gt_uri": ref[3],
+                                  "image_uri": find_image(source, ref[0], ref[1]), "sm": sm, "mae": mae}
+                                 for sm, ref, mae in items]
+                          for side, items in picks.items()}
+    return state
+
+
+def find_image(source: Source, group: str, stem: str) -> str | None:
+    """The photo of a maps image for the gallery: ``<images>/<group>/<stem>.*`` (any extension), or None."""
+    root = source.image_root()
+    if not root:
+        return None
+    store = Storage(root, source.options)
+    folder = store.path(group, posixpath.dirname(stem))
+    try:
+        entries = store.fs.ls(folder, detail=False)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return None
+    for p in sorted(entries):
+        if posixpath.splitext(posixpath.basename(p))[0] == posixpath.basename(stem):
+            return store.fs.unstrip_protocol(p)
+    return None
+
+
+# ---- both -----------------------------------------------------------------------------------------------------
+
+def evaluate(sources: list[Source], use_ray: bool = False, gallery: int = GALLERY) -> tuple[pd.DataFrame, dict]:
     """Returns (metrics table: one row per source x (dataset | group), details for the report)."""
-    records, details = [], {}
+    frames, details = [], {}
     for source in sources:
-        if source.run:
-            rows, missing = run_rows(source), 0
-        else:
-            rows, missing = maps_rows(source, use_ray)
+        state = evaluate_run(source, gallery) if source.run else evaluate_maps(source, use_ray, gallery)
+        summary, groups = state.finish()
         dataset = dataset_name(source)
-        usable = rows[rows["has_metrics"]]
-        agg = aggregate(usable.to_dict("records"))
         base = {"label": source.label, "dataset": dataset}
-        records.append({**base, "scope": "dataset", "group": None, "images": int(len(usable)),
-                        "images_without_metrics": int(len(rows) - len(usable)), "missing_predictions": missing,
-                        **{k: agg[k] for k in SUMMARY}, **{k: np.asarray(agg[k]).tolist() for k in CURVES}})
-        for group, part in usable.groupby("group", sort=True):
-            g = aggregate(part.to_dict("records"))
-            records.append({**base, "scope": "group", "group": group, "images": int(len(part)),
-                            **{k: g[k] for k in SUMMARY}})
-        details[source.label] = {"dataset": dataset, "rows": rows, "summary": agg, "missing": missing,
-                                 "source": source}
-    return pd.DataFrame(records), details
+        frames.append(pd.DataFrame([{
+            **base, "scope": "dataset", "group": None, "images": summary["images"],
+            "images_without_metrics": state.without_metrics, "missing_predictions": state.missing,
+            **{k: summary[k] for k in SUMMARY}, **{k: np.asarray(summary[k]).tolist() for k in CURVES}}]))
+        if len(groups):
+            frames.append(groups.assign(**base, scope="group"))
+        details[source.label] = {"dataset": dataset, "summary": summary, "missing": state.missing,
+                                 "source": source, "gallery": state.gallery_rows, "groups": len(groups),
+                                 "rows": state.rows, "most_open_groups": state.most_open}
+    columns = ["label", "dataset", "scope", "group", "images", "images_without_metrics", "missing_predictions",
+               *SUMMARY, *CURVES]
+    metrics = pd.concat(frames, ignore_index=True).reindex(columns=columns)
+    for k in CURVES:  # group rows have no curves: null, not NaN, in the Parquet
+        metrics[k] = metrics[k].astype(object).where(metrics["scope"] == "dataset", None)
+    return metrics, details
 
 
 def write_outputs(output: str, options: dict, metrics: pd.DataFrame, report_html: str) -> tuple[str, str]:

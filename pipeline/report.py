@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import posixpath
 
 import cv2
 import matplotlib
@@ -12,12 +13,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from fsspec.implementations.tar import TarFileSystem  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from scosparc_core.image import to_rgb  # noqa: E402
 
 from .decode import read_many  # noqa: E402
 from .evaluate import PAPER, SUMMARY  # noqa: E402
+from .storage import open_url  # noqa: E402
 
 HEADERS = {"max_fm": "max F", "mean_fm": "mean F", "adp_fm": "adp F", "sm": "S&alpha;", "max_em": "max E",
            "mean_em": "mean E", "adp_em": "adp E", "mae": "MAE", "wfm": "F<sup>w</sup>"}
@@ -31,7 +34,7 @@ text-align:right} th:first-child,td:first-child{text-align:left} thead th{backgr
 tr.paper td{color:#6a4;font-style:italic} .plots{display:flex;flex-wrap:wrap;gap:12px} .plots svg{max-width:460px;height:auto}
 .gallery{display:flex;flex-wrap:wrap;gap:10px} figure{margin:0;font-size:11px;color:#445;width:auto}
 figure img{display:block;height:110px;border:1px solid #ccd} .trio{display:flex;gap:2px}
-details{margin:6px 0} .scroll{max-height:360px;overflow:auto;display:inline-block}
+tr.sep td{background:#f7f8fb;color:#556;font-style:italic;text-align:left}
 """
 
 
@@ -81,29 +84,51 @@ def _overlay(rgb: np.ndarray | None, mask: np.ndarray, colour) -> np.ndarray:
     return (rgb * (1 - alpha) + np.array(colour, np.float32) * alpha).astype(np.uint8)
 
 
-def gallery(rows: pd.DataFrame, options: dict, count: int = 6) -> str:
+def read_mask(mask_uri: str, options: dict) -> bytes:
+    """A mask's PNG bytes from its URL, or from a tar shard member written as ``<tar URL>#<member>``."""
+    url, sep, member = mask_uri.rpartition("#")
+    if sep and ".tar" in posixpath.basename(url):
+        fs, path = open_url(url, options)
+        with fs.open(path, "rb") as f:
+            return TarFileSystem(fo=f, skip_instance_cache=True).cat_file(member)
+    fs, path = open_url(mask_uri, options)
+    return fs.cat_file(path)
+
+
+def _blobs(row: dict, options: dict) -> dict:
+    """image / gt / pred bytes (or an exception, or None) for one gallery row; the mask from ``mask_png`` when
+    the run stored it in Parquet."""
+    uris = {k: row.get(f"{k}_uri") for k in ("image", "gt")}
+    wanted = [k for k, u in uris.items() if u]
+    found = dict(zip(wanted, read_many([uris[k] for k in wanted], options)))
+    if row.get("mask_png"):
+        found["pred"] = row["mask_png"]
+    elif row.get("mask_uri"):
+        try:
+            found["pred"] = read_mask(row["mask_uri"], options)
+        except Exception as exc:  # noqa: BLE001 - that thumbnail is left out
+            found["pred"] = exc
+    return found
+
+
+def gallery(picks: dict[str, list[dict]], options: dict) -> str:
     """Best and worst images by S-measure: image, ground truth overlay (green), prediction overlay (red)."""
-    scored = rows[rows["has_metrics"]].sort_values("sm")
-    count = min(count, max(1, len(scored) // 2))  # small sets: best and worst do not overlap
-    picks = [("worst", scored.head(count)), ("best", scored.tail(count).iloc[::-1])]
     parts = []
-    for title, part in picks:
-        uris = [u for r in part.itertuples() for u in (getattr(r, "image_uri", None), r.gt_uri, r.mask_uri)]
-        blobs = iter(read_many([u for u in uris if u], options))
+    for title in ("worst", "best"):
         figures = []
-        for r in part.itertuples():
-            data = {k: (next(blobs) if u else None) for k, u in
-                    (("image", getattr(r, "image_uri", None)), ("gt", r.gt_uri), ("pred", r.mask_uri))}
+        for r in picks.get(title, []):
+            data = _blobs(r, options)
             try:
-                rgb = to_rgb(Image.open(io.BytesIO(data["image"]))) if isinstance(data["image"], bytes) else None
+                rgb = to_rgb(Image.open(io.BytesIO(data["image"]))) if isinstance(data.get("image"), bytes) else None
                 gt = np.asarray(Image.open(io.BytesIO(data["gt"])).convert("L"))
                 pred = np.asarray(Image.open(io.BytesIO(data["pred"])).convert("L"))
             except Exception:  # noqa: BLE001 - a thumbnail that cannot be made is left out
                 continue
             tiles = ([rgb] if rgb is not None else []) + [_overlay(rgb, gt, (40, 200, 60)), _overlay(rgb, pred, (230, 40, 40))]
             imgs = "".join(f'<img src="{_data_uri(t)}" alt="">' for t in tiles)
-            figures.append(f'<figure><div class="trio">{imgs}</div><figcaption>{html.escape(str(r.group))}/'
-                           f'{html.escape(str(r.name))} &middot; S {r.sm:.3f} &middot; MAE {r.mae:.3f}</figcaption></figure>')
+            figures.append(f'<figure><div class="trio">{imgs}</div><figcaption>{html.escape(str(r["group"]))}/'
+                           f'{html.escape(str(r["name"]))} &middot; S {r["sm"]:.3f} &middot; MAE {r["mae"]:.3f}'
+                           f'</figcaption></figure>')
         parts.append(f'<h3>{title.capitalize()} {len(figures)} (image, ground truth in green, prediction in red)</h3>'
                      f'<div class="gallery">{"".join(figures) or "<p class=note>no images</p>"}</div>')
     return "".join(parts)
@@ -122,18 +147,32 @@ def _table(frame: pd.DataFrame, paper: dict | None) -> str:
     return f"<table><thead><tr><th>run</th>{head}<th>images</th></tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def _group_table(groups: pd.DataFrame, labels: list[str]) -> str:
+def _group_table(groups: pd.DataFrame, labels: list[str], top: int) -> str:
+    """Max F per group and run: the ``top`` best and ``top`` worst groups by the first run (all of them in
+    metrics.parquet)."""
     wide = groups.pivot_table(index="group", columns="label", values="max_fm")
     wide = wide.reindex(columns=[lb for lb in labels if lb in wide.columns])
-    wide = wide.sort_values(wide.columns[0], ascending=False)
+    total = len(wide)
+    wide = wide[wide.iloc[:, 0].notna()].sort_values(wide.columns[0], ascending=False, kind="stable")
+    shown = [("", wide)] if len(wide) <= 2 * top else [(f"best {top}", wide.head(top)),
+                                                        (f"worst {top}", wide.tail(top))]
     head = "".join(f"<th>{html.escape(c)} max F</th>" for c in wide.columns)
-    body = "".join(f"<tr><td>{html.escape(str(g))}</td>"
-                   + "".join(f"<td>{v:.4f}</td>" if pd.notna(v) else "<td>&ndash;</td>" for v in row) + "</tr>"
-                   for g, row in wide.iterrows())
-    return f'<div class="scroll"><table><thead><tr><th>group</th>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+    body = []
+    for caption, part in shown:
+        if caption:
+            body.append(f'<tr class="sep"><td colspan="{len(wide.columns) + 1}">{caption}</td></tr>')
+        body += [f"<tr><td>{html.escape(str(g))}</td>"
+                 + "".join(f"<td>{v:.4f}</td>" if pd.notna(v) else "<td>&ndash;</td>" for v in row) + "</tr>"
+                 for g, row in part.iterrows()]
+    note = (f"<p class=note>{total} groups, ranked by {html.escape(str(wide.columns[0]))}"
+            + ("" if len(wide) <= 2 * top else f"; the {top} best and {top} worst shown") +
+            "; every group's figures are in metrics.parquet.</p>")
+    return f"{note}<table><thead><tr><th>group</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def render(metrics: pd.DataFrame, details: dict, title: str = "SCoSPARC evaluation") -> str:
+def render(metrics: pd.DataFrame, details: dict, title: str = "SCoSPARC evaluation", top_groups: int = 20) -> str:
+    """The report for ``evaluate``'s (metrics, details): per dataset the table, curves, top and bottom
+    ``top_groups`` groups and the gallery."""
     labels = list(dict.fromkeys(metrics["label"]))
     sections = []
     for dataset in dict.fromkeys(metrics["dataset"]):
@@ -143,13 +182,13 @@ def render(metrics: pd.DataFrame, details: dict, title: str = "SCoSPARC evaluati
         note = ("Paper figures: SCoSPARC trained on COCO-9213 + DUTS-Class (ECCV 2024)." if paper else
                 "No published SCoSPARC figures for this dataset.")
         galleries = "".join(
-            f"<h3>{html.escape(lb)}</h3>" + gallery(details[lb]["rows"], details[lb]["source"].options)
+            f"<h3>{html.escape(lb)}</h3>" + gallery(details[lb]["gallery"], details[lb]["source"].options)
             for lb in rows["label"])
         sections.append(
             f"<h2>{html.escape(str(dataset))}</h2><p class=note>{note} F: &beta;&sup2;=0.3, 256 thresholds; "
             f"S: &alpha;=0.5; averaged over images (pysodmetrics).</p>{_table(rows, paper)}"
             f'<div class="plots">{curves_svg(rows)}</div>'
-            f"<h3>Per-group max F (sorted)</h3>{_group_table(groups, labels) if len(groups) else ''}"
+            f"<h3>Per-group max F</h3>{_group_table(groups, labels, top_groups) if len(groups) else ''}"
             f"<h2>Gallery: {html.escape(str(dataset))}</h2>{galleries}")
     return (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"

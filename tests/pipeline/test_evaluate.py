@@ -1,26 +1,35 @@
-"""Offline evaluation: values against pysodmetrics, exact aggregation, the comparison report in a browser."""
+"""Offline evaluation: values against pysodmetrics, exact streaming aggregation over runs and maps, the gallery's
+sources, the CLI, and the comparison report in a browser."""
+import hashlib
+import io
 import os
-import random
 import shutil
 import subprocess
+import tarfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import pipeline.evaluate as ev
 from conftest import TINY_VIT
+from jobs.evaluate import main as evaluate_main
+from jobs.evaluate import parse_args
 from pipeline.evaluate import Source, evaluate, write_outputs
-from pipeline.infer import InferConfig, run_inference
-from pipeline.report import render
-from pipeline.sample import synthetic_group, write_sample
-from scosparc_core.metrics import aggregate
+from pipeline.report import gallery, render
+from pipeline.sample import synthetic_group
+from scosparc_core.metrics import CURVE_POINTS, CURVES, SCALARS, aggregate, image_metrics
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from py_sod_metrics import MAE, Emeasure, Fmeasure, Smeasure, WeightedFmeasure
+
+FIGURES = ("max_fm", "mean_fm", "adp_fm", "sm", "max_em", "mean_em", "adp_em", "mae", "wfm")
 
 
 def noisy_map(gt: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -32,23 +41,25 @@ def noisy_map(gt: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def maps(tmp_path_factory):
-    """Two methods' maps and the ground truth, for 2 groups of synthetic images (exact masks)."""
+    """Two methods' maps, the ground truth and the photos (CoSOD layout: image/ beside gt/), for 2 groups of
+    synthetic images (exact masks); m1 lacks one map."""
     root = tmp_path_factory.mktemp("maps")
     rng = np.random.default_rng(3)
     for kind, n in (("horse", 4), ("disc", 3)):
-        for i, (_, gt) in enumerate(synthetic_group(kind, n)):
-            for sub, array in (("gt", gt), ("m1", noisy_map(gt, rng)), ("m2", noisy_map(gt, rng))):
+        for i, (rgb, gt) in enumerate(synthetic_group(kind, n)):
+            for sub, array in (("gt", gt), ("m1", noisy_map(gt, rng)), ("m2", noisy_map(gt, rng)), ("image", rgb)):
                 (root / sub / kind).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(array).save(root / sub / kind / f"{kind}_{i:03d}.png")
+                Image.fromarray(array).save(root / sub / kind / f"{kind}_{i:03d}.{'jpg' if sub == 'image' else 'png'}")
+    (root / "m1" / "disc" / "disc_002.png").unlink()
     return root
 
 
 def test_values_equal_pysodmetrics_one_pass(maps):
-    metrics, _ = evaluate([Source("m1", maps=str(maps / "m1"), gt=str(maps / "gt"), dataset="toy")])
+    metrics, details = evaluate([Source("m2", maps=str(maps / "m2"), gt=str(maps / "gt"), dataset="toy")])
     ours = metrics[metrics["scope"] == "dataset"].iloc[0]
     fm, em, sm, wfm, mae = Fmeasure(), Emeasure(), Smeasure(), WeightedFmeasure(), MAE()
     for gt_path in sorted((maps / "gt").rglob("*.png")):
-        pred = np.asarray(Image.open(maps / "m1" / gt_path.relative_to(maps / "gt")))
+        pred = np.asarray(Image.open(maps / "m2" / gt_path.relative_to(maps / "gt")))
         gt = np.asarray(Image.open(gt_path))
         for m in (fm, em, sm, wfm, mae):
             m.step(pred=pred, gt=gt)
@@ -60,40 +71,230 @@ def test_values_equal_pysodmetrics_one_pass(maps):
         assert ours[key] == pytest.approx(value, abs=1e-12, rel=0), key
     np.testing.assert_allclose(ours["precision"], f["pr"]["p"], atol=1e-12)
     np.testing.assert_allclose(ours["recall"], f["pr"]["r"], atol=1e-12)
-    assert ours["images"] == 7
+    assert ours["images"] == 7 and ours["missing_predictions"] == 0
 
 
-def test_aggregation_is_exact_whatever_the_split(maps):
-    _, details = evaluate([Source("m1", maps=str(maps / "m1"), gt=str(maps / "gt"))])
-    rows = details["m1"]["rows"].to_dict("records")
-    whole = aggregate(rows)
-    for seed in range(3):
-        shuffled = rows[:]
-        random.Random(seed).shuffle(shuffled)
-        again = aggregate(shuffled)
-        for key in ("max_fm", "mean_fm", "sm", "mae", "max_em", "wfm"):
-            assert again[key] == whole[key]  # bit for bit, not approximately
-        assert np.array_equal(again["fm_curve"], whole["fm_curve"])
-
-
-def test_nothing_to_score_gives_nan_not_an_error():
-    empty = aggregate([])
-    assert empty["images"] == 0 and np.isnan(empty["max_fm"]) and np.isnan(empty["fm_curve"]).all()
+def test_maps_stream_equals_aggregate_of_every_image(maps):
+    metrics, details = evaluate([Source("m1", maps=str(maps / "m1"), gt=str(maps / "gt"))])
+    rows = []
+    for gt_path in sorted((maps / "gt").rglob("*.png")):
+        pred_path = maps / "m1" / gt_path.relative_to(maps / "gt")
+        if pred_path.exists():
+            m = image_metrics(np.asarray(Image.open(pred_path)), np.asarray(Image.open(gt_path)))
+            rows.append({**m, "group": gt_path.parent.name})
+    table = metrics.set_index(["scope", "group"], drop=False)
+    whole = aggregate(rows[::-1])
+    dataset = metrics[metrics["scope"] == "dataset"].iloc[0]
+    for key in FIGURES:
+        assert dataset[key] == whole[key], key  # bit for bit, not approximately
+    assert dataset["images"] == 6 and dataset["missing_predictions"] == 1
+    for group in ("horse", "disc"):
+        part = aggregate([r for r in rows if r["group"] == group])
+        for key in FIGURES:
+            assert table.loc[("group", group), key] == part[key], (group, key)
 
 
 def test_ray_data_scoring_equals_local(ray_local, maps):
     local, _ = evaluate([Source("m1", maps=str(maps / "m1"), gt=str(maps / "gt"))])
     on_ray, _ = evaluate([Source("m1", maps=str(maps / "m1"), gt=str(maps / "gt"))], use_ray=True)
-    cols = ["max_fm", "mean_fm", "sm", "mae", "max_em", "mean_em", "wfm", "adp_fm", "adp_em"]
+    cols = ["images", "missing_predictions", *FIGURES]
     key = ["scope", "group"]
     a = local.sort_values(key, na_position="first")[cols].to_numpy(float)
     b = on_ray.sort_values(key, na_position="first")[cols].to_numpy(float)
-    assert np.array_equal(a, b)
+    assert np.array_equal(a, b, equal_nan=True)
 
+
+def test_maps_gallery_takes_photos_beside_gt_or_from_images(maps, tmp_path):
+    _, details = evaluate([Source("m2", maps=str(maps / "m2"), gt=str(maps / "gt"))], gallery=2)
+    picks = details["m2"]["gallery"]
+    assert len(picks["worst"]) == 2 and len(picks["best"]) == 2
+    for r in picks["worst"] + picks["best"]:
+        assert r["image_uri"].endswith(f"/image/{r['group']}/{r['name']}.jpg")
+    assert max(r["sm"] for r in picks["worst"]) <= min(r["sm"] for r in picks["best"])
+    page = gallery(picks, {})
+    assert page.count("<figure>") == 4 and page.count("<img") == 12  # photo, ground truth, prediction
+    photos = tmp_path / "photos"
+    shutil.copytree(maps / "image", photos)
+    (photos / "horse").rename(photos / "elsewhere")  # not found there: no photo, still a figure
+    _, details = evaluate([Source("m2", maps=str(maps / "m2"), gt=str(maps / "gt"), images=str(photos))])
+    uris = [r["image_uri"] for side in details["m2"]["gallery"].values() for r in side]
+    assert {u is None for u in uris} == {True, False}
+    assert all(str(photos) in u for u in uris if u)
+
+
+# ---- runs: synthetic predictions Parquet --------------------------------------------------------------------
+
+def _png(mask: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(mask).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_run(root: Path, rng: np.random.Generator, layout: str = "parts", mask_png: bool = True) -> pd.DataFrame:
+    """A run's predictions/ with 9 groups of 7-12 images, error rows (null metrics), a group with errors only,
+    rows without ground truth, and curves whose float sums depend on the order. Layouts: ``parts``, a file per
+    part of a group (1-3 parts); ``shards``, whole-block shards of ~8 rows, groups in order but the files named
+    by digest (jobs/infer.py's sink); ``interleaved``, the rows shuffled over 3 files. Returns the rows."""
+    records = []
+    for g in range(9):
+        group = f"g{g:02d}"
+        for i in range(int(rng.integers(7, 13))):
+            status = "error" if (g == 4 or rng.random() < 0.1) else "ok"
+            has = status == "ok" and rng.random() > 0.05
+            rec = {"group": group, "name": f"{group}_{i:03d}", "status": status, "image_uri": None,
+                   "gt_uri": None, "mask_uri": None, "mask_png": _png(np.full((8, 8), i * 20, np.uint8))}
+            for k in SCALARS:
+                rec[k] = float(rng.random() * 10.0 ** -rng.integers(0, 9)) if has else None
+            for k in CURVES:
+                rec[k] = (rng.random(CURVE_POINTS) * 10.0 ** -rng.integers(0, 12, CURVE_POINTS)).tolist() if has else None
+            records.append(rec)
+    frame = pd.DataFrame(records)
+    schema = pa.schema([("group", pa.string()), ("name", pa.string()), ("status", pa.string()),
+                        ("image_uri", pa.string()), ("gt_uri", pa.string()), ("mask_uri", pa.string()),
+                        ("mask_png", pa.binary()), *[(k, pa.float64()) for k in SCALARS],
+                        *[(k, pa.list_(pa.float64(), CURVE_POINTS)) for k in CURVES]])
+    if not mask_png:
+        schema = schema.remove(schema.get_field_index("mask_png"))
+    out = root / "predictions"
+    out.mkdir(parents=True)
+
+    def write(rows: pd.DataFrame, name: str) -> None:
+        pq.write_table(pa.Table.from_pandas(rows, schema=schema, preserve_index=False), out / name)
+
+    if layout == "parts":
+        for group, rows in frame.groupby("group"):
+            parts = np.array_split(np.arange(len(rows)), int(rng.integers(1, 4)))
+            for p, idx in enumerate(parts):
+                write(rows.iloc[idx], f"part-{group}-{p:05d}-of-{len(parts):05d}.parquet")
+    else:
+        order = rng.permutation(len(frame)) if layout == "interleaved" else np.arange(len(frame))
+        for j, idx in enumerate(np.array_split(order, 3 if layout == "interleaved" else len(frame) // 8)):
+            write(frame.iloc[idx], f"part-r0001-{hashlib.sha1(str(j).encode()).hexdigest()[:8]}.parquet")
+    return frame
+
+
+def expected_figures(frame: pd.DataFrame) -> tuple[dict, dict]:
+    usable = frame[frame["mae"].notna()].sample(frac=1.0, random_state=5)  # another order
+    whole = aggregate(usable.to_dict("records"))
+    groups = {g: aggregate(part.to_dict("records")) for g, part in usable.groupby("group")}
+    return whole, groups
+
+
+@pytest.fixture
+def small_flushes(monkeypatch):
+    """Batches and flushes smaller than a group, so that groups span batches, flushes and files."""
+    monkeypatch.setattr(ev, "BATCH_ROWS", 5)
+    monkeypatch.setattr(ev, "FLUSH_ROWS", 7)
+
+
+def test_run_stream_equals_aggregate_of_all_rows_in_any_layout(tmp_path, small_flushes):
+    open_groups = {}
+    for layout in ("parts", "shards", "interleaved"):
+        frame = write_run(tmp_path / layout, np.random.default_rng(11), layout)
+        whole, groups = expected_figures(frame)
+        metrics, details = evaluate([Source(layout, run=str(tmp_path / layout), dataset="toy")])
+        dataset = metrics[metrics["scope"] == "dataset"].iloc[0]
+        for key in FIGURES:
+            assert dataset[key] == whole[key], (layout, key)
+        for key in CURVES:
+            assert np.array_equal(dataset[key], whole[key]), (layout, key)
+        assert dataset["images"] == whole["images"]
+        assert dataset["images_without_metrics"] == len(frame) - whole["images"]
+        per_group = metrics[metrics["scope"] == "group"].set_index("group")
+        assert sorted(per_group.index) == sorted(groups)  # g04 has errors only: no group row
+        for g, expected in groups.items():
+            for key in FIGURES:
+                assert per_group.loc[g, key] == expected[key], (layout, g, key)
+            assert per_group.loc[g, "images"] == expected["images"]
+        open_groups[layout] = details[layout]["most_open_groups"]
+    # a run's parts, or shards read in the order of their groups, keep about one group open between flushes;
+    # rows scattered over every file keep most groups open until the last file
+    assert open_groups["parts"] <= 2 and open_groups["shards"] <= 2 and open_groups["interleaved"] >= 6, open_groups
+
+
+def test_run_gallery_is_the_best_and_worst_rows(tmp_path, small_flushes):
+    frame = write_run(tmp_path / "run", np.random.default_rng(2))
+    _, details = evaluate([Source("r", run=str(tmp_path / "run"))], gallery=3)
+    scored = frame[frame["mae"].notna()].sort_values("sm")
+    picks = details["r"]["gallery"]
+    assert [r["name"] for r in picks["worst"]] == scored["name"].head(3).tolist()
+    assert [r["name"] for r in picks["best"]] == scored["name"].tail(3).tolist()[::-1]
+    by_name = frame.set_index("name")
+    for r in picks["worst"] + picks["best"]:
+        assert r["sm"] == by_name.loc[r["name"], "sm"] and r["mask_png"] == by_name.loc[r["name"], "mask_png"]
+
+
+def test_gallery_reads_masks_from_parquet_tar_member_or_png(tmp_path):
+    _, gt = synthetic_group("disc", 1)[0]
+    gt_path = tmp_path / "gt.png"
+    Image.fromarray(gt).save(gt_path)
+    png = _png(np.roll(gt, 9, axis=1))
+    (tmp_path / "mask.png").write_bytes(png)
+    with tarfile.open(tmp_path / "shard-00000.tar", "w") as tar:
+        for name, data in (("other.png", _png(np.zeros((4, 4), np.uint8))), ("disc/disc_000.png", png)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    base = {"group": "disc", "name": "disc_000", "gt_uri": str(gt_path), "image_uri": None, "sm": 0.5, "mae": 0.1}
+    rows = [{**base, "mask_png": png, "mask_uri": str(tmp_path / "not-there.png")},
+            {**base, "mask_uri": f"{tmp_path / 'shard-00000.tar'}#disc/disc_000.png"},
+            {**base, "mask_uri": str(tmp_path / "mask.png")},
+            {**base, "mask_uri": f"{tmp_path / 'shard-00000.tar'}#disc/missing.png"}]
+    page = gallery({"worst": rows, "best": []}, {})
+    images = [part.split('"')[0] for part in page.split('src="')[1:]]
+    assert page.count("<figure>") == 3 and len(images) == 6  # the missing tar member is left out
+    assert images[1] == images[3] == images[5]  # the same prediction, read three ways
+
+
+def test_report_lists_top_and_bottom_groups(tmp_path):
+    rng = np.random.default_rng(4)
+    write_run(tmp_path / "run", rng)
+    metrics, details = evaluate([Source("r", run=str(tmp_path / "run"), dataset="toy")])
+    groups = metrics[metrics["scope"] == "group"].sort_values("max_fm", ascending=False)
+    page = render(metrics, details, top_groups=2)
+    shown = [g for g in groups["group"] if f"<td>{g}</td>" in page]
+    assert shown == groups["group"].head(2).tolist() + groups["group"].tail(2).tolist()
+    assert f"{len(groups)} groups" in page and "every group's figures are in metrics.parquet" in page
+    every = render(metrics, details, top_groups=20)
+    assert all(f"<td>{g}</td>" in every for g in groups["group"])
+
+
+# ---- the CLI ------------------------------------------------------------------------------------------------
+
+def test_cli_options_and_defaults(capsys, maps):
+    a = parse_args(["--maps", f"m1={maps / 'm1'}", "--gt", str(maps / "gt"), "--output", "o",
+                    "--storage-option", "key=abc", "secret=xyz", "--storage-option", "max_concurrency=4",
+                    "--endpoint", "http://127.0.0.1:9"])
+    assert a.storage_option == {"key": "abc", "secret": "xyz", "max_concurrency": 4}
+    assert a.options["client_kwargs"] == {"endpoint_url": "http://127.0.0.1:9"} and a.options["secret"] == "xyz"
+    assert a.sources[0].image_root() == str(maps / "image")
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    for default in ("(default: 20)", "(default: 6)", "(default: SCoSPARC evaluation)"):
+        assert default in help_text, default
+
+
+def test_cli_writes_report_and_metrics(capsys, maps, tmp_path):
+    assert evaluate_main(["--maps", f"m1={maps / 'm1'}", "--maps", f"m2={maps / 'm2'}", "--gt", str(maps / "gt"),
+                          "--output", str(tmp_path / "eval"), "--top-groups", "1"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"report:  {tmp_path / 'eval'}/report.html"
+    saved = pd.read_parquet(tmp_path / "eval" / "metrics.parquet")
+    assert set(saved["label"]) == {"m1", "m2"} and set(saved["scope"]) == {"dataset", "group"}
+    assert saved[saved["scope"] == "group"]["precision"].isna().all()
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert page.count("<figure>") == 12 and "data:image/jpeg;base64," in page
+
+
+# ---- a real run and a maps input in one report, rendered in a browser ------------------------------------------
 
 @pytest.fixture(scope="module")
-def report(ray_local, tiny_weights, maps, tmp_path_factory):
+def report(ray_local, tiny_weights, tmp_path_factory):
     """A real inference run on a CoCA-named dataset and a maps input, compared in one report."""
+    from pipeline.infer import InferConfig, run_inference
+    from pipeline.sample import write_sample
+
     root = tmp_path_factory.mktemp("report")
     write_sample(str(root / "CoCA"), {"horse": 3, "disc": 2})
     backbone, head = tiny_weights
@@ -104,17 +305,19 @@ def report(ray_local, tiny_weights, maps, tmp_path_factory):
                       dataset="CoCA")]
     metrics, details = evaluate(sources)
     write_outputs(str(root / "eval"), {}, metrics, render(metrics, details))
-    return root / "eval", metrics
+    return root / "eval", metrics, details
 
 
 def test_two_inputs_give_a_comparison(report):
-    folder, metrics = report
+    folder, metrics, details = report
     table = metrics[metrics["scope"] == "dataset"]
     assert list(table["label"]) == ["scosparc", "other-method"] and set(table["dataset"]) == {"CoCA"}
     # the same masks seen two ways (Parquet metrics vs maps scored here) give the same figures
     a, b = table.iloc[0], table.iloc[1]
     for key in ("max_fm", "sm", "mae", "max_em"):
         assert a[key] == pytest.approx(b[key], abs=1e-12)
+    # maps given with --maps get their photos from the CoSOD layout beside --gt
+    assert all(r["image_uri"] for side in details["other-method"]["gallery"].values() for r in side)
     saved = pd.read_parquet(folder / "metrics.parquet")
     assert len(saved) == len(metrics) and set(saved["scope"]) == {"dataset", "group"}
     page = (folder / "report.html").read_text()
@@ -134,7 +337,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         if os.environ.get("SCOSPARC_REQUIRE_BROWSER"):
             pytest.fail("chromium is not installed (.ci/run installs Debian's chromium)")
         pytest.skip("chromium not installed")
-    folder, _ = report
+    folder = report[0]
     shot = tmp_path / "report.png"
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
              "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
