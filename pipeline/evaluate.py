@@ -129,7 +129,8 @@ class StreamingEvaluation:
     """Per-image metric rows in, dataset and per-group figures out, in bounded memory (see the module's doc).
 
     ``feed`` takes a batch of rows; ``expected`` (group -> number of rows) says when a group is complete.
-    Groups whose count is unknown stay open until ``finish``.
+    Groups whose count is unknown stay open until ``finish``. Rows are added in flushes of ``FLUSH_ROWS``;
+    complete groups are closed after each.
     """
 
     def __init__(self, expected: Mapping[str, int] | None = None, gallery: int = GALLERY):
@@ -139,6 +140,7 @@ class StreamingEvaluation:
         self.slot: dict[str, int] = {}  # open group -> its slot in self.groups
         self.free = list(range(8))[::-1]
         self.seen: dict[str, int] = {}  # open group -> rows seen
+        self.ready: list[str] = []  # groups whose rows are all in, closed at the next flush
         self.closed: set[str] = set()
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []  # (group names, packed metric rows)
         self.pending_rows = 0
@@ -146,20 +148,22 @@ class StreamingEvaluation:
         self.rows = 0
         self.without_metrics = 0
         self.missing = 0
+        self.errors = 0
         self.most_open = 0  # groups still open after a flush: those whose rows are not all in yet
         self.extremes = Extremes(gallery)
         self.gallery_rows: dict[str, list[dict]] = {"worst": [], "best": []}  # filled by evaluate_run/_maps
 
     def feed(self, group: np.ndarray, has_metrics: np.ndarray, rows: np.ndarray, ref: Callable[[int], tuple],
-             missing: np.ndarray | None = None) -> None:
+             status: np.ndarray | None = None) -> None:
         """group (n,) str and has_metrics (n,) bool for every row of a batch; rows: (m, WIDTH) the metrics of the m
         rows that have them, in order, packed as ``MetricSums.pack`` does; ref(j) -> a unique sortable reference
-        of the j-th of those rows (for the gallery); missing (n,) bool: rows that stand for a prediction that
-        does not exist (counted, not scored)."""
+        of the j-th of those rows (for the gallery); status (n,) str, counted: "error", and "missing" for a
+        prediction that does not exist (not scored, not among the images without metrics)."""
         n = len(group)
         self.rows += n
-        n_missing = int(missing.sum()) if missing is not None else 0
+        n_missing = int(np.count_nonzero(status == "missing")) if status is not None else 0
         self.missing += n_missing
+        self.errors += int(np.count_nonzero(status == "error")) if status is not None else 0
         self.without_metrics += n - len(rows) - n_missing
         names, counts = np.unique(group, return_counts=True)
         for name, c in zip(names.tolist(), counts.tolist()):
@@ -167,26 +171,26 @@ class StreamingEvaluation:
                 raise RuntimeError(f"rows of group {name!r} arrived after it was complete: the predictions "
                                    f"changed while they were read, or a group is split over inconsistent files")
             self.seen[name] = self.seen.get(name, 0) + c
+            if self.seen[name] >= self.expected.get(name, -1) >= 0:
+                self.ready.append(name)
         if len(rows):
             self.pending.append((group[has_metrics], rows))
             self.pending_rows += len(rows)
             self.extremes.feed(rows[:, SCALARS.index("sm")], rows[:, SCALARS.index("mae")], ref)
         if self.pending_rows >= FLUSH_ROWS:
             self.flush()
-        elif not len(rows):
-            self._close_complete(names.tolist())
 
     def flush(self) -> None:
         """Adds the pending rows to their groups' sums, then closes the groups that are complete."""
-        if not self.pending:
-            return
-        groups = np.concatenate([g for g, _ in self.pending])
-        rows = self.pending[0][1] if len(self.pending) == 1 else np.concatenate([r for _, r in self.pending])
-        self.pending, self.pending_rows = [], 0
-        names, inverse = np.unique(groups, return_inverse=True)
-        slots = np.array([self._open(name) for name in names.tolist()])
-        self.groups.add_packed(rows, slots[inverse])
-        self._close_complete(list(self.seen))
+        if self.pending:
+            groups = np.concatenate([g for g, _ in self.pending])
+            rows = self.pending[0][1] if len(self.pending) == 1 else np.concatenate([r for _, r in self.pending])
+            self.pending, self.pending_rows = [], 0
+            names, inverse = np.unique(groups, return_inverse=True)
+            slots = np.array([self._open(name) for name in names.tolist()])
+            self.groups.add_packed(rows, slots[inverse])
+        self._close(self.ready)
+        self.ready = []
         self.most_open = max(self.most_open, len(self.slot))
 
     def _open(self, name: str) -> int:
@@ -197,11 +201,6 @@ class StreamingEvaluation:
                 self.free = list(range(2 * size - 1, size - 1, -1))
             self.slot[name] = self.free.pop()
         return self.slot[name]
-
-    def _close_complete(self, candidates: list[str]) -> None:
-        done = [g for g in candidates if g in self.expected and self.seen.get(g, 0) >= self.expected[g]]
-        if done and not self.pending:
-            self._close(done)
 
     def _close(self, names: list[str]) -> None:
         """Reduces groups to their summary rows and merges their sums into the dataset's."""
@@ -294,7 +293,7 @@ def evaluate_run(source: Source, gallery: int = GALLERY) -> StreamingEvaluation:
     files, counts = _plan(out, files)
     state = StreamingEvaluation(counts, gallery)
     dataset = pads.dataset(files, format="parquet", filesystem=out.fs)
-    columns = [c for c in ("group", *SCALARS, *CURVES) if c in dataset.schema.names]
+    columns = [c for c in ("group", "status", *SCALARS, *CURVES) if c in dataset.schema.names]
     # read-ahead bounds the memory in flight: ~2 row groups (the Parquet reader buffers a row group's columns)
     scanner = dataset.scanner(columns=columns, batch_size=BATCH_ROWS, batch_readahead=2, fragment_readahead=2)
     path, offset = None, 0
@@ -304,7 +303,9 @@ def evaluate_run(source: Source, gallery: int = GALLERY) -> StreamingEvaluation:
             path, offset = tagged.fragment.path, 0
         has, rows = _metric_rows(batch)
         where = np.flatnonzero(has) + offset
-        state.feed(_strings(batch.column("group")), has, rows, lambda j, where=where, path=path: (path, int(where[j])))
+        status = _strings(batch.column("status")) if "status" in columns else None
+        state.feed(_strings(batch.column("group")), has, rows, lambda j, where=where, path=path: (path, int(where[j])),
+                   status)
         offset += batch.num_rows
     state.gallery_rows = _run_gallery_rows(out, state.extremes.picks())
     return state
@@ -421,7 +422,7 @@ def evaluate_maps(source: Source, use_ray: bool = False, gallery: int = GALLERY)
         rows = MetricSums.pack({k: np.asarray(batch[k])[has] for k in (*SCALARS, *CURVES)})
         picked = [np.asarray(batch[k], dtype=object)[has] for k in ("group", "name", "mask_uri", "gt_uri")]
         state.feed(group, has, rows, lambda j, picked=picked: tuple(str(c[j]) for c in picked),
-                   missing=status == "missing")
+                   status=status)
     picks = state.extremes.picks()
     state.gallery_rows = {side: [{"group": ref[0], "name": ref[1], "mask_uri": ref[2], "gt_uri": ref[3],
                                   "image_uri": find_image(source, ref[0], ref[1]), "sm": sm, "mae": mae}
@@ -459,14 +460,16 @@ def evaluate(sources: list[Source], use_ray: bool = False, gallery: int = GALLER
         base = {"label": source.label, "dataset": dataset}
         frames.append(pd.DataFrame([{
             **base, "scope": "dataset", "group": None, "images": summary["images"],
-            "images_without_metrics": state.without_metrics, "missing_predictions": state.missing,
+            "images_without_metrics": state.without_metrics, "errors": state.errors,
+            "missing_predictions": state.missing,
             **{k: summary[k] for k in SUMMARY}, **{k: np.asarray(summary[k]).tolist() for k in CURVES}}]))
         if len(groups):
             frames.append(groups.assign(**base, scope="group"))
         details[source.label] = {"dataset": dataset, "summary": summary, "missing": state.missing,
                                  "source": source, "gallery": state.gallery_rows, "groups": len(groups),
                                  "rows": state.rows, "most_open_groups": state.most_open}
-    columns = ["label", "dataset", "scope", "group", "images", "images_without_metrics", "missing_predictions",
+    columns = ["label", "dataset", "scope", "group", "images", "images_without_metrics", "errors",
+               "missing_predictions",
                *SUMMARY, *CURVES]
     metrics = pd.concat(frames, ignore_index=True).reindex(columns=columns)
     for k in CURVES:  # group rows have no curves: null, not NaN, in the Parquet

@@ -139,7 +139,9 @@ def _table(frame: pd.DataFrame, paper: dict | None) -> str:
     body = []
     for _, r in frame.iterrows():
         cells = "".join(f"<td>{r[k]:.4f}</td>" if pd.notna(r[k]) else "<td>&ndash;</td>" for k in SUMMARY)
-        extra = f' ({int(r["missing_predictions"])} missing)' if r.get("missing_predictions") else ""
+        notes = [f"{int(r[k])} {word}" for k, word in (("errors", "errors"), ("missing_predictions", "missing"))
+                 if pd.notna(r.get(k)) and r.get(k)]
+        extra = f" ({', '.join(notes)})" if notes else ""
         body.append(f"<tr><td>{html.escape(r['label'])}</td>{cells}<td>{int(r['images'])}{extra}</td></tr>")
     if paper:
         cells = "".join(f"<td>{paper[k]:.3f}</td>" if k in paper else "<td>&ndash;</td>" for k in SUMMARY)

@@ -84,28 +84,34 @@ def _level_sums(values: np.ndarray, starts: np.ndarray):
     Rump, Ogita & Oishi's extraction (SIAM J. Sci. Comput. 31(1), 2008, Lemma 3.3): with sigma = 2**k >=
     2**m * max|x| and 2**m >= n + 2, q = (sigma + x) - sigma and x - q are exact, every q is a multiple of
     2**-53 * sigma and no partial sum of q's exceeds sigma, so sums of q's are exact in any order and over any
-    subset (numpy's reductions included). The residues go round again, each level taking ~(53 - m) more bits,
-    until nothing is left: two or three levels for metrics in [0, 1], bounded by the exponent range in any case.
+    subset (numpy's reductions included). The residues, at most 2**-53 * sigma, go round again with sigma
+    scaled by 2**(m - 53), each level taking 53 - m more bits, until nothing is left: two or three levels for
+    metrics in [0, 1], bounded by the exponent range in any case.
     """
     n, width = values.shape
     m = (n + 1).bit_length()  # 2**m >= n + 2
     ends = np.r_[starts[1:], n]
     cols = None  # the columns still holding residues (None: all)
     rest, q, owned = values, np.empty_like(values), False
+    scale = None  # log2 of each live column's sigma
     while True:
-        top = np.maximum(rest.max(axis=0), -rest.min(axis=0))
-        live = top > 0
+        if scale is None:
+            top = np.maximum(rest.max(axis=0), -rest.min(axis=0))
+            live = top > 0
+            scale = np.frexp(top)[1] + m  # top < 2**exponent
+            if scale[live].max(initial=0) > 1023:
+                raise OverflowError("values too large for an exact sum (|x| >= 2**1000)")
+        else:  # |residue| <= 2**-53 * sigma: the next sigma needs no pass over them, only which are left
+            live = rest.any(axis=0)
+            scale = np.maximum(scale - 53 + m, -1022)
         if not live.all():
             if not live.any():
                 return
             keep = np.flatnonzero(live)
             cols = keep if cols is None else cols[keep]
-            rest, top, owned = rest[:, keep], top[keep], True
+            rest, scale, owned = rest[:, keep], scale[keep], True
             q = np.empty_like(rest)
-        exponent = np.frexp(top)[1]  # top < 2**exponent
-        if exponent.max() + m > 1023:
-            raise OverflowError("values too large for an exact sum (|x| >= 2**1000)")
-        sigma = np.ldexp(1.0, exponent + m)
+        sigma = np.ldexp(1.0, scale)
         np.add(rest, sigma, out=q)
         np.subtract(q, sigma, out=q)
         part = np.stack([q[a:b].sum(axis=0) for a, b in zip(starts, ends)])  # reduceat is ~20x slower

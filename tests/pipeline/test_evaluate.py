@@ -200,6 +200,7 @@ def test_run_stream_equals_aggregate_of_all_rows_in_any_layout(tmp_path, small_f
             assert np.array_equal(dataset[key], whole[key]), (layout, key)
         assert dataset["images"] == whole["images"]
         assert dataset["images_without_metrics"] == len(frame) - whole["images"]
+        assert dataset["errors"] == (frame["status"] == "error").sum() > 0
         per_group = metrics[metrics["scope"] == "group"].set_index("group")
         assert sorted(per_group.index) == sorted(groups)  # g04 has errors only: no group row
         for g, expected in groups.items():
