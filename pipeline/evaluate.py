@@ -19,9 +19,8 @@ Memory does not grow with the number of images. What is held, per source:
   * the finished groups' summaries (~100 bytes each: 40 MB for 400k groups), which metrics.parquet holds in
     full while the report shows the top and bottom ones;
   * the first pass's rows per group (~100 bytes a group) and first group per file;
-  * rows in flight: the scanner's read-ahead (two files' row groups: the Parquet reader buffers a row group's
-    columns, so shards written with row groups of a few thousand rows keep this small) and up to ``FLUSH_ROWS``
-    rows waiting to be added (8 KiB each);
+  * rows in flight: the scanner's read-ahead (two files' current row groups, so shards written with row groups
+    of a few thousand rows keep this small) and up to ``FLUSH_ROWS`` rows waiting to be added (8 KiB each);
   * the gallery's candidates: the k best and k worst images by S-measure (``Extremes``), not the rows.
 """
 from __future__ import annotations
@@ -53,7 +52,7 @@ PAPER = {
 }
 SUMMARY = ("max_fm", "mean_fm", "adp_fm", "sm", "max_em", "mean_em", "adp_em", "mae", "wfm")
 BATCH_ROWS = 1024  # rows per scanned record batch (~8 MiB of curves)
-FLUSH_ROWS = 4096  # rows gathered before they are added to the exact sums (fewer, larger numpy passes)
+FLUSH_ROWS = 2048  # rows gathered before they are added to the exact sums (fewer, larger numpy passes)
 GALLERY = 6  # best and worst images kept per source
 # Columns read for the gallery's few images only, after the scan; tolerated when absent (older runs).
 GALLERY_COLUMNS = ("group", "name", "image_uri", "gt_uri", "mask_uri", "mask_png", "sm", "mae")
@@ -260,28 +259,41 @@ def _strings(column: pa.Array) -> np.ndarray:
     return np.asarray(column.fill_null("").to_numpy(zero_copy_only=False), dtype=object)
 
 
+def _doubles(array: pa.Array) -> np.ndarray:
+    """The values of a float64 array without a copy, null slots included (what they hold is unspecified: callers
+    mask them out). Other types are converted."""
+    data = array.buffers()[1] if pa.types.is_float64(array.type) else None
+    if data is None:
+        return np.asarray(array.to_numpy(zero_copy_only=False), np.float64)
+    return np.frombuffer(data, np.float64, count=len(array), offset=array.offset * 8)
+
+
 def _metric_rows(batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
     """(has_metrics (n,), (m, WIDTH) packed metrics of the rows that carry every metric)."""
     n = batch.num_rows
     if not set(SCALARS) | set(CURVES) <= set(batch.schema.names):  # a run without ground truth
         return np.zeros(n, bool), np.zeros((0, WIDTH))
-    has = np.isfinite(batch.column("mae").to_numpy(zero_copy_only=False))
+    has = np.ones(n, bool)
     for key in (*SCALARS, *CURVES):
         column = batch.column(key)
         if column.null_count:
             has &= column.is_valid().to_numpy(zero_copy_only=False)
     rows = np.empty((int(has.sum()), WIDTH))
     for i, key in enumerate(SCALARS):
-        rows[:, i] = batch.column(key).to_numpy(zero_copy_only=False)[has]
+        rows[:, i] = _doubles(batch.column(key))[has]
     for j, key in enumerate(CURVES):
         column = batch.column(key)
         if pa.types.is_fixed_size_list(column.type):  # the child values as they lie, null slots included
-            values = column.values.slice(column.offset * CURVE_POINTS, n * CURVE_POINTS)
-            curves = values.to_numpy(zero_copy_only=False).reshape(n, CURVE_POINTS)[has]
+            curves = _doubles(column.values.slice(column.offset * CURVE_POINTS, n * CURVE_POINTS))
+            curves = curves.reshape(n, CURVE_POINTS)[has]
         else:  # variable-size lists (other writers): only the chosen rows, flattened
             curves = column.filter(pa.array(has)).flatten().to_numpy(zero_copy_only=False).reshape(-1, CURVE_POINTS)
         start = len(SCALARS) + j * CURVE_POINTS
         rows[:, start : start + CURVE_POINTS] = curves
+    keep = np.isfinite(rows[:, SCALARS.index("mae")])  # a NaN MAE: no usable ground truth
+    if not keep.all():
+        has[np.flatnonzero(has)[~keep]] = False
+        rows = rows[keep]
     return has, rows
 
 
@@ -294,8 +306,10 @@ def evaluate_run(source: Source, gallery: int = GALLERY) -> StreamingEvaluation:
     state = StreamingEvaluation(counts, gallery)
     dataset = pads.dataset(files, format="parquet", filesystem=out.fs)
     columns = [c for c in ("group", "status", *SCALARS, *CURVES) if c in dataset.schema.names]
-    # read-ahead bounds the memory in flight: ~2 row groups (the Parquet reader buffers a row group's columns)
-    scanner = dataset.scanner(columns=columns, batch_size=BATCH_ROWS, batch_readahead=2, fragment_readahead=2)
+    # Memory in flight: two files' current row groups, read column chunk by column chunk (pre-buffering whole
+    # row groups held ~3x more here and was slower on local disks; object stores still get sequential reads).
+    scanner = dataset.scanner(columns=columns, batch_size=BATCH_ROWS, batch_readahead=1, fragment_readahead=2,
+                              fragment_scan_options=pads.ParquetFragmentScanOptions(pre_buffer=False))
     path, offset = None, 0
     for tagged in scanner.scan_batches():  # in order: fragments in file order, batches in row order
         batch = tagged.record_batch
