@@ -14,6 +14,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+try:  # the fused CUDA kernel of the mean field (scosparc_core.permutohedral has the lattice's)
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 if TYPE_CHECKING:
     import torch
 
@@ -86,12 +92,10 @@ def unary_energies(gt_prob: float) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class _Kernel:
-    """One pairwise kernel's lattice, its symmetric normalisation s = 1/sqrt(filter(1) + 1e-20) and
-    g = s·filter(s), the kernel's message for Q = 1 (both (P, 1) float32)."""
+    """One pairwise kernel: its lattice and its symmetric normalisation s = 1/sqrt(filter(1) + 1e-20), (P, 1)."""
 
     lattice: PermutohedralLattice
     s: torch.Tensor
-    g: torch.Tensor
 
     @classmethod
     def build(cls, features: torch.Tensor, groups: int = 1) -> _Kernel:
@@ -102,7 +106,7 @@ class _Kernel:
         lattice = build_lattice(features, groups)
         norm = lattice.filter(torch.ones(lattice.num_points, 1, device=lattice.device))
         s = (1.0 / torch.sqrt(norm.double() + 1e-20)).float()  # in double, as the C++ does
-        return cls(lattice, s, s * lattice.filter(s))
+        return cls(lattice, s)
 
 
 @functools.lru_cache(maxsize=8)
@@ -206,13 +210,14 @@ def dense_crf_torch(rgb: torch.Tensor, labels: torch.Tensor, params: CRFParams,
     unary of ``unary_from_labels(labels, 2, gt_prob, zero_unsure=False)``; the Gaussian kernel on
     (x/sxy, y/sxy) and the bilateral one on (x/sxy, y/sxy, r/srgb, g/srgb, b/srgb), each with symmetric
     normalisation s·K(s·Q) and Potts compatibility; ``iterations`` (default ``params.iterations``) steps;
-    argmax, ties to label 0. One deliberate shortcut: with two labels, Q0 = 1 - Q1 and the kernels are linear,
-    so each step filters Q1 alone and takes K(s·Q0) as K(s) - K(s·Q1). That halves the work and changes Q by
-    float rounding only (~1e-7; tested against pydensecrf to 1e-5 per iteration).
+    argmax, ties to label 0. Every operation is the C++'s, in its order and precision (glibc's expf
+    included), so Q is pydensecrf's to the bit: measured on CPU and on CUDA (H200, 206 images).
 
+    On CUDA with Triton, the lattice steps and the mean-field step run as fused kernels (same arithmetic).
     The Gaussian lattice depends only on (H, W, sxy, device) and is built once; the bilateral lattice is built
-    per call, one for the whole batch. Memory on CUDA at 224x224: about 20 MB per image at the peak (building
-    the bilateral lattice), about 12 MB per image held during the iterations: a batch of 256 needs ~5 GB.
+    per call, one for the whole batch. CUDA memory at 224x224, measured for batches of 64-512: peak ~23 MB
+    per image over what is allocated before the call (a batch of 256: ~6 GB), of which the bilateral lattice
+    holds ~12 MB per image during the iterations. (Speed: benchmarks/bench_crf.py.)
     """
     import torch
 
@@ -225,9 +230,11 @@ def dense_crf_torch(rgb: torch.Tensor, labels: torch.Tensor, params: CRFParams,
 
 
 def _mean_field(rgb: torch.Tensor, labels: torch.Tensor, params: CRFParams,
-                iterations: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                iterations: int | None) -> Iterator[torch.Tensor]:
     """Yields Q (B, H*W, 2) float32 before the first iteration and after each one."""
     import torch
+
+    from .permutohedral import _use_triton
 
     if labels.dim() != 3 or tuple(rgb.shape) != (*labels.shape, 3) or rgb.dtype != torch.uint8:
         raise ValueError(f"expected rgb (B, H, W, 3) uint8 and labels (B, H, W), got {tuple(rgb.shape)} "
@@ -236,6 +243,10 @@ def _mean_field(rgb: torch.Tensor, labels: torch.Tensor, params: CRFParams,
     device = labels.device
     batch, height, width = labels.shape
     n = height * width
+    if batch == 0:  # e.g. every image of a group fell back to its stage-1 map
+        for _ in range(iterations + 1):
+            yield torch.zeros(0, n, 2, device=device)
+        return
 
     gauss = _gaussian_kernel(height, width, float(params.gaussian_sxy), str(device))
     bilateral = _bilateral_kernel(rgb.to(device), float(params.bilateral_sxy), float(params.bilateral_srgb))
@@ -247,18 +258,107 @@ def _mean_field(rgb: torch.Tensor, labels: torch.Tensor, params: CRFParams,
 
     # -U from unary_from_labels: the given label's energy on its channel.
     given, other = unary_energies(params.gt_prob)
-    fg = labels.reshape(batch, n, 1).bool()
-    minus_u = torch.where(fg == torch.tensor([False, True], device=device), -given, -other)  # (B, N, 2)
-    q = _exp_normalize(minus_u)
+    fg = labels.reshape(batch, n).bool()
+    minus_u = torch.where(fg[:, :, None] == torch.tensor([False, True], device=device), -given, -other)
+    q = _exp_normalize(minus_u)  # (B, N, 2)
+    values_gauss, values_bilateral = _kernel_inputs(q, s_gauss, s_bilateral)
     yield q
+    fused = _use_triton(q)
     for _ in range(iterations):
-        # Each kernel: s·K(s·Q), then Potts: tmp1 = -U - (-w_g·gauss) - (-w_b·bilateral), in that order.
-        values = (q * s_gauss[None, :, None]).transpose(0, 1).reshape(n, batch * 2)  # images as channels
-        m_gauss = gauss.lattice.filter(values).view(n, batch, 2).transpose(0, 1) * s_gauss[None, :, None]
-        values = (q * s_bilateral[:, :, None]).view(batch * n, 2)
-        m_bilateral = bilateral.lattice.filter(values).view(batch, n, 2) * s_bilateral[:, :, None]
-        q = _exp_normalize(minus_u - m_gauss * -w_gauss - m_bilateral * -w_bilateral)
+        # Each kernel's message s·K(s·Q), then Potts: tmp1 = -U - (-w_g·gauss) - (-w_b·bilateral), in that order.
+        filtered_gauss = gauss.lattice.filter(values_gauss)
+        filtered_bilateral = bilateral.lattice.filter(values_bilateral)
+        if fused:
+            q, values_gauss, values_bilateral = _fused_step(filtered_gauss, filtered_bilateral, s_gauss,
+                                                            s_bilateral, fg, given, other, w_gauss, w_bilateral)
+        else:
+            m_gauss = filtered_gauss.view(n, batch, 2).transpose(0, 1) * s_gauss[None, :, None]
+            m_bilateral = filtered_bilateral.view(batch, n, 2) * s_bilateral[:, :, None]
+            q = _exp_normalize(minus_u - m_gauss * -w_gauss - m_bilateral * -w_bilateral)
+            values_gauss, values_bilateral = _kernel_inputs(q, s_gauss, s_bilateral)
         yield q
+
+
+def _kernel_inputs(q: torch.Tensor, s_gauss: torch.Tensor, s_bilateral: torch.Tensor):
+    """Q (B, N, 2) -> s·Q for each kernel, in its layout: (N, B·2) for the Gaussian lattice (one per size, the
+    images as channels), (B·N, 2) for the bilateral one."""
+    batch, n, _ = q.shape
+    values_gauss = (q * s_gauss[None, :, None]).transpose(0, 1).reshape(n, batch * 2)
+    return values_gauss, (q * s_bilateral[:, :, None]).view(batch * n, 2)
+
+
+def _fused_step(filtered_gauss, filtered_bilateral, s_gauss, s_bilateral, fg, given, other, w_gauss, w_bilateral):
+    """One Triton kernel for everything between two filterings (the torch branch above, to the bit): the
+    messages, Potts, expAndNormalize with glibc's expf, and the next inputs of both lattices."""
+    import torch
+
+    batch, n = s_bilateral.shape
+    q = torch.empty(batch, n, 2, dtype=torch.float32, device=fg.device)
+    values_gauss = torch.empty(n, batch * 2, dtype=torch.float32, device=fg.device)
+    values_bilateral = torch.empty(batch * n, 2, dtype=torch.float32, device=fg.device)
+    block = 512
+    _mean_field_step_kernel[(triton.cdiv(batch * n, block),)](
+        filtered_gauss, filtered_bilateral, s_gauss, s_bilateral, fg, q, values_gauss, values_bilateral,
+        _expf_constants(str(fg.device)), _expf_table(str(fg.device)), n, batch, -given, -other, -w_gauss,
+        -w_bilateral, BLOCK=block, enable_fp_fusion=False)
+    return q, values_gauss, values_bilateral
+
+
+@functools.lru_cache(maxsize=8)
+def _expf_constants(device: str) -> torch.Tensor:
+    """glibc expf's double constants (a kernel argument: Triton would round literals to float32)."""
+    import torch
+
+    return torch.tensor([_EXPF_INV_LN2_N, *_EXPF_POLY, 1.0, float.fromhex("0x1.8p52")], dtype=torch.float64, device=device)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _mean_field_step_kernel(filtered_gauss, filtered_bilateral, s_gauss, s_bilateral, fg, q_out,
+                                gauss_out, bilateral_out, expf_constants, expf_table, n, batch, minus_given,
+                                minus_other, minus_wg, minus_wb, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # image-major pixel: b·N + p
+        live = i < batch * n
+        image = i // n
+        g = (i % n) * batch + image  # the same pixel in the Gaussian layout (N, B)
+        sg = tl.load(s_gauss + i % n, mask=live, other=0.0)
+        sb = tl.load(s_bilateral + i, mask=live, other=0.0)
+        is_fg = tl.load(fg + i, mask=live, other=0) != 0
+        t0 = tl.where(is_fg, minus_other, minus_given)
+        t1 = tl.where(is_fg, minus_given, minus_other)
+        t0 = t0 - (tl.load(filtered_gauss + 2 * g, mask=live, other=0.0) * sg) * minus_wg
+        t1 = t1 - (tl.load(filtered_gauss + 2 * g + 1, mask=live, other=0.0) * sg) * minus_wg
+        t0 = t0 - (tl.load(filtered_bilateral + 2 * i, mask=live, other=0.0) * sb) * minus_wb
+        t1 = t1 - (tl.load(filtered_bilateral + 2 * i + 1, mask=live, other=0.0) * sb) * minus_wb
+        delta = t1 - t0
+        # glibc expf of min - max = -|delta|, in double (see _expf).
+        z = (-tl.abs(delta)).to(tl.float64) * tl.load(expf_constants)
+        shift = tl.load(expf_constants + 5)
+        kd = (z + shift) - shift  # round to nearest, ties to even
+        r = z - kd
+        k = kd.to(tl.int64)
+        idx = k & 31
+        scale = (tl.load(expf_table + idx, mask=live, other=0) + (k - idx) * 140737488355328).to(
+            tl.float64, bitcast=True)  # 2^(k/32); 140737488355328 = 2^47
+        c0 = tl.load(expf_constants + 1)
+        c1 = tl.load(expf_constants + 2)
+        c2 = tl.load(expf_constants + 3)
+        one = tl.load(expf_constants + 4)
+        e = (((r * c0 + c1) * (r * r) + (r * c2 + one)) * scale).to(tl.float32)
+        # IEEE division: Triton's '/' on float32 is the approximate one.
+        sum_e = 1.0 + e
+        big = tl.math.div_rn(tl.full((BLOCK,), 1.0, tl.float32), sum_e)
+        small = tl.math.div_rn(e, sum_e)
+        ahead = delta > 0
+        q0 = tl.where(ahead, small, big)
+        q1 = tl.where(ahead, big, small)
+        tl.store(q_out + 2 * i, q0, mask=live)
+        tl.store(q_out + 2 * i + 1, q1, mask=live)
+        tl.store(gauss_out + 2 * g, q0 * sg, mask=live)
+        tl.store(gauss_out + 2 * g + 1, q1 * sg, mask=live)
+        tl.store(bilateral_out + 2 * i, q0 * sb, mask=live)
+        tl.store(bilateral_out + 2 * i + 1, q1 * sb, mask=live)
 
 
 @dataclass

@@ -18,20 +18,29 @@ x86 machines compile) step by step, so that the lattice -- vertex set, neighbour
 - when a group's point count is not a multiple of 4, the SSE build also inserts the vertices of a zero feature
   vector (its padding lanes); they get no value but relay values too, so they are inserted here as well;
 - the blur writes into a second buffer (missing neighbours count as 0) and runs over axes 0..d in order;
-- splat sums each vertex's contributions in point order.
+- the arithmetic is the C++'s, operation by operation in float32: splat sums w·value per vertex in point
+  order, the blur computes old + 0.5·(n1 + n2), slicing sums (w·v)·alpha over the remainders in order. With
+  the same lattice this gives pydensecrf's filter output to the bit (CPU and CUDA).
 
 Vertices are found by sorting packed integer keys (group, remainder, lattice coordinates) instead of a hash
-table; blur neighbours by ``searchsorted`` on the sorted keys. Filtering is gathers, one segment sum and
-element-wise arithmetic, with int32 indices: no Python loop over points or images.
+table; blur neighbours by ``searchsorted`` on the sorted keys. Filtering is torch gathers, a segment sum and
+element-wise ops, or on CUDA one fused Triton kernel per step (FMA contraction off); int32 indices; no Python
+loop over points or images.
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+try:  # the fused CUDA kernels; torch ops where Triton is missing
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 
 def _scale_factors(d: int) -> list[float]:
@@ -62,9 +71,9 @@ class PermutohedralLattice:
     Tensors, all on one device, indices int32:
       splat_points  (E,)         the point of each (point, remainder) entry, entries sorted by vertex, then point
       splat_weights (E,) float32 its barycentric weight
-      splat_offsets (M+2,) int64 where each row's entries start in the sorted entries (0, 0, ..., E)
+      splat_offsets (M+2,)       where each row's entries start in the sorted entries (0, 0, ..., E)
       slice_rows    (P*(d+1),)   each point's vertex rows for remainders 0..d
-      slice_weights (P, d+1, 1) float32 the barycentric weights
+      slice_weights (P, d+1) float32 the barycentric weights
       blur_rows     (d+1, M+1, 2) per axis, the rows of each row's two neighbours n1, n2 (0 when missing)
     """
 
@@ -87,27 +96,117 @@ class PermutohedralLattice:
                                                            self.slice_rows, self.slice_weights, self.blur_rows))
 
     def filter(self, values: torch.Tensor) -> torch.Tensor:
-        """values (P, C) float32 -> (P, C) float32: splat, blur, slice (pydensecrf's ``compute``, not reversed)."""
-        if values.dim() != 2 or values.shape[0] != self.num_points:
-            raise ValueError(f"expected ({self.num_points}, C) values, got {tuple(values.shape)}")
+        """values (P, C) float32 -> (P, C) float32: splat, blur, slice (pydensecrf's ``compute``, not reversed).
+
+        On CUDA each step is one fused Triton kernel (the same arithmetic, FMA contraction off); elsewhere, and
+        without Triton, torch ops.
+        """
+        if values.dim() != 2 or values.shape[0] != self.num_points or values.dtype != torch.float32:
+            raise ValueError(f"expected ({self.num_points}, C) float32 values, got {tuple(values.shape)} {values.dtype}")
         values = values.contiguous()
+        if _use_triton(values):
+            return self._filter_triton(values)
+        return self._filter_torch(values)
+
+    def _filter_torch(self, values: torch.Tensor) -> torch.Tensor:
         channels = values.shape[1]
-        # Splat: each vertex sums w·value over its entries in point order (a serial segment sum, like the C++).
+        # Splat: each vertex sums w·value over its entries in point order (segment_reduce runs a serial loop per
+        # segment for 2-d data). Row 0 is an empty segment: the zero that missing neighbours read.
         contributions = _gather_rows(values, self.splat_points) * self.splat_weights[:, None]
-        # Row 0 is an empty segment: the zero that missing neighbours read. (segment_reduce runs a serial loop
-        # per segment for 2-d data, on CUDA too.)
         buffer = torch.segment_reduce(contributions, "sum", offsets=self.splat_offsets, axis=0, unsafe=True)
         del contributions
-        # Blur: new = old + 0.5·(n1 + n2) into a second buffer, axis 0 to d (embedding_bag sums the pair).
+        # Blur: new = old + 0.5·(n1 + n2) into a second buffer, axis 0 to d.
+        rows = self.num_vertices + 1
         for axis in range(self.d + 1):
-            buffer = torch.add(buffer, F.embedding_bag(self.blur_rows[axis], buffer, mode="sum"), alpha=0.5)
+            pair = _gather_rows(buffer, self.blur_rows[axis].view(-1)).view(rows, 2, channels)
+            buffer = torch.add(buffer, pair[:, 0] + pair[:, 1], alpha=0.5)
         # Slice: out = Σ_r (w_r·v_r)·alpha, summed over r = 0..d in order, like the C++.
         gathered = _gather_rows(buffer, self.slice_rows).view(self.num_points, self.d + 1, channels)
-        terms = (gathered * self.slice_weights) * _alpha(self.d)
+        terms = (gathered * self.slice_weights[:, :, None]) * _alpha(self.d)
         out = terms[:, 0]
         for r in range(1, self.d + 1):
             out = out + terms[:, r]
         return out
+
+    def _filter_triton(self, values: torch.Tensor) -> torch.Tensor:
+        channels = values.shape[1]
+        rows = self.num_vertices + 1
+        launch = dict(BLOCK=_BLOCK, enable_fp_fusion=False)  # no FMA: every product is rounded, as in the C++
+        buffer = values.new_empty(rows, channels)
+        # The splat loops to the longest segment of its block: small blocks waste less on uneven segments.
+        _splat_kernel[(triton.cdiv(rows * channels, _SPLAT_BLOCK),)](
+            values, self.splat_points, self.splat_weights, self.splat_offsets, buffer, rows * channels, channels,
+            BLOCK=_SPLAT_BLOCK, enable_fp_fusion=False)
+        grid = (triton.cdiv(rows * channels, _BLOCK),)
+        other = torch.empty_like(buffer)
+        for axis in range(self.d + 1):
+            _blur_kernel[grid](buffer, other, self.blur_rows[axis], rows * channels, channels, **launch)
+            buffer, other = other, buffer
+        del other
+        out = values.new_empty(self.num_points, channels)
+        _slice_kernel[(triton.cdiv(self.num_points * channels, _BLOCK),)](
+            buffer, self.slice_rows, self.slice_weights, out, self.num_points * channels, channels, _alpha(self.d),
+            D1=self.d + 1, **launch)
+        return out
+
+
+_BLOCK = 512
+_SPLAT_BLOCK = 128
+
+
+def _use_triton(values: torch.Tensor) -> bool:
+    # The interpreter (TRITON_INTERPRET=1) runs the same kernels on CPU tensors: that is how CI tests them.
+    return triton is not None and (values.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _splat_kernel(values, points, weights, offsets, out, n, channels, BLOCK: tl.constexpr):
+        """out[row, c] = Σ_e weights[e]·values[points[e], c] over the row's entries, in entry order."""
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        live = i < n
+        row = i // channels
+        c = i % channels
+        start = tl.load(offsets + row, mask=live, other=0)
+        count = tl.load(offsets + row + 1, mask=live, other=0) - start
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k in range(0, tl.max(count, axis=0)):
+            take = live & (k < count)
+            point = tl.load(points + start + k, mask=take, other=0).to(tl.int64)
+            w = tl.load(weights + start + k, mask=take, other=0.0)
+            v = tl.load(values + point * channels + c, mask=take, other=0.0)
+            acc = tl.where(take, acc + w * v, acc)
+        tl.store(out + i, acc, mask=live)
+
+    @triton.jit
+    def _blur_kernel(src, dst, neighbours, n, channels, BLOCK: tl.constexpr):
+        """dst[row] = src[row] + 0.5·(src[n1] + src[n2]); row 0 (n1 = n2 = 0, value 0) stays 0."""
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        live = i < n
+        row = i // channels
+        c = i % channels
+        n1 = tl.load(neighbours + 2 * row, mask=live, other=0).to(tl.int64)
+        n2 = tl.load(neighbours + 2 * row + 1, mask=live, other=0).to(tl.int64)
+        a = tl.load(src + n1 * channels + c, mask=live, other=0.0)
+        b = tl.load(src + n2 * channels + c, mask=live, other=0.0)
+        old = tl.load(src + i, mask=live, other=0.0)
+        tl.store(dst + i, old + (a + b) * 0.5, mask=live)
+
+    @triton.jit
+    def _slice_kernel(src, rows, weights, out, n, channels, alpha, D1: tl.constexpr, BLOCK: tl.constexpr):
+        """out[p, c] = Σ_r (weights[p, r]·src[rows[p, r], c])·alpha, r = 0..d in order."""
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        live = i < n
+        point = i // channels
+        c = i % channels
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for r in tl.static_range(D1):
+            vertex = tl.load(rows + point * D1 + r, mask=live, other=0).to(tl.int64)
+            w = tl.load(weights + point * D1 + r, mask=live, other=0.0)
+            v = tl.load(src + vertex * channels + c, mask=live, other=0.0)
+            acc = acc + (w * v) * alpha
+        tl.store(out + i, acc, mask=live)
 
 
 def _elevate(features: torch.Tensor) -> torch.Tensor:
@@ -186,6 +285,8 @@ def build_lattice(features: torch.Tensor, groups: int = 1) -> PermutohedralLatti
     q_high = q0[:, :d].amax(dim=0) + 1
     widths = [max(1, (groups - 1).bit_length()), max(1, d.bit_length())]
     widths += [max(1, int(w).bit_length()) for w in (q_high - q_low).tolist()]
+    if num_points * (d + 1) >= 2**31:
+        raise ValueError(f"{num_points} points need more than int32 indices: filter fewer images at once")
     if sum(widths) > 63:
         raise ValueError(f"lattice keys need {sum(widths)} bits: filter fewer images at once")
     shifts = [sum(widths[k + 1 :]) for k in range(len(widths))]
@@ -194,10 +295,12 @@ def build_lattice(features: torch.Tensor, groups: int = 1) -> PermutohedralLatti
     del q0
     # Σ_i [rank_i > d-r]·unit_i for r = 0..d: the units of the coordinates ranked d, d-1, .., d-r+1, cumulated.
     by_rank = torch.zeros_like(rank).scatter_(1, rank[:, :d], q_units.expand(rank.shape[0], d))
-    drop = torch.cumsum(by_rank.flip(1), dim=1) - by_rank.flip(1)  # exclusive: r = 0 drops nothing
-    r = torch.arange(d + 1, device=device)
-    keys = (base[:, None] + (r << shifts[1])[None, :] - drop).reshape(-1)  # (P'·(d+1),)
-    del base, by_rank, drop, rank
+    keys = torch.empty_like(rank)  # (P', d+1)
+    keys[:, 0] = base
+    for r in range(1, d + 1):  # vertex r drops the unit of the coordinate ranked d-r+1 on top of vertex r-1's
+        keys[:, r] = keys[:, r - 1] + ((1 << shifts[1]) - by_rank[:, d - r + 1])
+    keys = keys.view(-1)
+    del base, by_rank, rank
 
     sorted_keys, order = torch.sort(keys, stable=True)
     del keys
@@ -222,9 +325,9 @@ def build_lattice(features: torch.Tensor, groups: int = 1) -> PermutohedralLatti
         splat_points[pad] = 0
     del order
     splat_points = splat_points.to(torch.int32)
-    splat_offsets = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), entries)])
+    splat_offsets = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), entries)]).to(torch.int32)
     slice_rows = slice_rows[: num_points * (d + 1)]
-    slice_weights = bary[:num_points, :, None]
+    slice_weights = bary[:num_points].contiguous()
 
     # Blur neighbours along axis j: n1 = key - 1 + (d+1)·e_j, n2 = key + 1 - (d+1)·e_j (for j = d, the implied
     # last coordinate: key - 1 and key + 1). In fields: key - 1 lowers r by one, or for r = 0 sets r = d and
