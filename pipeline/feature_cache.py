@@ -3,86 +3,151 @@
 Training samples up to 24 images of a group per step for many epochs, and the backbone never changes, so its
 output can be stored once (float16) and read back instead of recomputed (the paper code runs the backbone twice
 per image at every step). Per group: ``<key>.tokens.npy`` (N, P, C), ``<key>.attention.npy`` (N, h, w) (the
-resampled CLS attention map training uses) and ``<key>.json`` (image names and URIs, in row order). Rows are
-read with ranged reads, so a step fetches only the images it samples.
+resampled CLS attention map training uses) and ``<key>.json`` (image names, URIs and sizes, in row order; written
+last, so a group whose index exists is complete). Rows are read with ranged reads, so a step fetches only the
+images it samples. A group is computed again when its listing (URIs or file sizes) no longer matches its index.
+
+The pass that fills the cache is a Ray Data job: group rows -> decode (CPU tasks: ``read_many`` +
+``decode_image``) -> ``FeatureActor`` (one per GPU, or one using the cores on a CPU cluster).
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
 import posixpath
+import sys
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from scosparc_core import DinoBackbone
-from scosparc_core.image import normalize
-from scosparc_core.modeling import cls_attention_maps
-from scosparc_core.predictor import DTYPES
+from scosparc_core.image import INPUT_SIZE, normalize
+from scosparc_core.modeling import DEFAULT_BACKBONE, cls_attention_maps
+from scosparc_core.precision import resolve
 
-from .decode import decode_group
+from .decode import decode_image, read_many
 from .listing import GroupSpec
-from .stage1 import actor_device
 from .storage import Storage, safe_component
 
 FEATURE_DTYPE = np.float16
 
 
-def backbone_settings(cfg: dict) -> dict:
-    return {k: cfg.get(k) for k in ("backbone", "backbone_name", "backbone_kwargs", "random_init")}
+@dataclass(frozen=True)
+class BackboneSettings:
+    """The frozen backbone a cache actor or a training worker builds (travels to Ray workers).
+
+    ``checkpoint``: a DINO state_dict path or URL; None = timm's pretrained weights (network), or random weights
+    with ``random_init``. ``precision``: a name from ``scosparc_core.precision.PRECISIONS``, resolved per device.
+    ``cpu_threads``: torch threads on a CPU (0: leave torch's setting).
+    """
+
+    checkpoint: str | None = None
+    name: str = DEFAULT_BACKBONE
+    kwargs: dict = field(default_factory=dict)
+    random_init: bool = False
+    precision: str = "auto"
+    micro_batch: int = 32
+    gpu: bool = False
+    cpu_threads: int = 0
+    storage_options: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpu else "cpu"
 
 
-def cache_folder(cache_root: str, data_root: str, cfg: dict) -> str:
-    """Where one dataset's features live for one backbone: <cache_root>/<backbone hash>/<dataset>-<hash>."""
-    settings = json.dumps(backbone_settings(cfg), sort_keys=True, default=str)
-    model_id = hashlib.sha1(settings.encode()).hexdigest()[:12]
-    name = safe_component(posixpath.basename(data_root.rstrip("/")) or "data")
-    return posixpath.join(cache_root.rstrip("/"), model_id, f"{name}-{hashlib.sha1(data_root.encode()).hexdigest()[:8]}")
+def autocast_dtype(precision: str, device: str) -> torch.dtype:
+    """A precision name -> the torch dtype ``DinoBackbone.extract`` takes today (tf32 runs as float32 here)."""
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(resolve(precision, device), torch.float32)
 
 
-def build_backbone(cfg: dict) -> tuple[DinoBackbone, str, torch.dtype]:
-    """The frozen backbone a worker or actor runs: (module on its device, device, autocast dtype)."""
-    device, dtype = actor_device(cfg)
+def check_cuda(where: str) -> None:
+    """Ray gave this process a GPU: torch must see it, or the work would silently run on the CPU."""
+    if not torch.cuda.is_available():
+        import ray
+
+        raise RuntimeError(
+            f"{where} was given GPU ids {ray.get_gpu_ids()} by Ray, but torch {torch.__version__} (CUDA "
+            f"{torch.version.cuda}) sees no CUDA device in this process; check the driver and CUDA_VISIBLE_DEVICES")
+
+
+def build_backbone(settings: BackboneSettings) -> tuple[DinoBackbone, str, torch.dtype]:
+    """(backbone on its device, device, autocast dtype)."""
+    if settings.gpu:
+        check_cuda("the backbone's process")
+    elif settings.cpu_threads:
+        torch.set_num_threads(settings.cpu_threads)
+    device = settings.device
     backbone = DinoBackbone.create(
-        cfg.get("backbone_name", "vit_base_patch8_224.dino"),
-        checkpoint=cfg.get("backbone"),
-        random_init=bool(cfg.get("random_init")) and cfg.get("backbone") is None,
-        storage_options=cfg.get("storage_options"),
-        **cfg.get("backbone_kwargs", {}),
+        settings.name,
+        checkpoint=settings.checkpoint,
+        random_init=settings.random_init and settings.checkpoint is None,
+        storage_options=settings.storage_options,
+        **settings.kwargs,
     )
-    return backbone.to(device), device, DTYPES[dtype]
+    return backbone.to(device), device, autocast_dtype(settings.precision, device)
 
 
-def features(backbone: DinoBackbone, pixels: np.ndarray, device: str, dtype, micro_batch: int = 32):
-    """(N, 224, 224, 3) uint8 network pixels -> tokens (N, P, C) and resampled CLS attention (N, h, w), float32."""
+def features(backbone: DinoBackbone, pixels: np.ndarray, device: str, dtype: torch.dtype, micro_batch: int = 32):
+    """(N, 224, 224, 3) uint8 network pixels -> tokens (N, P, C) and resampled CLS attention (N, h, w), float32,
+    on ``device``."""
     inputs = normalize(torch.from_numpy(np.array(pixels)).to(device))
     tokens, raw = backbone.extract(inputs, micro_batch=micro_batch, dtype=dtype)
     return tokens, cls_attention_maps(raw)[1]
 
 
+def cache_folder(cache_root: str, data_root: str, backbone_id: str) -> str:
+    """Where one dataset's features live for one backbone: <cache_root>/<backbone id>/<dataset>-<hash>."""
+    name = safe_component(posixpath.basename(data_root.rstrip("/")) or "data")
+    return posixpath.join(cache_root.rstrip("/"), backbone_id, f"{name}-{hashlib.sha1(data_root.encode()).hexdigest()[:8]}")
+
+
+def backbone_id(settings: BackboneSettings, weights_digest: str | None) -> str:
+    """Names the features a backbone gives: its weights (by content), architecture and resolved precision."""
+    ident = {"weights": weights_digest or ("random-init" if settings.random_init else "timm-pretrained"),
+             "name": settings.name, "kwargs": settings.kwargs,
+             "precision": resolve(settings.precision, settings.device)}
+    return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 class FeatureCache:
     def __init__(self, url: str, storage_options: dict | None = None):
+        self.url = url
         self.store = Storage(url, storage_options or {})
 
-    def has(self, key: str) -> bool:
-        return self.store.exists(f"{key}.json")
+    def has(self, key: str, image_uris: list[str] | None = None, sizes: list[int] | None = None) -> bool:
+        """Whether the group is complete here (and, given its listing, was computed from the same files)."""
+        if not self.store.exists(f"{key}.json"):
+            return False
+        if image_uris is None:
+            return True
+        index = self.index(key)
+        return index.get("listed_uris") == list(image_uris) and (sizes is None or index.get("sizes") == list(sizes))
 
     def index(self, key: str) -> dict:
         return self.store.read_json(f"{key}.json")
 
-    def write(self, key: str, names: list[str], uris: list[str], tokens: torch.Tensor, attention: torch.Tensor):
+    def write(self, key: str, names: list[str], uris: list[str], tokens: torch.Tensor, attention: torch.Tensor,
+              listed_uris: list[str] | None = None, sizes: list[int] | None = None) -> None:
+        """``names``/``uris``: the rows written (images that decoded); ``listed_uris``/``sizes``: the group as
+        listed, which decides whether the cache is still valid for it."""
         for suffix, array in (("tokens", tokens), ("attention", attention)):
             buf = io.BytesIO()
             np.save(buf, array.detach().cpu().numpy().astype(FEATURE_DTYPE))
             self.store.write_bytes(f"{key}.{suffix}.npy", buf.getvalue())
-        # The index goes last: a group whose index exists is complete.
-        self.store.write_json(f"{key}.json", {"names": names, "image_uris": uris, "count": len(names)})
+        self.store.write_json(f"{key}.json", {"names": names, "image_uris": uris, "count": len(names),
+                                              "listed_uris": list(listed_uris or uris), "sizes": sizes})
 
-    def read(self, key: str, rows) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows (sorted or not) of a group -> tokens (k, P, C) and attention (k, h, w), float32."""
+    def read(self, key: str, rows, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows (sorted or not) of a group -> tokens (k, P, C) and attention (k, h, w), float32 on ``device``
+        (moved as float16, converted there: half the bytes through the bus)."""
         rows = [int(r) for r in rows]
-        return tuple(torch.from_numpy(self._rows(f"{key}.{s}.npy", rows)) for s in ("tokens", "attention"))
+        return tuple(torch.from_numpy(self._rows(f"{key}.{s}.npy", rows)).to(device).float()
+                     for s in ("tokens", "attention"))
 
     def _rows(self, name: str, rows: list[int]) -> np.ndarray:
         fs, path = self.store.fs, self.store.path(name)
@@ -96,51 +161,136 @@ class FeatureCache:
         row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
         starts = [offset + r * row_bytes for r in rows]
         blobs = fs.cat_ranges([path] * len(rows), starts, [s + row_bytes for s in starts])
-        out = np.frombuffer(b"".join(blobs), dtype=dtype).reshape(len(rows), *shape[1:])
-        return out.astype(np.float32)
-
-
-class FeatureActor:
-    """Ray Data actor: a decoded group row -> its features written to the cache; returns a summary row."""
-
-    def __init__(self, cfg: dict, cache_url: str):
-        self.backbone, self.device, self.dtype = build_backbone(cfg)
-        self.cache = FeatureCache(cache_url, cfg.get("storage_options"))
-        self.micro_batch = int(cfg.get("micro_batch", 32))
-
-    def __call__(self, batch: dict) -> dict:
-        out = {"group_key": [], "images": [], "errors": []}
-        for i in range(len(batch["group_key"])):
-            row = {k: v[i] for k, v in batch.items()}
-            ok = [bool(x) for x in row["ok"]]
-            names = [n for n, flag in zip(row["names"], ok) if flag]
-            uris = [u for u, flag in zip(row["image_uris"], ok) if flag]
-            if names:
-                tokens, attention = features(self.backbone, row["net"], self.device, self.dtype, self.micro_batch)
-                self.cache.write(row["group_key"], names, uris, tokens, attention)
-            out["group_key"].append(row["group_key"])
-            out["images"].append(len(names))
-            out["errors"].append(len(ok) - len(names))
+        out = np.empty((len(rows), *shape[1:]), dtype=dtype)
+        for i, blob in enumerate(blobs):
+            if len(blob) != row_bytes:
+                raise ValueError(f"{path}: row {rows[i]} is truncated ({len(blob)} of {row_bytes} bytes)")
+            out[i] = np.frombuffer(blob, dtype=dtype).reshape(shape[1:])
         return out
 
 
-def build_cache(groups: list[GroupSpec], cache_url: str, cfg: dict, actors: int, actor_args: dict) -> dict:
-    """Computes the features of every group not yet in the cache (a Ray Data job). Returns counts."""
+# ------------------------------------------------------------------------------------------ the cache pass
+@dataclass(frozen=True)
+class CachePlan:
+    """The cache pass's actors: one per GPU (``num_gpus=1``), or one on a CPU cluster whose torch uses the
+    cores while asking Ray for part of one, so that the decode tasks run beside it."""
+
+    actors: int
+    num_cpus: float
+    num_gpus: float
+    batch_size: int = 1  # groups per actor call; an integer, as Ray Data needs for GPU actors
+    cpu_threads: int = 0
+
+    @property
+    def ray_args(self) -> dict:
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+
+
+def plan_cache(gpu: bool, cluster: dict) -> CachePlan:
+    """From ``ray.cluster_resources()``: GPU => one actor per GPU; CPU => one actor using all cores."""
+    cpus = float(cluster.get("CPU", 1))
+    if gpu:
+        gpus = float(cluster.get("GPU", 0))
+        return CachePlan(actors=max(1, int(gpus)), num_cpus=1.0 if cpus >= 2 * max(1, int(gpus)) else 0.5,
+                         num_gpus=1.0 if gpus >= 1 else gpus)
+    return CachePlan(actors=1, num_cpus=min(1.0, cpus / 2), num_gpus=0.0, cpu_threads=max(1, int(cpus)))
+
+
+def decode_group_row(row: dict, storage_options: dict) -> dict:
+    """Ray Data ``map``: a group row (key, names, image_uris, sizes) -> plus ``ok`` per image and ``net``, the
+    (n_ok, 224, 224, 3) uint8 network pixels of the images that decoded. A bad file only loses its row."""
+    uris = [str(u) for u in row["image_uris"]]
+    ok, nets = [], []
+    for uri, data in zip(uris, read_many(uris, storage_options)):
+        try:
+            if isinstance(data, BaseException):
+                raise data
+            nets.append(decode_image(data)[0])
+            ok.append(True)
+        except Exception as exc:  # noqa: BLE001 - training has no error rows: the image is left out, loudly
+            print(f"[feature-cache] skipping {uri}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            ok.append(False)
+    empty = np.zeros((0, INPUT_SIZE, INPUT_SIZE, 3), np.uint8)
+    return {**row, "ok": ok, "net": np.stack(nets) if nets else empty}
+
+
+class FeatureActor:
+    """Ray Data actor: decoded group rows -> their features written to the cache; returns a summary row each."""
+
+    def __init__(self, settings: BackboneSettings, cache_url: str, cpu_threads: int = 0):
+        if cpu_threads and not settings.gpu:
+            torch.set_num_threads(cpu_threads)
+        self.backbone, self.device, self.dtype = build_backbone(settings)
+        self.cache = FeatureCache(cache_url, settings.storage_options)
+        self.micro_batch = settings.micro_batch
+
+    def __call__(self, batch: dict) -> dict:
+        out = {"key": [], "images": [], "errors": [], "seconds": []}
+        for i in range(len(batch["key"])):
+            start = time.perf_counter()
+            row = {k: v[i] for k, v in batch.items()}
+            ok = [bool(x) for x in row["ok"]]
+            names = [str(n) for n, flag in zip(row["names"], ok) if flag]
+            uris = [str(u) for u, flag in zip(row["image_uris"], ok) if flag]
+            if names:
+                tokens, attention = features(self.backbone, row["net"], self.device, self.dtype, self.micro_batch)
+                self.cache.write(str(row["key"]), names, uris, tokens, attention,
+                                 listed_uris=[str(u) for u in row["image_uris"]],
+                                 sizes=[int(s) for s in row["sizes"]])
+            out["key"].append(str(row["key"]))
+            out["images"].append(len(names))
+            out["errors"].append(len(ok) - len(names))
+            out["seconds"].append(time.perf_counter() - start)
+        return out
+
+
+def build_cache(groups: list[GroupSpec], cache_url: str, settings: BackboneSettings, plan: CachePlan,
+                sizes: dict[str, int] | None = None, start_timeout: float = 180.0) -> dict:
+    """Computes the features of every group not yet (validly) in the cache, as a Ray Data job. Returns counts,
+    the pass's images/s (wall clock, start-up included) and the actors' busy seconds. ``sizes``: file sizes by URI from the listing (what makes a cached group stale).
+
+    The pool's actors must be able to start within ``start_timeout`` seconds (Ray Data's
+    ``wait_for_min_actors_s``), else this raises instead of waiting for resources that may never come. When the
+    pass ends, every reference to the dataset is dropped and collected, so Ray ends the pool's actors and their
+    GPUs are free for training (Ray Data releases actors by reference counting, not ``ray.kill``).
+    """
     import ray
 
-    from .infer import group_row
+    sizes = sizes or {}
+    cache = FeatureCache(cache_url, settings.storage_options)
 
-    cache = FeatureCache(cache_url, cfg.get("storage_options"))
-    todo = [g for g in groups if not cache.has(g.key)]
-    summary = {"groups": len(groups), "cached_before": len(groups) - len(todo), "images": 0, "errors": 0}
+    def listed(g: GroupSpec) -> tuple[list[str], list[int]]:
+        uris = [im.image_uri for im in g.images]
+        return uris, [int(sizes.get(u, -1)) for u in uris]
+
+    todo = [g for g in groups if g.images and not cache.has(g.key, *listed(g))]
+    summary = {"groups": len(groups), "cached_before": len(groups) - len(todo), "computed": len(todo),
+               "images": 0, "errors": 0, "seconds": 0.0, "images_per_s": None, "actor_seconds": 0.0}
     if not todo:
         return summary
-    ds = ray.data.from_items([group_row(g) for g in todo], override_num_blocks=min(len(todo), 10_000))
-    ds = ds.map(decode_group, fn_kwargs={"storage_options": cfg.get("storage_options") or {}}, num_cpus=0.25)
-    # actor_args: what the inference job's plan gives its stage-1 actors (fractional CPUs on small machines)
-    ds = ds.map_batches(FeatureActor, fn_constructor_kwargs={"cfg": cfg, "cache_url": cache_url}, batch_size=1,
-                        compute=ray.data.ActorPoolStrategy(size=actors), **actor_args)
-    for row in ds.iter_rows():
-        summary["images"] += int(row["images"])
-        summary["errors"] += int(row["errors"])
+    start = time.perf_counter()
+    rows = [{"key": g.key, "names": [im.name for im in g.images], "image_uris": listed(g)[0], "sizes": listed(g)[1]}
+            for g in todo]
+    ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 10_000))
+    ds.context.wait_for_min_actors_s = max(1, int(start_timeout))
+    ds = ds.map(decode_group_row, fn_kwargs={"storage_options": settings.storage_options}, num_cpus=0.25)
+    ds = ds.map_batches(FeatureActor, fn_constructor_kwargs={"settings": settings, "cache_url": cache_url,
+                                                              "cpu_threads": plan.cpu_threads},
+                        batch_size=plan.batch_size, compute=ray.data.ActorPoolStrategy(size=plan.actors),
+                        **plan.ray_args)
+    try:
+        for row in ds.iter_rows():
+            summary["images"] += int(row["images"])
+            summary["errors"] += int(row["errors"])
+            summary["actor_seconds"] += float(row["seconds"])
+    except ray.exceptions.GetTimeoutError as exc:
+        raise RuntimeError(
+            f"the feature cache's {plan.actors} actor(s) of {plan.ray_args} could not start within "
+            f"{start_timeout:.0f} s: the cluster has {ray.cluster_resources()} in total, "
+            f"{ray.available_resources()} free") from exc
+    finally:
+        del ds
+        gc.collect()
+    summary["seconds"] = time.perf_counter() - start
+    summary["images_per_s"] = summary["images"] / summary["seconds"] if summary["seconds"] else None
     return summary

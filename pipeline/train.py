@@ -1,16 +1,32 @@
-"""Self-supervised training of the stage-1 head with Ray Train (DDP: NCCL on GPU, gloo on CPU).
+"""Self-supervised training of the stage-1 head with Ray Train (DDP).
 
 Each step, every worker takes its own group and samples at most 24 of its images; the backbone is frozen, and its
 features come from the feature cache when it is on. Every epoch: a checkpoint (official head format, optimizer,
 state) through Ray Train, ``head_last.pt`` beside it, and, every ``val_every`` epochs, validation on a set with
-ground truth that keeps ``head_best.pt`` and the metrics history in ``metrics.parquet``.
+ground truth that keeps ``head_best.pt``; the per-epoch history goes to ``metrics.parquet``.
 
-Storage under ``<storage>/<name>/``: Ray Train's checkpoints, head_last.pt, head_best.pt, metrics.parquet, and
-the feature cache under ``<storage>/feature-cache/`` unless told otherwise. Running again with the same name
-resumes from the last checkpoint; a failed worker is restarted from it (Ray Train's FailureConfig).
+Storage under ``<storage>/<name>/``: ``train_config.json`` (settings and the fingerprint of what decides the
+result, written first), Ray Train's checkpoints, head_last.pt, head_best.pt, metrics.parquet; the feature cache
+under ``<storage>/feature-cache/`` unless told otherwise. Running again with the same name resumes from the last
+checkpoint, unless data, weights or settings that change the result differ: that run is refused, naming what
+differs. A failed worker is restarted from the last checkpoint (Ray Train's FailureConfig).
+
+Resources. Before anything runs, the job checks within ``placement_timeout`` seconds that the cluster can place
+the workers (a placement group of their bundles), and fails with a message naming the missing resource: without
+it, a request Ray cannot meet waits for ever (Ray Data's actor pool waits for its actors, and Ray Train retries a
+worker group that did not start without limit). The check runs again after the feature-cache pass, so training
+starts only once the pass's actors have given their GPUs back.
+
+Collectives: NCCL when every worker has a GPU of its own and there are several; gloo otherwise. Workers that
+share one GPU (``gpus_per_worker`` < 1) cannot use NCCL (it refuses two ranks on one device), and a single worker
+has no one to talk to. The epoch's sums and the parameter check travel on the backend's device (NCCL has no CPU
+tensors).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -18,31 +34,46 @@ import os
 import sys
 import tempfile
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 
 import numpy as np
 import torch
 
 from scosparc_core import Stage1Head, load_head_checkpoint, save_head_checkpoint, training_loss
+from scosparc_core.checkpoints import head_state_dict
 from scosparc_core.image import INPUT_SIZE
 from scosparc_core.metrics import aggregate, image_metrics
 from scosparc_core.modeling import DEFAULT_BACKBONE
+from scosparc_core.precision import PRECISIONS, resolve
 from scosparc_core.threshold import adaptive_threshold, image_confidences, stage1_map
 
 from .decode import decode_image, read_many
-from .feature_cache import FeatureCache, build_backbone, build_cache, cache_folder, features
-from .infer import InferConfig, plan_resources
+from .feature_cache import (BackboneSettings, FeatureCache, backbone_id, build_backbone, build_cache, cache_folder,
+                            check_cuda, features, plan_cache)
 from .listing import GroupSpec, list_layout
 from .refine import read_gt
-from .storage import Storage, redact
+from .storage import Storage, open_url, redact
 
-ADAM = {"lr": 1e-4, "weight_decay": 1e-4, "betas": (0.9, 0.99)}  # DESIGN.md §3
+ADAM = {"lr": 1e-4, "weight_decay": 1e-4, "betas": (0.9, 0.99)}  # the paper's optimizer
 HISTORY = "metrics.parquet"
+RUN_RECORD = "train_config.json"
+MIB = 1 << 20
 
 
-@dataclass
+class PlacementError(RuntimeError):
+    """The cluster cannot place what the job asks for (within the bounded wait)."""
+
+
+class RunMismatchError(ValueError):
+    """A run of that name exists and was started with other data, weights or settings."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    data: list[str]
+    data: tuple[str, ...]
     storage: str
     name: str
     val: str | None = None
@@ -53,7 +84,9 @@ class TrainConfig:
     weight_decay: float = ADAM["weight_decay"]
     workers: int = 1
     gpu: bool = False
+    gpus_per_worker: float = 1.0  # with gpu: < 1 lets workers share a GPU (gloo then, see the module docstring)
     cpus_per_worker: float = 1.0
+    placement_timeout: float = 180.0  # seconds to wait for the cluster to place workers and cache actors
     feature_cache: bool = True
     cache_url: str | None = None
     backbone: str | None = None
@@ -68,52 +101,96 @@ class TrainConfig:
     storage_options: dict = field(default_factory=dict)
     fail_at_epoch: int | None = None  # fault injection for tests: rank 0 is killed once, mid-way through this epoch
 
+    def __post_init__(self):
+        object.__setattr__(self, "data", tuple([self.data] if isinstance(self.data, str) else self.data))
+        if self.dtype not in PRECISIONS:
+            raise ValueError(f"dtype {self.dtype!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.gpu and not 0 < self.gpus_per_worker <= 1:
+            raise ValueError(f"gpus_per_worker must be in (0, 1], got {self.gpus_per_worker}: a worker drives one GPU")
+        if self.workers < 1 or self.cpus_per_worker < 0:
+            raise ValueError("workers must be >= 1 and cpus_per_worker >= 0")
+
     def run_url(self) -> str:
         return f"{self.storage.rstrip('/')}/{self.name}"
 
-    def model_cfg(self) -> dict:
-        return {"backbone": self.backbone, "backbone_name": self.backbone_name, "backbone_kwargs": self.backbone_kwargs,
-                "random_init": self.random_init, "dtype": self.dtype, "micro_batch": self.micro_batch,
-                "num_gpus": 1 if self.gpu else 0, "storage_options": self.storage_options}
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.gpu and self.workers > 1 and self.gpus_per_worker >= 1 else "gloo"
+
+    @property
+    def worker_resources(self) -> dict:
+        """One worker's bundle: what Ray Train reserves per worker."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.gpu else {})}
+
+    def backbone_settings(self) -> BackboneSettings:
+        return BackboneSettings(checkpoint=self.backbone, name=self.backbone_name, kwargs=dict(self.backbone_kwargs),
+                                random_init=self.random_init, precision=self.dtype, micro_batch=self.micro_batch,
+                                gpu=self.gpu, storage_options=self.storage_options)
+
+
+@dataclass(frozen=True)
+class TrainGroup:
+    root: str
+    key: str
+    image_uris: tuple[str, ...]
+    gt_uris: tuple[str | None, ...]
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """Everything a training worker needs (travels to the Ray Train workers)."""
+
+    backbone: BackboneSettings
+    groups: tuple[TrainGroup, ...]
+    val_groups: tuple[TrainGroup, ...]
+    cache_folders: dict  # data root -> feature cache folder; empty without the cache
+    run_url: str
+    storage_options: dict
+    dim: int
+    epochs: int
+    val_every: int
+    max_images: int
+    lr: float
+    weight_decay: float
+    seed: int
+    backend: str
+    init_head: str | None = None
+    fail_at_epoch: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------------- data
-def _group_dict(root: str, spec: GroupSpec) -> dict:
-    return {"root": root, "group": spec.group, "key": spec.key, "image_uris": [im.image_uri for im in spec.images],
-            "gt_uris": [im.gt_uri for im in spec.images]}
-
-
 class GroupFeatures:
-    """Tokens and CLS attention for sampled images of a group: from the cache, or through the backbone."""
+    """Tokens and CLS attention for sampled images of a group, on the worker's device: from the cache (read one
+    step ahead in a thread, so storage latency overlaps the step), or through the backbone."""
 
-    def __init__(self, cfg: dict, cache_folders: dict[str, str] | None):
-        self.cfg = cfg
-        self.options = cfg.get("storage_options") or {}
-        self.caches = {root: FeatureCache(url, self.options) for root, url in (cache_folders or {}).items()}
+    def __init__(self, settings: LoopSettings, device: torch.device):
+        self.settings = settings
+        self.device = device
+        self.caches = {root: FeatureCache(url, settings.storage_options) for root, url in settings.cache_folders.items()}
         self._backbone = None
         self._indexes: dict[tuple[str, str], dict] = {}
 
-    def _index(self, group: dict) -> dict:
-        key = (group["root"], group["key"])
+    def _index(self, group: TrainGroup) -> dict:
+        key = (group.root, group.key)
         if key not in self._indexes:
-            self._indexes[key] = self.caches[group["root"]].index(group["key"])
+            self._indexes[key] = self.caches[group.root].index(group.key)
         return self._indexes[key]
 
-    def sizes(self, group: dict) -> int:
-        if group["root"] in self.caches:
+    def size(self, group: TrainGroup) -> int:
+        if group.root in self.caches:
             return int(self._index(group)["count"])
-        return len(group["image_uris"])
+        return len(group.image_uris)
 
-    def get(self, group: dict, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        cache = self.caches.get(group["root"])
+    def get(self, group: TrainGroup, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        cache = self.caches.get(group.root)
         if cache is not None:
-            tokens, attention = cache.read(group["key"], rows)
+            tokens, attention = cache.read(group.key, rows, self.device)
             return tokens, attention, [self._index(group)["image_uris"][r] for r in rows]
         if self._backbone is None:
-            self._backbone = build_backbone(self.cfg)
-        uris = [group["image_uris"][r] for r in rows]
+            self._backbone = build_backbone(self.settings.backbone)
+        uris = [group.image_uris[r] for r in rows]
         pixels, kept = [], []
-        for uri, data in zip(uris, read_many(uris, self.options)):
+        for uri, data in zip(uris, read_many(uris, self.settings.storage_options)):
             try:  # a bad file is skipped here: training has no rows to report it in
                 if isinstance(data, BaseException):
                     raise data
@@ -124,9 +201,23 @@ class GroupFeatures:
         if not pixels:
             return torch.zeros(0), torch.zeros(0), []
         backbone, device, dtype = self._backbone
-        tokens, attention = features(backbone, np.stack(pixels), device, dtype, int(self.cfg.get("micro_batch", 32)))
+        tokens, attention = features(backbone, np.stack(pixels), device, dtype, self.settings.backbone.micro_batch)
         # clone: the backbone ran in inference mode, and autograd may not save such tensors for the head's backward
-        return tokens.cpu().clone(), attention.cpu().clone(), kept
+        return tokens.clone(), attention.clone(), kept
+
+    def stream(self, requests: list[tuple[TrainGroup, list[int]]]):
+        """Yields ``get`` for each (group, rows), in order."""
+        if not self.caches:
+            for group, rows in requests:
+                yield self.get(group, rows)
+            return
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(self.get, *requests[0]) if requests else None
+            for i in range(len(requests)):
+                result = pending.result()
+                if i + 1 < len(requests):
+                    pending = pool.submit(self.get, *requests[i + 1])
+                yield result
 
 
 def epoch_assignment(n_groups: int, epoch: int, rank: int, world: int, seed: int) -> list[int]:
@@ -144,38 +235,70 @@ def sample_rows(n: int, k: int, seed: int, epoch: int, group: int) -> list[int]:
     return sorted(int(i) for i in rng.choice(n, size=min(n, k), replace=False))
 
 
+def head_digest(head: torch.nn.Module) -> str:
+    """sha256 of the head's official-format state_dict: each key (sorted, UTF-8) then its float32 bytes (C order,
+    little-endian). Names the exact weights a history row or a head file holds."""
+    return state_digest(head_state_dict(head))
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().to(torch.float32).contiguous().numpy().astype("<f4").tobytes())
+    return h.hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------- validation
-def validate(head: torch.nn.Module, groups: list[dict], source: GroupFeatures, gts: dict, device) -> dict:
+def _score_chunk(masks: np.ndarray, gts: np.ndarray) -> list[dict]:
+    return [image_metrics(m, g) for m, g in zip(masks, gts)]
+
+
+def score_images(masks: list[np.ndarray], gts: list[np.ndarray]) -> list[dict]:
+    """Per-image metrics (pysodmetrics: ~30 ms an image on one core) as Ray tasks over the cluster's free CPUs,
+    or here when fewer than two are free (a request that cannot be met must not stall the epoch)."""
+    import ray
+
+    free = int(ray.available_resources().get("CPU", 0)) if ray.is_initialized() else 0
+    tasks = min(free, math.ceil(len(masks) / 16))
+    if tasks < 2:
+        return _score_chunk(np.asarray(masks), np.asarray(gts))
+    remote = ray.remote(num_cpus=1)(_score_chunk)
+    bounds = np.linspace(0, len(masks), tasks + 1).astype(int)
+    refs = [remote.remote(np.asarray(masks[a:b]), np.asarray(gts[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [row for chunk in ray.get(refs) for row in chunk]
+
+
+def validate(head: torch.nn.Module, groups: tuple[TrainGroup, ...], source: GroupFeatures, gts: dict) -> dict:
     """Max-F and the other CoSOD metrics of the stage-1 masks (224x224) against ground truth resized to 224
     (nearest), as the paper code validates; averaged over images."""
-    rows = []
+    masks, targets = [], []
     head.eval()
     with torch.inference_mode():
         for group in groups:
-            n = source.sizes(group)
-            tokens, _, uris = source.get(group, list(range(n)))
+            tokens, _, uris = source.get(group, list(range(source.size(group))))
             if not uris:
                 continue
             side = math.isqrt(tokens.shape[1])  # square patch grid (28x28 for ViT-B/8 at 224)
-            w = head(tokens.to(device))
-            maps = stage1_map(w, (side, side))
+            maps = stage1_map(head(tokens), (side, side))
             _, tau = adaptive_threshold(image_confidences(maps, (side, side)))
-            masks = (maps.cpu().numpy() >= np.float32(tau)).astype(np.uint8) * 255
-            for uri, mask in zip(uris, masks):
+            binary = (maps.cpu().numpy() >= np.float32(tau)).astype(np.uint8) * 255
+            for uri, mask in zip(uris, binary):
                 if uri in gts:
-                    rows.append(image_metrics(mask, gts[uri]))
+                    masks.append(mask)
+                    targets.append(gts[uri])
     head.train()
-    if not rows:
+    if not masks:
         return {}
-    agg = aggregate(rows)
+    agg = aggregate(score_images(masks, targets))
     return {f"val_{k}": float(agg[k]) for k in ("max_fm", "mean_fm", "adp_fm", "sm", "max_em", "mean_em", "mae", "wfm")}
 
 
-def load_val_gts(groups: list[dict], options: dict) -> dict:
+def load_val_gts(groups: tuple[TrainGroup, ...], options: dict) -> dict:
     """image URI -> ground truth (224, 224) uint8 0/255 (nearest resize, >128 object)."""
     import cv2
 
-    pairs = [(u, g) for group in groups for u, g in zip(group["image_uris"], group["gt_uris"]) if g]
+    pairs = [(u, g) for group in groups for u, g in zip(group.image_uris, group.gt_uris) if g]
     out = {}
     for (uri, _), data in zip(pairs, read_many([g for _, g in pairs], options)):
         try:
@@ -190,17 +313,23 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg, groups, val_groups = config["cfg"], config["groups"], config["val_groups"]
+    s: LoopSettings = config["settings"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if s.backbone.gpu:
+        check_cuda(f"training worker {rank}")
     device = ray.train.torch.get_device()
-    run = Storage(config["run_url"], cfg["storage_options"])
-    source = GroupFeatures(cfg, config["cache_folders"])
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)  # a resumed run must equal an uninterrupted one
+    comm = device if s.backend == "nccl" else torch.device("cpu")
+    attempt = uuid.uuid4().hex[:12]  # this start of the loop: a history row keeps the attempt that wrote it
+    run = Storage(s.run_url, s.storage_options)
+    source = GroupFeatures(s, device)
 
-    torch.manual_seed(config["seed"])
-    head = Stage1Head(config["dim"])
-    if config.get("init_head"):
-        load_head_checkpoint(head, config["init_head"], cfg["storage_options"])
+    torch.manual_seed(s.seed)
+    head = Stage1Head(s.dim)
+    if s.init_head:
+        load_head_checkpoint(head, s.init_head, s.storage_options)
     state = {"epoch": 0, "best_max_fm": None, "best_epoch": None, "history": []}
     optimizer_state = None
     checkpoint = ray.train.get_checkpoint()
@@ -212,38 +341,46 @@ def train_loop_per_worker(config: dict) -> None:
                 state = json.load(f)
     model = ray.train.torch.prepare_model(head)
     module = model.module if hasattr(model, "module") else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"],
-                                 betas=ADAM["betas"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay, betas=ADAM["betas"])
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    gts = load_val_gts(val_groups, cfg["storage_options"]) if rank == 0 and val_groups else {}
-    sizes = [source.sizes(g) for g in groups]
+    gts = load_val_gts(s.val_groups, s.storage_options) if rank == 0 and s.val_groups else {}
+    sizes = [source.size(g) for g in s.groups]
 
-    for epoch in range(state["epoch"], config["epochs"]):
+    for epoch in range(state["epoch"], s.epochs):
         start = time.monotonic()
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, co, sal, steps
-        for step, gi in enumerate(epoch_assignment(len(groups), epoch, rank, world, config["seed"])):
+        sums = torch.zeros(4, dtype=torch.float64, device=comm)  # loss, co, sal, steps
+        order = epoch_assignment(len(s.groups), epoch, rank, world, s.seed)
+        requests = [(s.groups[gi], sample_rows(sizes[gi], s.max_images, s.seed, epoch, gi)) for gi in order]
+        for step, (tokens, attention, _) in enumerate(source.stream(requests)):
             if step == 1:
-                _maybe_die(config, run, epoch)
-            rows = sample_rows(sizes[gi], config["max_images"], config["seed"], epoch, gi)
-            tokens, attention, _ = source.get(groups[gi], rows)
+                _maybe_die(s, run, epoch, rank)
             if tokens.numel() == 0:
+                # every image failed to decode (no cache): a zero step keeps the DDP ranks in step
+                loss = sum(p.sum() * 0 for p in model.parameters())
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
                 continue
-            tokens, attention = tokens.to(device), attention.to(device)
             parts = training_loss(tokens, attention.reshape(len(tokens), -1), model(tokens))
             optimizer.zero_grad()
             parts.loss.backward()
             optimizer.step()
-            sums += torch.tensor([parts.loss.item(), parts.co.item(), parts.sal.item(), 1.0], dtype=torch.float64)
-        sums = _all_reduce(sums)
+            sums += torch.stack([parts.loss.detach(), parts.co.detach(), parts.sal.detach(),
+                                 torch.ones((), device=tokens.device)]).to(sums)
+        sums = _all_reduce(sums).cpu()
         seconds = time.monotonic() - start
         steps = max(sums[3].item(), 1.0)
         metrics = {"epoch": epoch, "loss": sums[0].item() / steps, "loss_co": sums[1].item() / steps,
                    "loss_sal": sums[2].item() / steps, "groups_per_s": sums[3].item() / seconds,
-                   "epoch_seconds": seconds, "params_identical": _params_identical(module)}
-        validated = rank == 0 and val_groups and (epoch + 1) % config["val_every"] == 0
+                   "epoch_seconds": seconds, "workers": world, "params_identical": _params_identical(module, comm),
+                   "head_sha256": head_digest(module), "attempt": attempt,
+                   "finished_at": datetime.now(timezone.utc).isoformat()}
+        validated = rank == 0 and bool(s.val_groups) and (epoch + 1) % s.val_every == 0
         if validated:
-            metrics.update(validate(module, val_groups, source, gts, device))
+            t0 = time.monotonic()
+            metrics.update(validate(module, s.val_groups, source, gts))
+            metrics["val_seconds"] = time.monotonic() - t0
         with tempfile.TemporaryDirectory() as folder:
             report_checkpoint = None
             if rank == 0:
@@ -251,18 +388,23 @@ def train_loop_per_worker(config: dict) -> None:
                     state["best_max_fm"] is None or metrics["val_max_fm"] > state["best_max_fm"])
                 if improved:
                     state["best_max_fm"], state["best_epoch"] = metrics["val_max_fm"], epoch
-                    save_head_checkpoint(module, run.url("head_best.pt"), cfg["storage_options"])
+                    save_head_checkpoint(module, run.url("head_best.pt"), s.storage_options)
                 state["epoch"] = epoch + 1
                 state["history"].append(metrics)
                 save_head_checkpoint(module, os.path.join(folder, "head.pt"))
                 torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
                 with open(os.path.join(folder, "state.json"), "w") as f:
                     json.dump(state, f)
-                save_head_checkpoint(module, run.url("head_last.pt"), cfg["storage_options"])
+                save_head_checkpoint(module, run.url("head_last.pt"), s.storage_options)
                 _write_history(run, state["history"])
                 report_checkpoint = ray.train.Checkpoint.from_directory(folder)
-                _print_epoch(metrics, state, config["epochs"])
+                _print_epoch(metrics, state, s.epochs)
             ray.train.report(metrics, checkpoint=report_checkpoint)
+        # Ray Train registers a checkpoint only when its controller polls the workers (every 2 s): a worker that
+        # died before that poll would lose the epoch's checkpoint, and the run would resume from an older one.
+        # A worker holds one unpolled report at most, so a second report (no checkpoint) returns only once the
+        # controller has taken the first.
+        ray.train.report(metrics)
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -273,15 +415,18 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _params_identical(module: torch.nn.Module) -> bool:
-    """Whether every worker holds the same parameters (DDP's promise), checked bit for bit via a digest."""
+def _params_identical(module: torch.nn.Module, device: torch.device | str = "cpu") -> bool | None:
+    """Whether every worker holds bit-identical parameters (DDP's promise): each rank's sha256 of its parameter
+    bytes, all-gathered and compared. None when there is nothing to compare (no process group, or one worker)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return True
-    flat = torch.cat([p.detach().flatten().cpu().double() for p in module.parameters()])
-    digest = torch.tensor([flat.sum().item(), (flat * torch.arange(len(flat), dtype=torch.float64)).sum().item()])
-    gathered = [torch.zeros_like(digest) for _ in range(dist.get_world_size())]
+        return None
+    h = hashlib.sha256()
+    for p in module.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    digest = torch.tensor(list(h.digest()), dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(digest) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, digest)
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
@@ -296,101 +441,297 @@ def _write_history(run: Storage, history: list[dict]) -> None:
 
 def _print_epoch(m: dict, state: dict, epochs: int) -> None:
     done = m["epoch"] + 1
-    eta = (epochs - done) * m["epoch_seconds"]
+    eta = (epochs - done) * (m["epoch_seconds"] + m.get("val_seconds", 0.0))
     val = ""
     if "val_max_fm" in m:
-        val = f"  val max-F {m['val_max_fm']:.4f} (best {state['best_max_fm']:.4f} @ epoch {state['best_epoch'] + 1})"
+        val = (f"  val max-F {m['val_max_fm']:.4f} (best {state['best_max_fm']:.4f} @ epoch {state['best_epoch'] + 1}, "
+               f"{m['val_seconds']:.1f}s)")
     print(f"[train] epoch {done}/{epochs}  loss {m['loss']:.4f} (co {m['loss_co']:.4f}, sal {m['loss_sal']:.4f})"
           f"{val}  {m['groups_per_s']:.2f} groups/s  {m['epoch_seconds']:.1f}s/epoch  eta {eta:.0f}s", flush=True)
 
 
-def _maybe_die(config: dict, run: Storage, epoch: int) -> None:
+def _maybe_die(s: LoopSettings, run: Storage, epoch: int, rank: int) -> None:
     """Fault injection (tests): rank 0's process is killed (SIGKILL) mid-epoch, once per run."""
-    if config.get("fail_at_epoch") != epoch:
+    if s.fail_at_epoch != epoch or rank != 0 or run.exists("_injected_failure"):
         return
     import signal
 
-    import ray.train
+    run.write_bytes("_injected_failure", f"killed mid-way through epoch {epoch + 1}".encode())
+    os.kill(os.getpid(), signal.SIGKILL)
 
-    if ray.train.get_context().get_world_rank() == 0 and not run.exists("_injected_failure"):
-        run.write_bytes("_injected_failure", f"killed mid-way through epoch {epoch + 1}".encode())
-        os.kill(os.getpid(), signal.SIGKILL)
+
+# ---------------------------------------------------------------------------------- what a run is made of
+def content_digest(url: str, options: dict | None = None) -> str:
+    """A file's identity without reading all of it: ``<size>:<sha256 of its first and last MiB>``."""
+    fs, path = open_url(url, options or {})
+    size = int(fs.size(path))
+    h = hashlib.sha256(fs.cat_file(path, start=0, end=min(size, MIB)))
+    if size > MIB:
+        h.update(fs.cat_file(path, start=max(MIB, size - MIB), end=size))
+    return f"{size}:{h.hexdigest()}"
+
+
+def file_sizes(root: str, options: dict) -> dict[str, int]:
+    """URI -> size of every file under a root, from one recursive listing."""
+    store = Storage(root, options)
+    return {store.fs.unstrip_protocol(p): int(info.get("size") or 0)
+            for p, info in store.fs.find(store.base, detail=True).items()}
+
+
+def listing_digest(root: str, groups: list[GroupSpec], sizes: dict[str, int]) -> str:
+    """The data a run saw: every listed image and ground truth, by path under the root and size."""
+    prefix = Storage(root).url().rstrip("/") + "/"
+    h = hashlib.sha256()
+    for spec in groups:
+        for im in spec.images:
+            for uri in (im.image_uri, im.gt_uri):
+                if uri:
+                    h.update(f"{uri.removeprefix(prefix)}\t{sizes.get(uri, -1)}\n".encode())
+    return h.hexdigest()
+
+
+def fingerprint(cfg: TrainConfig, digests: dict[str, str], weights: str | None, init_head: str | None) -> dict:
+    """What decides a run's result; a run resumes only under the same fingerprint."""
+    return {
+        "data": [digests[r] for r in cfg.data],
+        "val": digests[cfg.val] if cfg.val else None,
+        "backbone": weights or ("random-init" if cfg.random_init else "timm-pretrained"),
+        "backbone_name": cfg.backbone_name,
+        "backbone_kwargs": dict(cfg.backbone_kwargs),
+        "init_head": init_head,
+        "precision": resolve(cfg.dtype, "cuda" if cfg.gpu else "cpu"),
+        "feature_cache": cfg.feature_cache,
+        "max_images": cfg.max_images,
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+        "seed": cfg.seed,
+        "workers": cfg.workers,
+    }
+
+
+def claim_run(run: Storage, cfg: TrainConfig, fp: dict) -> dict:
+    """Records the run's settings and fingerprint (returns that record); a run there with another fingerprint
+    is refused, naming each difference. Settings outside the fingerprint (epochs, resources) may change."""
+    before = run.read_json(RUN_RECORD) if run.exists(RUN_RECORD) else None
+    old = (before or {}).get("fingerprint")
+    if old is not None and old != fp and has_progress(run):
+        diffs = [f"{k}: was {_short(old.get(k))}, now {_short(fp.get(k))}" for k in sorted(set(old) | set(fp))
+                 if old.get(k) != fp.get(k)]
+        raise RunMismatchError(
+            f"{redact(cfg.run_url())} holds a run started with other data, weights or settings, so it is not resumed "
+            f"({'; '.join(diffs)}). Give another --name (or --storage) for a new run, or the original settings "
+            "to resume it.")
+    record = {"settings": redact(asdict(cfg)), "fingerprint": fp, "resumed": has_progress(run)}
+    run.write_json(RUN_RECORD, record)
+    return record
+
+
+def has_progress(run: Storage) -> bool:
+    """Whether a run has trained anything (a history or a Ray Train checkpoint): a run that never started an
+    epoch (say, refused by the cluster) may be started again with other settings."""
+    if run.exists(HISTORY):
+        return True
+    return run.exists() and any(p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_")
+                                for p in run.fs.ls(run.base, detail=False))
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 90 else text[:87] + "..."
+
+
+# ---------------------------------------------------------------------------------------- resources
+def check_placement(bundle: dict, count: int, timeout: float, what: str) -> None:
+    """Waits at most ``timeout`` s for the cluster to place ``count`` bundles (a placement group, PACK, as Ray
+    Train reserves its workers), then gives them back. Raises PlacementError naming what is missing. A resource
+    no node has, on a cluster that cannot grow (no autoscaler), fails at once."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundle = {k: v for k, v in bundle.items() if v}
+    total = ray.cluster_resources()
+    if any(not total.get(k) for k in bundle) and not _cluster_can_grow():
+        raise PlacementError(placement_message(bundle, count, None, what))
+    pg = placement_group([bundle] * count, strategy="PACK")
+    try:
+        if pg.wait(timeout_seconds=max(1, int(timeout))):
+            return
+    finally:
+        remove_placement_group(pg)
+    raise PlacementError(placement_message(bundle, count, timeout, what))
+
+
+def placement_message(bundle: dict, count: int, waited: float | None, what: str) -> str:
+    """What is missing for ``count`` x ``bundle``; ``waited``: the bounded wait that ran out (None: not waited,
+    the cluster cannot grow)."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    problems = []
+    for k, v in bundle.items():
+        need = v * count
+        if not total.get(k):
+            hint = " (drop --gpu, or run on a machine or cluster with GPUs)" if k == "GPU" else ""
+            problems.append(f"{k}: {need:g} needed, the cluster has none{hint}")
+        elif total[k] < need:
+            problems.append(f"{k}: {need:g} needed, the cluster has {total[k]:g} in all")
+        elif free.get(k, 0) < need:
+            problems.append(f"{k}: {need:g} needed, {free.get(k, 0):g} of {total[k]:g} free now (held by others)")
+    if not problems and not any(all(node.get(k, 0) >= v for k, v in bundle.items()) for node in nodes):
+        problems.append(f"no single node has {bundle} for one of them")
+    actors = live_actors()
+    when = (f"within {waited:g} s (--placement-timeout)" if waited is not None
+            else "(not waiting: the cluster lacks it and has no autoscaler to add nodes)")
+    return (f"cannot place {what}: {count} x {bundle} {when}. "
+            f"{'; '.join(problems) or 'resources look sufficient but were not granted in time'}. "
+            f"Cluster: {_resources(total)}; free: {_resources(free)}; live actors: {actors}")
+
+
+def _resources(r: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(r.items()) if k in ("CPU", "GPU") or not k.startswith(("node:", "memory", "object_store")))
+
+
+def live_actors() -> list[str]:
+    """Class names of the cluster's live actors with what they hold (state API; names alone without it)."""
+    import ray
+
+    try:
+        from ray.util.state import list_actors
+
+        rows = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
+                           detail=True, limit=200, raise_on_missing_output=False, timeout=10)
+        return [f"{a.class_name} {a.required_resources or {}}" for a in rows]
+    except Exception:  # noqa: BLE001 - no dashboard here: the GCS's actor table has the names
+        try:
+            from ray._private import state
+
+            return [a["ActorClassName"] for a in state.actors().values() if a["State"] == "ALIVE"]
+        except Exception as exc:  # noqa: BLE001
+            return [f"(unavailable: {type(exc).__name__})"]
+
+
+def _cluster_can_grow() -> bool:
+    """Whether an autoscaler could add nodes (Ray Train asks the same of the cluster config)."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config() is not None
+    except Exception:  # noqa: BLE001 - unknown: assume it can, and wait the bounded time
+        return True
+
+
+@contextlib.contextmanager
+def _worker_start_timeout(seconds: float):
+    """Ray Train's own bound on starting a worker group (it reads this variable, and passes it on)."""
+    name = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+    before = os.environ.get(name)
+    if before is None:
+        os.environ[name] = str(max(1.0, float(seconds)))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
 
 
 # ---------------------------------------------------------------------------------------------- driver
 def run_training(cfg: TrainConfig):
-    """Lists the data, fills the feature cache (if on), then runs the TorchTrainer. Returns the ray.train.Result."""
+    """Lists the data, checks the run and the cluster, fills the feature cache (if on), then runs the
+    TorchTrainer. Returns the ray.train.Result."""
     import pyarrow.fs
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    roots = list(dict.fromkeys(cfg.data + ([cfg.val] if cfg.val else [])))
+    roots = list(dict.fromkeys([*cfg.data, *([cfg.val] if cfg.val else [])]))
     listed = {root: list_layout(Storage(root, cfg.storage_options)) for root in roots}
-    if not any(listed[r] for r in cfg.data):
-        raise ValueError(f"no images found under {cfg.data}")
-    print(f"[train] {sum(len(listed[r]) for r in cfg.data)} training groups, "
+    if not any(spec.images for r in cfg.data for spec in listed[r]):
+        raise ValueError(f"no images found under {list(cfg.data)}")
+    sizes = {root: file_sizes(root, cfg.storage_options) for root in roots}
+    weights = content_digest(cfg.backbone, cfg.storage_options) if cfg.backbone else None
+    init_head = content_digest(cfg.init_head, cfg.storage_options) if cfg.init_head else None
+    fp = fingerprint(cfg, {r: listing_digest(r, listed[r], sizes[r]) for r in roots}, weights, init_head)
+    run = Storage(cfg.run_url(), cfg.storage_options)
+    record = claim_run(run, cfg, fp)
+    print(f"[train] {'resuming' if record['resumed'] else 'new run'} {redact(cfg.run_url())}: "
+          f"{sum(len(listed[r]) for r in cfg.data)} training groups, "
           f"{sum(len(s.images) for r in cfg.data for s in listed[r])} images; validation: "
-          f"{len(listed[cfg.val]) if cfg.val else 0} groups", file=sys.stderr, flush=True)
+          f"{len(listed[cfg.val]) if cfg.val else 0} groups; {cfg.workers} worker(s) x {cfg.worker_resources}, "
+          f"{cfg.backend}", file=sys.stderr, flush=True)
+
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
     try:
-        model_cfg = cfg.model_cfg()
+        what = f"{cfg.workers} training worker(s)"
+        check_placement(cfg.worker_resources, cfg.workers, cfg.placement_timeout, what)
+        settings = cfg.backbone_settings()
         cache_folders: dict[str, str] = {}
         if cfg.feature_cache:
-            # the feature pass is the inference job's stage 1 without the head: plan its actors the same way
-            plan = plan_resources(InferConfig(gpus_per_actor=1.0 if cfg.gpu else 0.0), ray.cluster_resources())
+            plan = plan_cache(cfg.gpu, ray.cluster_resources())
             cache_root = cfg.cache_url or f"{cfg.storage.rstrip('/')}/feature-cache"
+            model = backbone_id(settings, weights)
+            record["feature_cache"] = {}
             for root in roots:
-                folder = cache_folder(cache_root, root, model_cfg)
-                t0 = time.monotonic()
-                summary = build_cache(listed[root], folder, {**model_cfg, "cpu_threads": plan.cpu_threads},
-                                      actors=plan.stage1_actors, actor_args=plan.stage1_args)
-                print(f"[train] feature cache {folder}: {summary} in {time.monotonic() - t0:.1f}s",
-                      file=sys.stderr, flush=True)
+                folder = cache_folder(cache_root, root, model)
+                summary = build_cache(listed[root], folder, settings, plan, sizes[root], cfg.placement_timeout)
+                rate = f", {summary['images_per_s']:.1f} img/s" if summary["images_per_s"] else ""
+                print(f"[train] feature cache {redact(folder)}: {summary['computed']} groups computed "
+                      f"({summary['images']} images, {summary['errors']} unreadable) in {summary['seconds']:.1f}s"
+                      f"{rate}, {summary['cached_before']} reused", file=sys.stderr, flush=True)
                 cache_folders[root] = folder
+                record["feature_cache"][redact(root)] = {"folder": redact(folder), **summary}
+            run.write_json(RUN_RECORD, record)
+            if cfg.gpu:  # the pass's actors must have handed their GPUs back before the workers can start
+                check_placement(cfg.worker_resources, cfg.workers, cfg.placement_timeout, what)
 
-        def usable(rs: list[str]) -> list[dict]:
+        def usable(rs: list[str]) -> tuple[TrainGroup, ...]:
             # with the cache, a group whose images all failed to decode has no features: leave it out
-            return [_group_dict(r, spec) for r in rs for spec in listed[r]
-                    if not cache_folders or FeatureCache(cache_folders[r], cfg.storage_options).has(spec.key)]
+            return tuple(TrainGroup(r, spec.key, tuple(im.image_uri for im in spec.images),
+                                    tuple(im.gt_uri for im in spec.images))
+                         for r in rs for spec in listed[r] if spec.images and (
+                             not cache_folders or FeatureCache(cache_folders[r], cfg.storage_options).has(spec.key)))
 
-        groups, val_groups = usable(cfg.data), usable([cfg.val] if cfg.val else [])
-        dim = _embed_dim(model_cfg)
+        loop = LoopSettings(
+            backbone=settings, groups=usable(list(cfg.data)), val_groups=usable([cfg.val] if cfg.val else []),
+            cache_folders=cache_folders, run_url=cfg.run_url(), storage_options=cfg.storage_options,
+            dim=_embed_dim(cfg), epochs=cfg.epochs, val_every=cfg.val_every, max_images=cfg.max_images, lr=cfg.lr,
+            weight_decay=cfg.weight_decay, seed=cfg.seed, backend=cfg.backend, init_head=cfg.init_head,
+            fail_at_epoch=cfg.fail_at_epoch)
         storage = Storage(cfg.storage, cfg.storage_options)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={
-                "cfg": model_cfg, "groups": groups, "val_groups": val_groups,
-                "cache_folders": cache_folders or None, "run_url": cfg.run_url(), "dim": dim,
-                "epochs": cfg.epochs, "val_every": cfg.val_every,
-                "max_images": cfg.max_images, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "seed": cfg.seed,
-                "init_head": cfg.init_head, "fail_at_epoch": cfg.fail_at_epoch,
-            },
-            torch_config=TorchConfig(backend="nccl" if cfg.gpu else "gloo"),
+            train_loop_config={"settings": loop},
+            torch_config=TorchConfig(backend=cfg.backend),
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
-                                                   resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                                   resources_per_worker=cfg.worker_resources),
             run_config=ray.train.RunConfig(
                 name=cfg.name,
                 storage_path=storage.base,
                 storage_filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(storage.fs)),
-                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                # controller_failure_limit bounds Ray's retries of a worker group that could not start
+                # (unlimited by default: the run would wait for ever)
+                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures,
+                                                       controller_failure_limit=cfg.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             ),
         )
-        result = trainer.fit()
-        Storage(cfg.run_url(), cfg.storage_options).write_json("train_config.json", redact(asdict(cfg)))
-        return result
+        with _worker_start_timeout(cfg.placement_timeout):
+            return trainer.fit()
     finally:
         if started_ray:
             ray.shutdown()
 
 
-def _embed_dim(model_cfg: dict) -> int:
+def _embed_dim(cfg: TrainConfig) -> int:
     import timm
 
-    kwargs = dict(model_cfg.get("backbone_kwargs") or {})
-    if "embed_dim" in kwargs:
-        return int(kwargs["embed_dim"])
-    return int(timm.create_model(model_cfg["backbone_name"], pretrained=False, num_classes=0, depth=1).embed_dim)
+    if "embed_dim" in cfg.backbone_kwargs:
+        return int(cfg.backbone_kwargs["embed_dim"])
+    return int(timm.create_model(cfg.backbone_name, pretrained=False, num_classes=0, depth=1).embed_dim)
+
+
+def config_defaults() -> dict:
+    """Field -> default of TrainConfig (the CLI's defaults come from here)."""
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}

@@ -4,16 +4,21 @@ from pipeline.sample import write_sample
 
 
 def test_a_killed_training_worker_resumes_from_its_checkpoint(ray_local, tiny_weights, tmp_path):
-    from pipeline.train import TrainConfig, run_training
     import pandas as pd
+
+    from pipeline.train import TrainConfig, run_training
 
     write_sample(str(tmp_path / "data"), {"horse": 3, "disc": 3, "horse2": 3})
     cfg = TrainConfig(data=[str(tmp_path / "data")], storage=str(tmp_path / "runs"), name="killed", epochs=3,
                       backbone=tiny_weights[0], backbone_name="vit_base_patch8_224", backbone_kwargs=dict(TINY_VIT),
                       cpus_per_worker=0.5, fail_at_epoch=1, max_failures=1)
-    run_training(cfg)
+    result = run_training(cfg)
     assert (tmp_path / "runs" / "killed" / "_injected_failure").exists()  # the worker died mid-way through epoch 2
-    epochs = list(pd.read_parquet(tmp_path / "runs" / "killed" / "metrics.parquet")["epoch"])
-    assert epochs == [0, 1, 2]  # epoch 1 redone from the checkpoint of epoch 0, nothing twice
+    h = pd.read_parquet(tmp_path / "runs" / "killed" / "metrics.parquet")
+    assert list(h["epoch"]) == [0, 1, 2]  # epoch 1 redone, nothing twice
+    # Ray restarted the workers from the checkpoint of epoch 0: its row was written by the first attempt, the
+    # later ones by the second (a restart from scratch would have rewritten epoch 0 too)
+    assert h["attempt"].iloc[0] != h["attempt"].iloc[1] == h["attempt"].iloc[2]
+    assert result.metrics["epoch"] == 2 and result.metrics["head_sha256"] == h["head_sha256"].iloc[-1]
     count("faults injected", "training worker killed mid-epoch (SIGKILL)")
     count("faults survived", "training worker killed mid-epoch (SIGKILL)")
