@@ -17,7 +17,7 @@ import numpy as np
 try:  # the fused CUDA kernel of the mean field (scosparc_core.permutohedral has the lattice's)
     import triton
     import triton.language as tl
-except ImportError:
+except Exception:  # not installed (CPU workers), or unusable: torch ops then
     triton = None
 
 if TYPE_CHECKING:

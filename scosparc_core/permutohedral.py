@@ -39,7 +39,7 @@ import torch
 try:  # the fused CUDA kernels; torch ops where Triton is missing
     import triton
     import triton.language as tl
-except ImportError:
+except Exception:  # not installed (CPU workers), or unusable: torch ops then
     triton = None
 
 
