@@ -39,7 +39,7 @@ _NOT_GROUPS = {"img", "imgs", "image", "images", "rgb", "gt", "gts", "groundtrut
 _GT_LIKE = _NOT_GROUPS - {"img", "imgs", "image", "images", "rgb"}
 
 LIST_THREADS = 16  # concurrent group listings per task: object-store latency bounds a listing, not CPU
-GROUPS_PER_TASK = 64  # group names per listing task
+GROUPS_PER_TASK = 256  # group names per listing task: fewer, larger blocks make the summary and later stages cheaper
 LIST_CPUS = 0.25  # a listing task waits on the network; it should not hold a core
 MAX_SHUFFLE_PARTITIONS = 200  # Ray Data's default for a hash shuffle
 MANIFEST_COLUMNS = ("group", "image_uri", "gt_uri")
