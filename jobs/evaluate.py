@@ -1,4 +1,4 @@
-"""CoSOD evaluation report for inference runs and for any method's prediction maps.
+r"""CoSOD evaluation report for inference runs and for any method's prediction maps.
 
     python jobs/evaluate.py --run scosparc=out/coca --output out/eval
     python jobs/evaluate.py --run ours=s3://b/runs/r1 --maps gicd=s3://b/maps/GICD/CoCA \
@@ -51,9 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--maps", type=labelled, action="append", default=[], metavar="[LABEL=]URL",
                     help="prediction maps <root>/<group>/<stem>.png of any method (repeatable; needs --gt)")
     ap.add_argument("--gt", help="ground-truth root <root>/<group>/<stem>.png for --maps")
-    ap.add_argument("--images", help="photos for the gallery of --maps, <root>/<group>/<stem>.* "
-                                     "(default: the CoSOD layout beside --gt, <gt>/../image)")
-    ap.add_argument("--dataset", help="dataset name (default: from the run's input or the --gt path)")
+    ap.add_argument("--images", help="photos for the gallery of --maps, <root>/<group>/<stem>.*; when not given, "
+                                     "the CoSOD layout beside --gt: <gt>/../image")
+    ap.add_argument("--dataset", help="dataset name; when not given, from the run's input or the --gt path")
     ap.add_argument("--output", required=True, help="where report.html and metrics.parquet go")
     ap.add_argument("--ray", action="store_true", help="score --maps on Ray Data (large sets)")
     ap.add_argument("--title", default="SCoSPARC evaluation", help="the report's title")

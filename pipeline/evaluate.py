@@ -14,8 +14,9 @@ Memory does not grow with the number of images. What is held, per source:
     from the listing of a maps group) and is then reduced to its summary and merged into the dataset's sums.
     Open at once: the groups of one flush (``FLUSH_ROWS`` rows) plus those whose rows are split over files not
     yet read. Files are read in the order of the first group they hold, which is about the order jobs/infer.py
-    wrote them, so a group split over shards is usually complete one or two files later; a Parquet whose groups
-    are scattered over all files keeps up to all of them open (the bound is then groups x 25 KiB);
+    wrote them, so a group split over shards is usually complete one or two files later. A Parquet whose groups
+    are scattered over all files would keep them all open: past ``MAX_OPEN_GROUPS`` the run is read again in
+    passes, each taking the groups of one hash class, so the bound holds (~300 MB) whatever the layout;
   * the finished groups' summaries (~100 bytes each: 40 MB for 400k groups), which metrics.parquet holds in
     full while the report shows the top and bottom ones;
   * the first pass's rows per group (~100 bytes a group) and first group per file;
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import io
 import posixpath
+import zlib
 from array import array
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -54,6 +56,7 @@ SUMMARY = ("max_fm", "mean_fm", "adp_fm", "sm", "max_em", "mean_em", "adp_em", "
 BATCH_ROWS = 1024  # rows per scanned record batch (~8 MiB of curves)
 FLUSH_ROWS = 2048  # rows gathered before they are added to the exact sums (fewer, larger numpy passes)
 GALLERY = 6  # best and worst images kept per source
+MAX_OPEN_GROUPS = 10_000  # groups whose sums are held at once (~30 KiB each) before a run is read in passes
 # Columns read for the gallery's few images only, after the scan; tolerated when absent (older runs).
 GALLERY_COLUMNS = ("group", "name", "image_uri", "gt_uri", "mask_uri", "mask_png", "sm", "mae")
 
@@ -124,6 +127,10 @@ class Extremes:
         return {"worst": self.low[:count], "best": self.high[:count]}
 
 
+class TooManyOpenGroups(Exception):
+    """More groups are open at once than ``max_open`` allows."""
+
+
 class StreamingEvaluation:
     """Per-image metric rows in, dataset and per-group figures out, in bounded memory (see the module's doc).
 
@@ -132,8 +139,11 @@ class StreamingEvaluation:
     complete groups are closed after each.
     """
 
-    def __init__(self, expected: Mapping[str, int] | None = None, gallery: int = GALLERY):
+    def __init__(self, expected: Mapping[str, int] | None = None, gallery: int = GALLERY,
+                 max_open: int | None = None):
         self.expected: dict[str, int] = dict(expected or {})
+        self.max_open = max_open
+        self.passes = 1
         self.dataset = MetricSums()
         self.groups = MetricSums(slots=8)
         self.slot: dict[str, int] = {}  # open group -> its slot in self.groups
@@ -191,6 +201,8 @@ class StreamingEvaluation:
         self._close(self.ready)
         self.ready = []
         self.most_open = max(self.most_open, len(self.slot))
+        if self.max_open is not None and len(self.slot) > self.max_open:
+            raise TooManyOpenGroups(f"{len(self.slot)} groups open at once")
 
     def _open(self, name: str) -> int:
         if name not in self.slot:
@@ -298,12 +310,37 @@ def _metric_rows(batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
 
 
 def evaluate_run(source: Source, gallery: int = GALLERY) -> StreamingEvaluation:
-    """Scans a run's predictions Parquet in record batches: only ``group`` and the metric columns."""
+    """Scans a run's predictions Parquet in record batches: only ``group``, ``status`` and the metric columns.
+
+    Should more than ``MAX_OPEN_GROUPS`` groups be open at once (rows of each group scattered over many files,
+    which jobs/infer.py does not write), the scan starts again in passes that each take the groups of one hash
+    class: memory stays bounded at the price of reading the data once per pass.
+    """
     out, files = _run_files(source)
     if not files:
         return StreamingEvaluation(gallery=gallery)
     files, counts = _plan(out, files)
-    state = StreamingEvaluation(counts, gallery)
+    passes = 1
+    while True:
+        state = StreamingEvaluation(counts, gallery, max_open=MAX_OPEN_GROUPS if passes == 1 else None)
+        try:
+            for part in range(passes):
+                _scan_run(out, files, state, passes, part)
+            break
+        except TooManyOpenGroups:
+            passes = -(-len(counts) // MAX_OPEN_GROUPS) + 1
+    state.passes = passes
+    state.gallery_rows = _run_gallery_rows(out, state.extremes.picks())
+    return state
+
+
+def _hash_class(names: np.ndarray, passes: int) -> np.ndarray:
+    """(n,) the pass each row's group belongs to: crc32 of its name, modulo ``passes``."""
+    unique, inverse = np.unique(names, return_inverse=True)
+    return np.array([zlib.crc32(str(u).encode()) % passes for u in unique.tolist()], np.int64)[inverse]
+
+
+def _scan_run(out: Storage, files: list[str], state: "StreamingEvaluation", passes: int, part: int) -> None:
     dataset = pads.dataset(files, format="parquet", filesystem=out.fs)
     columns = [c for c in ("group", "status", *SCALARS, *CURVES) if c in dataset.schema.names]
     # Memory in flight: two files' current row groups, read column chunk by column chunk (pre-buffering whole
@@ -315,14 +352,14 @@ def evaluate_run(source: Source, gallery: int = GALLERY) -> StreamingEvaluation:
         batch = tagged.record_batch
         if tagged.fragment.path != path:
             path, offset = tagged.fragment.path, 0
-        has, rows = _metric_rows(batch)
-        where = np.flatnonzero(has) + offset
+        group = _strings(batch.column("group"))
         status = _strings(batch.column("status")) if "status" in columns else None
-        state.feed(_strings(batch.column("group")), has, rows, lambda j, where=where, path=path: (path, int(where[j])),
-                   status)
+        has, rows = _metric_rows(batch)
+        mine = np.ones(len(group), bool) if passes == 1 else _hash_class(group, passes) == part
+        where = np.flatnonzero(has & mine) + offset  # rows stay named by their place in the file
+        state.feed(group[mine], has[mine], rows[mine[has]], lambda j, where=where, path=path: (path, int(where[j])),
+                   None if status is None else status[mine])
         offset += batch.num_rows
-    state.gallery_rows = _run_gallery_rows(out, state.extremes.picks())
-    return state
 
 
 def _run_gallery_rows(out: Storage, picks: dict[str, list[tuple]]) -> dict[str, list[dict]]:
@@ -481,7 +518,7 @@ def evaluate(sources: list[Source], use_ray: bool = False, gallery: int = GALLER
             frames.append(groups.assign(**base, scope="group"))
         details[source.label] = {"dataset": dataset, "summary": summary, "missing": state.missing,
                                  "source": source, "gallery": state.gallery_rows, "groups": len(groups),
-                                 "rows": state.rows, "most_open_groups": state.most_open}
+                                 "rows": state.rows, "most_open_groups": state.most_open, "passes": state.passes}
     columns = ["label", "dataset", "scope", "group", "images", "images_without_metrics", "errors",
                "missing_predictions",
                *SUMMARY, *CURVES]
