@@ -189,6 +189,11 @@ def rss_mib() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
+def cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def sequential(storage):
     """The listing before issue 11, as it was: two recursive walks on the driver, default listings cache."""
     from pipeline.listing import GroupSpec, ImageSpec, _hidden, _relative, _stem, finish
@@ -239,6 +244,7 @@ def measure(method: str, url: str, options: dict, groups_per_task: int | None = 
         ray.data.range(64, override_num_blocks=16).map_batches(_warm, num_cpus=LIST_CPUS).materialize()
         result["ray_warmup_s"] = time.perf_counter() - t0
     base = rss_mib()
+    cpu0 = cpu_s()
     t0 = time.perf_counter()
     if method == "sequential":
         storage = Storage(url, options)
@@ -257,6 +263,7 @@ def measure(method: str, url: str, options: dict, groups_per_task: int | None = 
         result["summarize_s"] = time.perf_counter() - t0 - result["list_s"]
         result["cache_entries"] = sum(len(v) for v in _listing_fs(url, options)[0].dircache.values())
     result["seconds"] = time.perf_counter() - t0
+    result["driver_cpu_s"] = cpu_s() - cpu0  # this process only: the Ray tasks' work is elsewhere
     if method != "ray":
         result.setdefault("list_s", result["seconds"])
         summary = {"groups": len(groups), "images": sum(len(g.images) for g in groups),
@@ -315,7 +322,7 @@ def main():
                ("listing-moto.json" if args.s3_server == "moto" else "listing.json"))
 
     keys = layout(args.n, args.groups, args.gt_fraction)
-    rows, server = [], None
+    rows, server, load = [], None, os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         try:
             for store in args.stores:
@@ -354,19 +361,20 @@ def main():
 
     print(f"\n{args.n:,} images ({len(keys):,} objects with ground truth) in {args.groups:,} groups; S3: "
           f"{args.s3_server} server, {args.latency_ms:g} ms + {args.per_key_ms:g} ms/key per list request")
-    print(f"{'store':6} {'method':11} {'list s':>8} {'summary s':>9} {'requests':>8} {'peak RSS MiB':>12} "
-          f"{'over start':>10} {'cache entries':>13} {'groups':>7} {'images':>8}")
+    print(f"{'store':6} {'method':11} {'list s':>8} {'summary s':>9} {'driver CPU s':>12} {'requests':>8} "
+          f"{'peak RSS MiB':>12} {'over start':>10} {'cache entries':>13} {'groups':>7} {'images':>8}")
     for r in rows:
         print(f"{r['store']:6} {r['method']:11} {r['list_s']:8.1f} {r.get('summarize_s', 0):9.1f} "
-              f"{r.get('list_requests', '-'):>8} {r['peak_rss_mib']:12.0f} {r['peak_over_before_mib']:10.0f} "
-              f"{r['cache_entries']:13,} {r['groups']:7,} {r['images']:8,}")
+              f"{r['driver_cpu_s']:12.1f} {r.get('list_requests', '-'):>8} {r['peak_rss_mib']:12.0f} "
+              f"{r['peak_over_before_mib']:10.0f} {r['cache_entries']:13,} {r['groups']:7,} {r['images']:8,}")
+    print(f"load average (1 min) at start and end: {load[0]:.1f}, {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     counts = {(r["store"], r["groups"], r["images"], r["images_with_gt"]) for r in rows}
     assert len(counts) == len(args.stores), f"the methods disagree: {counts}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "n_images": args.n, "groups": args.groups, "objects": len(keys), "gt_fraction": args.gt_fraction,
         "s3_server": {"kind": args.s3_server, "latency_ms": args.latency_ms, "per_key_ms": args.per_key_ms},
-        "cpus": os.cpu_count(), "rows": rows}, indent=2))
+        "cpus": os.cpu_count(), "load_average_start_end": [load[0], os.getloadavg()[0]], "rows": rows}, indent=2))
     print(f"wrote {out}")
 
 

@@ -398,7 +398,8 @@ def group_dataset(spec: InputSpec):
     A layout is listed by Ray tasks (the driver lists only the group folder names); a manifest is read with
     ``ray.data.read_parquet``/``read_csv`` and grouped with ``groupby("group").map_groups``. The dataset is
     lazy: ``materialize()`` it before using it more than once (``summarize`` then the job), or the listing
-    runs again."""
+    runs again. A block holds up to GROUPS_PER_TASK groups (a manifest's: a shuffle partition's): per-group
+    work meant to run in parallel wants ``repartition(target_num_rows_per_block=1)`` first."""
     import ray
 
     checked = _check(spec)
