@@ -103,7 +103,8 @@ def features(backbone: DinoBackbone, pixels: np.ndarray, device: str, dtype: tor
 def cache_folder(cache_root: str, data_root: str, backbone_id: str) -> str:
     """Where one dataset's features live for one backbone: <cache_root>/<backbone id>/<dataset>-<hash>."""
     name = safe_component(posixpath.basename(data_root.rstrip("/")) or "data")
-    return posixpath.join(cache_root.rstrip("/"), backbone_id, f"{name}-{hashlib.sha1(data_root.encode()).hexdigest()[:8]}")
+    digest = hashlib.sha1(data_root.encode()).hexdigest()[:8]
+    return posixpath.join(cache_root.rstrip("/"), backbone_id, f"{name}-{digest}")
 
 
 def backbone_id(settings: BackboneSettings, weights_digest: str | None) -> str:
@@ -150,10 +151,15 @@ class FeatureCache:
                      for s in ("tokens", "attention"))
 
     def _rows(self, name: str, rows: list[int]) -> np.ndarray:
+        """The rows of one stored array, fetched as byte ranges in one ``cat_ranges`` batch. Hand-written over
+        NumPy's own header reader: ``np.load(mmap_mode=...)`` needs a local file, and a chunked-array library
+        (zarr) would add a dependency and one object per chunk in the bucket, where a ``.npy`` has each row at
+        an offset known from its header."""
         fs, path = self.store.fs, self.store.path(name)
         with fs.open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            fmt = np.lib.format
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
             shape, fortran, dtype = read_header(f)
             offset = f.tell()
         if fortran:
@@ -247,7 +253,8 @@ class FeatureActor:
 def build_cache(groups: list[GroupSpec], cache_url: str, settings: BackboneSettings, plan: CachePlan,
                 sizes: dict[str, int] | None = None, start_timeout: float = 180.0) -> dict:
     """Computes the features of every group not yet (validly) in the cache, as a Ray Data job. Returns counts,
-    the pass's images/s (wall clock, start-up included) and the actors' busy seconds. ``sizes``: file sizes by URI from the listing (what makes a cached group stale).
+    the pass's images/s (wall clock, start-up included) and the actors' busy seconds. ``sizes``: file sizes by
+    URI from the listing (what makes a cached group stale).
 
     The pool's actors must be able to start within ``start_timeout`` seconds (Ray Data's
     ``wait_for_min_actors_s``), else this raises instead of waiting for resources that may never come. When the

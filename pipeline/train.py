@@ -166,7 +166,8 @@ class GroupFeatures:
     def __init__(self, settings: LoopSettings, device: torch.device):
         self.settings = settings
         self.device = device
-        self.caches = {root: FeatureCache(url, settings.storage_options) for root, url in settings.cache_folders.items()}
+        self.caches = {root: FeatureCache(url, settings.storage_options)
+                       for root, url in settings.cache_folders.items()}
         self._backbone = None
         self._indexes: dict[tuple[str, str], dict] = {}
 
@@ -589,7 +590,8 @@ def placement_message(bundle: dict, count: int, waited: float | None, what: str)
 
 
 def _resources(r: dict) -> str:
-    return ", ".join(f"{k} {v:g}" for k, v in sorted(r.items()) if k in ("CPU", "GPU") or not k.startswith(("node:", "memory", "object_store")))
+    skip = ("node:", "memory", "object_store")
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(r.items()) if not k.startswith(skip))
 
 
 def live_actors() -> list[str]:
