@@ -5,11 +5,12 @@
 
 Writes shards as jobs/infer.py does (``predictions/part-r0001-<digest>.parquet``, so name order is not group
 order) with the columns that evaluation reads, random metrics and curves with full 53-bit mantissas (8 KiB of
-curves per row, ~8.4 GB per million rows; a group may straddle two shards). ``--interleaved`` scatters each group's rows over all shards
-(the worst case for open groups). The evaluation runs in a fresh process; its peak RSS (ru_maxrss) is reported
-with the RSS it had after its imports, and its CPU seconds beside the wall time (on a shared machine rows per
-CPU-second is the steadier figure). ``--old-way`` also measures the previous design (every row loaded into
-pandas) on the same data. Prints a table and writes benchmarks/results/evaluate.json.
+curves per row, ~8.4 GB per million rows; a group may straddle two shards). ``--interleaved`` scatters each
+group's rows over all shards (the worst case for open groups: past MAX_OPEN_GROUPS the run is read in passes).
+The evaluation runs in a fresh process; its peak RSS (ru_maxrss) is reported with the RSS it had after its
+imports, and its CPU seconds beside the wall time (on a shared machine rows per CPU-second is the steadier
+figure). ``--old-way`` also measures the previous design's first step, every row loaded into pandas (its exact
+sums came on top), on the same data. Prints a table and writes benchmarks/results/evaluate.json.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ if {old!r}:
 else:
     metrics, details = evaluate([Source("bench", run={run!r}, dataset="synthetic")])
     d = details["bench"]
-    rows, extra = d["rows"], {{"groups": d["groups"], "most_open_groups": d["most_open_groups"],
+    rows, extra = d["rows"], {{"groups": d["groups"], "most_open_groups": d["most_open_groups"], "passes": d["passes"],
                                "max_fm": float(metrics.iloc[0]["max_fm"])}}
 print(json.dumps({{"rows": rows, "seconds": time.perf_counter() - t0, "cpu_seconds": cpu() - c0,
                   "rss_after_imports_mib": base,
@@ -131,11 +132,11 @@ def main():
     print(f"\n{args.rows:,} rows in {args.groups:,} groups, {args.shard_rows:,}-row shards"
           f"{', groups interleaved over all shards' if args.interleaved else ''}; Parquet {size / 2**30:.2f} GiB")
     print(f"{'reader':<28} {'seconds':>8} {'rows/s':>9} {'CPU s':>8} {'rows/CPU-s':>11} {'peak RSS MiB':>13} "
-          f"{'after imports MiB':>18} {'open groups':>12}")
+          f"{'after imports MiB':>18} {'open groups':>12} {'passes':>7}")
     for name, r in results.items():
         print(f"{name:<28} {r['seconds']:>8.1f} {r['rows'] / r['seconds']:>9,.0f} {r['cpu_seconds']:>8.1f} "
-              f"{r['rows'] / r['cpu_seconds']:>11,.0f} {r['peak_rss_mib']:>13,.0f} {r['rss_after_imports_mib']:>18,.0f} "
-              f"{r.get('most_open_groups', ''):>12}")
+              f"{r['rows'] / r['cpu_seconds']:>11,.0f} {r['peak_rss_mib']:>13,.0f} "
+              f"{r['rss_after_imports_mib']:>18,.0f} {r.get('most_open_groups', ''):>12} {r.get('passes', ''):>7}")
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     history = json.loads(path.read_text()) if path.exists() else []

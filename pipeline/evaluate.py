@@ -56,7 +56,7 @@ SUMMARY = ("max_fm", "mean_fm", "adp_fm", "sm", "max_em", "mean_em", "adp_em", "
 BATCH_ROWS = 1024  # rows per scanned record batch (~8 MiB of curves)
 FLUSH_ROWS = 2048  # rows gathered before they are added to the exact sums (fewer, larger numpy passes)
 GALLERY = 6  # best and worst images kept per source
-MAX_OPEN_GROUPS = 10_000  # groups whose sums are held at once (~30 KiB each) before a run is read in passes
+MAX_OPEN_GROUPS = 4_000  # sums held at once (~33 KiB a group; > FLUSH_ROWS) before a run is read in passes
 # Columns read for the gallery's few images only, after the scan; tolerated when absent (older runs).
 GALLERY_COLUMNS = ("group", "name", "image_uri", "gt_uri", "mask_uri", "mask_png", "sm", "mae")
 

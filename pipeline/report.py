@@ -124,7 +124,8 @@ def gallery(picks: dict[str, list[dict]], options: dict) -> str:
                 pred = np.asarray(Image.open(io.BytesIO(data["pred"])).convert("L"))
             except Exception:  # noqa: BLE001 - a thumbnail that cannot be made is left out
                 continue
-            tiles = ([rgb] if rgb is not None else []) + [_overlay(rgb, gt, (40, 200, 60)), _overlay(rgb, pred, (230, 40, 40))]
+            tiles = [rgb] if rgb is not None else []
+            tiles += [_overlay(rgb, gt, (40, 200, 60)), _overlay(rgb, pred, (230, 40, 40))]
             imgs = "".join(f'<img src="{_data_uri(t)}" alt="">' for t in tiles)
             figures.append(f'<figure><div class="trio">{imgs}</div><figcaption>{html.escape(str(r["group"]))}/'
                            f'{html.escape(str(r["name"]))} &middot; S {r["sm"]:.3f} &middot; MAE {r["mae"]:.3f}'

@@ -146,7 +146,8 @@ def write_run(root: Path, rng: np.random.Generator, layout: str = "parts", mask_
             for k in SCALARS:
                 rec[k] = float(rng.random() * 10.0 ** -rng.integers(0, 9)) if has else None
             for k in CURVES:
-                rec[k] = (rng.random(CURVE_POINTS) * 10.0 ** -rng.integers(0, 12, CURVE_POINTS)).tolist() if has else None
+                curve = rng.random(CURVE_POINTS) * 10.0 ** -rng.integers(0, 12, CURVE_POINTS)
+                rec[k] = curve.tolist() if has else None
             records.append(rec)
     frame = pd.DataFrame(records)
     schema = pa.schema([("group", pa.string()), ("name", pa.string()), ("status", pa.string()),
