@@ -68,6 +68,7 @@ def image_metrics(pred: np.ndarray, gt: np.ndarray) -> dict:
 
 WIDTH = len(SCALARS) + CURVE_POINTS * len(CURVES)  # one image's values, as MetricSums packs them
 _CHUNK = 4096  # rows per extraction pass: 2**m >= rows + 2 leaves 53 - m = 40 bits captured per level
+_SLOTS = 256  # slots per extraction pass
 
 
 def _two_sum(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -226,12 +227,14 @@ class ExactSum:
         if runs > 1 and runs != len(np.unique(slots)):  # each slot's rows must be one run; usually they are
             order = np.argsort(slots, kind="stable")
             values, slots = values[order], slots[order]
-        for start in range(0, len(values), _CHUNK):
-            chunk_slots = slots[start : start + _CHUNK]
+        # chunks of at most _CHUNK rows and _SLOTS slots (a grow copies partials x slots x width)
+        runs = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1]])
+        bounds = sorted({*range(0, len(values), _CHUNK), *runs[::_SLOTS].tolist(), len(values)})
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            chunk_slots = slots[start:stop]
             starts = np.flatnonzero(np.r_[True, chunk_slots[1:] != chunk_slots[:-1]])
-            targets = chunk_slots[starts]
-            for level in _level_sums(values[start : start + _CHUNK], starts):
-                self._grow(level, targets)
+            for level in _level_sums(values[start:stop], starts):
+                self._grow(level, chunk_slots[starts])
 
     def _grow(self, terms: np.ndarray, targets: np.ndarray) -> None:
         """Shewchuk's Grow-Expansion with TwoSum: terms (b, width) into slots ``targets`` (b distinct)."""
