@@ -1,0 +1,429 @@
+"""Issue 11's scale targets: N tiny JPEGs in G groups, on moto S3 or local disk, through the inference job.
+
+    .venv/bin/python benchmarks/bench_scale.py [--n 100000] [--groups 4000] [--where s3|local] [--size 64]
+    .venv/bin/python benchmarks/bench_scale.py --one-group 10000 [--where local]
+
+The job is ``pipeline.infer.run_inference`` with a tiny ViT (``vit_base_patch8_224``, embed_dim 96, depth 2,
+3 heads, random weights), ``--crf none`` and stage 1 on the CPU, so that the figures are those of the system
+(listing, decoding, shards, records, resume), not of the backbone. Images are ``size`` x ``size`` JPEGs (a pool
+of distinct pictures, so decoding is cheap but real) in the CoSOD layout ``image/<group>/<name>.jpg``, G groups
+of N/G images (``--one-group N``: one group of N images, which stage 1 runs in passes when N is above
+``--one-pass-images``).
+
+Processes, each measured on its own:
+  * the S3 server (``--where s3``): moto's ``ThreadedMotoServer`` in a process of its own (it holds every object;
+    in the driver it would count as the driver's memory). Its ListObjectsV2 is answered from a sorted index of
+    the bucket's keys (rebuilt when a key is added or removed): moto scans and sorts the whole bucket for every
+    page, which S3 does not, and 4,000 group listings of a 200,000-key bucket would measure moto. Objects are
+    uploaded with a thread pool;
+  * the first run (a fresh driver process): Ray started, the listing timed on its own as the job does it
+    (``group_dataset(...).materialize()`` + ``summarize``), then the job. A thread samples every process under
+    the driver (Ray's GCS, raylet, workers) twice a second: each one's peak RSS (``VmHWM``) and peak anonymous
+    RSS (``RssAnon``, i.e. without the object store's shared pages it maps);
+  * the resume (another fresh driver process, as a user re-running the command): ``run_inference`` on the same
+    output with everything done, timed from the call, Ray's start-up included.
+Then the output is counted (Parquet shards, commit records, mask files). Prints a table and writes
+``benchmarks/results/scale-<where>-<n>x<groups>.json`` (``scale-<where>-one-group-<n>.json``).
+Targets (issue 11, N = 100,000 in 4,000 groups): driver peak RSS <= 1.5 GB, Parquet files <= 20, a resume with
+everything done <= 60 s; one group of 10,000 images: every worker's peak RSS <= 3 GB.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+BUCKET = "bench-scale"
+KEYS = {"key": "testing", "secret": "testing"}
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+TINY_VIT = {"embed_dim": 96, "depth": 2, "num_heads": 3}
+POOL = 97  # distinct pictures; image i of group g gets picture (g * 31 + i) % POOL
+GIB = 1024**3
+TARGETS = {"driver_peak_rss_gib": 1.5, "parquet_files": 20, "resume_s": 60.0, "worker_peak_rss_gib": 3.0}
+
+
+# --- the input ------------------------------------------------------------------------------------------------
+
+def pictures(size: int, count: int = POOL) -> list[bytes]:
+    """``count`` distinct JPEGs of ``size`` x ``size``: a noisy background and a disc (something to be salient)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    out = []
+    for _ in range(count):
+        rgb = rng.integers(0, 256, 3) * 0.6 + rng.normal(0, 25, (size, size, 3))
+        (cy, cx), r = rng.uniform(0.3, 0.7, 2) * size, rng.uniform(0.15, 0.3) * size
+        rgb[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = rng.integers(0, 256, 3)
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def layout(n: int, groups: int) -> list[tuple[str, int]]:
+    """(key under the root, picture) for n images in ``groups`` groups of n / groups images (the rest spread)."""
+    base, extra = divmod(n, groups)
+    keys = []
+    for g in range(groups):
+        for i in range(base + (g < extra)):
+            keys.append((f"image/g{g:05d}/img{i:05d}.jpg", (g * 31 + i) % POOL))
+    return keys
+
+
+def write_local(root: Path, keys: list[tuple[str, int]], pics: list[bytes]) -> None:
+    def put(item):
+        path = root / item[0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pics[item[1]])
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(put, keys, chunksize=256))
+
+
+def upload_s3(endpoint: str, keys: list[tuple[str, int]], pics: list[bytes], threads: int = 32) -> None:
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                          region_name="us-east-1", config=Config(max_pool_connections=threads))
+    client.create_bucket(Bucket=BUCKET)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda kp: client.put_object(Bucket=BUCKET, Key=f"in/{kp[0]}", Body=pics[kp[1]]), keys,
+                      chunksize=64))
+
+
+# --- the S3 server (its own process) -------------------------------------------------------------------------
+
+def serve_s3() -> None:
+    """moto's server with ListObjectsV2 answered from a sorted index of the bucket's keys; prints its URL and
+    runs until stdin closes."""
+    from bench_listing import list_page
+    from moto.s3 import models
+    from moto.server import ThreadedMotoServer
+
+    os.environ.update(AWS_ENV)
+    index: dict[str, list[str]] = {}  # bucket -> sorted key names, dropped when a key is added or removed
+    lock = threading.Lock()
+    put_object, delete_object = models.S3Backend.put_object, models.S3Backend.delete_object
+
+    def put(self, bucket_name, key_name, *args, **kwargs):
+        new = key_name not in self.get_bucket(bucket_name).keys
+        key = put_object(self, bucket_name, key_name, *args, **kwargs)
+        if new:
+            with lock:
+                index.pop(bucket_name, None)
+        return key
+
+    def delete(self, bucket_name, key_name, *args, **kwargs):
+        result = delete_object(self, bucket_name, key_name, *args, **kwargs)
+        with lock:
+            index.pop(bucket_name, None)
+        return result
+
+    def list_objects_v2(self, bucket, prefix, delimiter, continuation_token, start_after, max_keys):
+        with lock:
+            names = index.get(bucket.name)
+            if names is None:
+                names = index[bucket.name] = sorted(bucket.keys.keys())
+        after = self._pagination_tokens.get(continuation_token) if continuation_token else start_after
+        keys, folders, truncated, last = list_page(names, prefix or "", delimiter, after, max_keys)
+        token = None
+        if truncated:
+            token = f"t{len(self._pagination_tokens)}"
+            self._pagination_tokens[token] = last
+        return sorted([bucket.keys[k] for k in keys] + folders, key=self._get_name), truncated, token
+
+    models.S3Backend.put_object, models.S3Backend.delete_object = put, delete
+    models.S3Backend.list_objects_v2 = list_objects_v2
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    print(f"http://{host}:{port}", flush=True)
+    sys.stdin.read()  # until the parent closes the pipe
+    server.stop()
+
+
+# --- one driver (its own process) ----------------------------------------------------------------------------
+
+def _status(pid: int) -> dict[str, int]:
+    with open(f"/proc/{pid}/status") as f:
+        return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)
+                if k in ("VmHWM", "VmRSS", "RssAnon")}
+
+
+class ProcessPeaks(threading.Thread):
+    """Samples every process under this one (Ray's GCS, raylet, workers): per pid its title (Ray sets
+    ``ray::<actor or task>``), peak RSS (the kernel's ``VmHWM``, exact whenever sampled) and peak anonymous RSS."""
+
+    def __init__(self, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.interval, self.stopped = interval, threading.Event()
+        self.procs: dict[int, dict] = {}
+
+    def run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self.stopped.is_set():
+            self.sample(me)
+            self.stopped.wait(self.interval)
+        self.sample(me)
+
+    def sample(self, me) -> None:
+        import psutil
+
+        for p in me.children(recursive=True):
+            try:
+                title = " ".join(p.cmdline())[:120]
+                st = _status(p.pid)
+            except (psutil.Error, OSError, ValueError):
+                continue
+            rec = self.procs.setdefault(p.pid, {"pid": p.pid, "titles": [], "peak_rss": 0, "peak_anon": 0})
+            short = title.split(" ")[0] if title.startswith("ray::") else os.path.basename(title.split(" ")[0])
+            if short not in rec["titles"]:
+                rec["titles"].append(short)
+            rec["peak_rss"] = max(rec["peak_rss"], st.get("VmHWM", 0))
+            rec["peak_anon"] = max(rec["peak_anon"], st.get("RssAnon", 0))
+
+    def stop(self) -> list[dict]:
+        self.stopped.set()
+        self.join()
+        return sorted(self.procs.values(), key=lambda r: -r["peak_rss"])
+
+
+def _config(spec: dict):
+    from pipeline.infer import InferConfig
+
+    return InferConfig(input=spec["input"], output=spec["output"], random_init=True,
+                       backbone_name="vit_base_patch8_224", backbone_kwargs=dict(TINY_VIT), crf="none", device="cpu",
+                       storage_options=spec["storage_options"], mask_format=spec["mask_format"],
+                       row_images=spec["row_images"], one_pass_images=spec["one_pass_images"],
+                       progress_interval=30.0)
+
+
+def drive(mode: str, spec: dict) -> dict:
+    """One driver: ``run`` (Ray started here, the listing timed on its own, then the job) or ``resume`` (the job
+    alone, starting its own Ray, as a re-run of the command)."""
+    import warnings
+
+    warnings.simplefilter("ignore")
+    from pipeline.infer import run_inference
+    from pipeline.listing import group_dataset, summarize
+
+    cfg = _config(spec)
+    result: dict = {"rss_after_imports": _status(os.getpid())["VmRSS"]}
+    peaks = ProcessPeaks()
+    peaks.start()
+    t0 = time.perf_counter()
+    try:
+        if mode == "run":
+            import ray
+
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            result["ray_start_s"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            listed = group_dataset(cfg.spec()).materialize()
+            summary = summarize(listed)
+            result["listing_s"] = time.perf_counter() - t1
+            result["listed"] = {k: summary[k] for k in ("groups", "images")}
+            del listed
+        t1 = time.perf_counter()
+        manifest = run_inference(cfg)
+        result["run_inference_s"] = time.perf_counter() - t1
+    finally:
+        result["processes"] = peaks.stop()
+    result["driver_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    keep = ("seconds", "dataset_seconds", "images_per_s", "processed", "output", "plan", "input")
+    result["manifest"] = {k: manifest.get(k) for k in keep}
+    return result
+
+
+def run_driver(mode: str, spec: dict, log: Path) -> dict:
+    env = {**os.environ, **AWS_ENV, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    with open(log, "w") as err:
+        out = subprocess.run([sys.executable, __file__, "--drive", mode, json.dumps(spec)], stdout=subprocess.PIPE,
+                             stderr=err, text=True, cwd=ROOT, env=env)
+    if out.returncode:
+        raise RuntimeError(f"the {mode} driver failed ({out.returncode}); its log {log}:\n"
+                           + log.read_text()[-6000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --- the comparison ------------------------------------------------------------------------------------------
+
+def count_outputs(fs, root: str) -> dict:
+    """Files under the output, by kind (one listing of each folder, after the runs)."""
+    def files(folder: str, suffix: str) -> int:
+        path = f"{root}/{folder}"
+        return sum(1 for p in fs.find(path) if p.endswith(suffix)) if fs.exists(path) else 0
+
+    return {"parquet": files("predictions", ".parquet"), "records": files("_commits", ".json"),
+            "masks": files("masks", ".png"), "tars": files("masks", ".tar")}
+
+
+def workers(processes: list[dict]) -> list[dict]:
+    """The Ray worker processes (tasks and actors), largest peak first."""
+    return [p for p in processes if any(t.startswith("ray::") for t in p["titles"])]
+
+
+def summary_line(name: str, r: dict) -> str:
+    w = workers(r["processes"])
+    top = w[0] if w else {"peak_rss": 0, "peak_anon": 0, "titles": ["-"]}
+    return (f"{name:7} {r['run_inference_s']:9.1f} {r['manifest']['seconds']:9.1f} "
+            f"{r['manifest']['dataset_seconds']:9.1f} "
+            f"{r['manifest']['seconds'] - r['manifest']['dataset_seconds']:9.1f} "
+            f"{r['driver_peak_rss'] / 2**20:10.0f} {top['peak_rss'] / 2**20:10.0f} {top['peak_anon'] / 2**20:10.0f}  "
+            f"{'/'.join(t for t in top['titles'] if t != 'ray::IDLE')[:50]}")
+
+
+def main(argv=None) -> dict | None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=100_000, help="images")
+    ap.add_argument("--groups", type=int, default=4_000)
+    ap.add_argument("--one-group", type=int, metavar="N", help="one group of N images instead of --n/--groups")
+    ap.add_argument("--where", default="s3", choices=["s3", "local"])
+    ap.add_argument("--size", type=int, default=64, help="width and height of the JPEGs")
+    ap.add_argument("--mask-format", default="png", choices=["png", "parquet", "webdataset"])
+    ap.add_argument("--row-images", type=int, default=None, help="the job's row_images (default: its own)")
+    ap.add_argument("--one-pass-images", type=int, default=None, help="the job's one_pass_images (default: its own)")
+    ap.add_argument("--no-resume", action="store_true", help="skip the resume run")
+    ap.add_argument("--work", help="folder for local data, outputs and logs (default: a temporary one)")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/scale-...json)")
+    ap.add_argument("--drive", nargs=2, metavar=("MODE", "SPEC"), help=argparse.SUPPRESS)
+    ap.add_argument("--serve-s3", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.serve_s3:
+        return serve_s3()
+    if a.drive:
+        print(json.dumps(drive(a.drive[0], json.loads(a.drive[1]))))
+        return None
+
+    from pipeline.infer import InferConfig
+
+    n, groups = (a.one_group, 1) if a.one_group else (a.n, a.groups)
+    name = f"scale-{a.where}-" + (f"one-group-{n}" if a.one_group else f"{n}x{groups}")
+    out_json = Path(a.out or ROOT / "benchmarks" / "results" / f"{name}.json")
+    work = Path(a.work or tempfile.mkdtemp(prefix="bench-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    keys = layout(n, groups)
+    pics = pictures(a.size)
+    server = None
+    result: dict = {"n_images": n, "groups": groups, "where": a.where, "size": a.size, "mask_format": a.mask_format,
+                    "cpus": os.cpu_count(), "load_before": os.getloadavg()}
+    try:
+        t0 = time.perf_counter()
+        if a.where == "local":
+            root, options = work / "input", {}
+            write_local(root, keys, pics)
+            input_url, output_url = str(root), str(work / "output")
+        else:
+            server = subprocess.Popen([sys.executable, __file__, "--serve-s3"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+            endpoint = server.stdout.readline().strip()
+            upload_s3(endpoint, keys, pics)
+            options = {"client_kwargs": {"endpoint_url": endpoint}, **KEYS}
+            input_url, output_url = f"s3://{BUCKET}/in", f"s3://{BUCKET}/out"
+        result["input_ready_s"] = time.perf_counter() - t0
+        print(f"[bench] {n:,} images of {a.size}x{a.size} in {groups:,} groups on {a.where} in "
+              f"{result['input_ready_s']:.0f} s", flush=True)
+        spec = {"input": input_url, "output": output_url, "storage_options": options, "mask_format": a.mask_format,
+                "row_images": a.row_images or InferConfig.row_images,
+                "one_pass_images": a.one_pass_images or InferConfig.one_pass_images}
+        result["settings"] = {k: v for k, v in spec.items() if k != "storage_options"}
+        result["run"] = run_driver("run", spec, work / "run.log")
+        m = result["run"]["manifest"]
+        print(f"[bench] run: {m['output']['rows']:,} rows in {m['seconds']:.0f} s "
+              f"({m['images_per_s']:.1f} img/s in Ray Data)", flush=True)
+        if not a.no_resume:
+            result["resume"] = run_driver("resume", spec, work / "resume.log")
+            print(f"[bench] resume: {result['resume']['run_inference_s']:.1f} s, processed "
+                  f"{result['resume']['manifest']['processed']}", flush=True)
+        if a.where == "local":
+            import fsspec
+
+            fs = fsspec.filesystem("file")
+        else:
+            import s3fs
+
+            fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, **KEYS, use_listings_cache=False)
+        result["files"] = count_outputs(fs, output_url.removeprefix("s3://"))
+    finally:
+        if server:
+            server.stdin.close()
+            server.wait(timeout=120)
+    result["load_after"] = os.getloadavg()
+    report(result, a)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out_json}")
+    return result
+
+
+def report(r: dict, a) -> None:
+    run, m = r["run"], r["run"]["manifest"]
+    rows = m["output"]["rows"]
+    w = workers(run["processes"])
+    worker_peak = max((p["peak_rss"] for p in w), default=0)
+    r["figures"] = {
+        "listing_s": run["listing_s"],
+        "driver_peak_rss_gib": run["driver_peak_rss"] / GIB,
+        "driver_outside_ray_data_s": m["seconds"] - m["dataset_seconds"],
+        "images_per_s_ray_data": m["images_per_s"],
+        "images_per_s_whole_job": rows / m["seconds"],
+        "worker_peak_rss_gib": worker_peak / GIB,
+        "worker_peak_anon_gib": max((p["peak_anon"] for p in w), default=0) / GIB,
+        "parquet_files": r["files"]["parquet"],
+        "records": r["files"]["records"],
+        "mask_files": r["files"]["masks"] + r["files"]["tars"],
+        "resume_s": r["resume"]["run_inference_s"] if "resume" in r else None,
+        "resume_driver_peak_rss_gib": r["resume"]["driver_peak_rss"] / GIB if "resume" in r else None,
+        "rows_equal_images": rows == r["n_images"],
+    }
+    f = r["figures"]
+    checks = {"driver_peak_rss_gib": f["driver_peak_rss_gib"] <= TARGETS["driver_peak_rss_gib"],
+              "parquet_files": f["parquet_files"] <= TARGETS["parquet_files"],
+              "worker_peak_rss_gib": f["worker_peak_rss_gib"] <= TARGETS["worker_peak_rss_gib"]}
+    if f["resume_s"] is not None:
+        checks["resume_s"] = f["resume_s"] <= TARGETS["resume_s"]
+    r["targets"] = {k: {"target": TARGETS[k], "value": f[k], "met": v} for k, v in checks.items()}
+
+    shape = f"one group of {r['n_images']:,}" if a.one_group else f"{r['n_images']:,} images in {r['groups']:,} groups"
+    print(f"\n{shape} ({r['size']}x{r['size']} JPEGs) on {r['where']}, tiny ViT, --crf none, CPU, masks "
+          f"{r['mask_format']}; {r['cpus']} cores, load average {r['load_before'][0]:.1f} before / "
+          f"{r['load_after'][0]:.1f} after")
+    print(f"listing {f['listing_s']:.1f} s ({run['listed']['groups']:,} groups, {run['listed']['images']:,} images); "
+          f"rows {rows:,} ({m['output']['errors']} errors); {f['images_per_s_ray_data']:.1f} img/s in Ray Data, "
+          f"{f['images_per_s_whole_job']:.1f} img/s over the whole job")
+    print(f"output: {f['parquet_files']} Parquet shards, {f['records']} commit records, {f['mask_files']:,} mask "
+          "files")
+    print(f"\n{'driver':7} {'call s':>9} {'job s':>9} {'Ray Data':>9} {'outside':>9} {'driver MiB':>10} "
+          f"{'worker MiB':>10} {'anon MiB':>10}  largest worker")
+    print(summary_line("run", run))
+    if "resume" in r:
+        print(summary_line("resume", r["resume"]))
+    print("\nlargest processes of the run (peak RSS / peak anonymous RSS, MiB):")
+    for p in run["processes"][:8]:
+        print(f"  {p['peak_rss'] / 2**20:7.0f} {p['peak_anon'] / 2**20:7.0f}  pid {p['pid']:<7} "
+              f"{' / '.join(p['titles'])[:90]}")
+    print("\ntargets: " + "; ".join(f"{k} {v['value']:.2f} <= {v['target']} {'met' if v['met'] else 'MISSED'}"
+                                    for k, v in r["targets"].items()))
+
+
+if __name__ == "__main__":
+    main()
