@@ -16,25 +16,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jobs.infer import key_value  # noqa: E402
+from jobs.arguments import Formatter, add_storage_args, storage_from  # noqa: E402
 from pipeline.evaluate import GALLERY, Source, evaluate, write_outputs  # noqa: E402
 from pipeline.report import render  # noqa: E402
-from pipeline.storage import storage_options  # noqa: E402
-
-
-class KeyValues(argparse.Action):
-    """``--flag K=V [K=V ...]``, the flag repeatable: every pair (parsed by ``type``, e.g. key_value) lands in
-    one dict, later pairs winning. Shareable by any job: ``add_argument(..., type=key_value, nargs="+",
-    action=KeyValues, default={})``."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        merged = dict(getattr(namespace, self.dest, None) or {})
-        merged.update(values)
-        setattr(namespace, self.dest, merged)
-
-
-class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults and keeps the description's layout."""
 
 
 def labelled(text: str) -> tuple[str, str]:
@@ -60,16 +44,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--top-groups", type=int, default=20, metavar="N",
                     help="the report lists the N best and N worst groups (all are in metrics.parquet)")
     ap.add_argument("--gallery", type=int, default=GALLERY, metavar="K", help="best and worst images shown per run")
-    ap.add_argument("--endpoint", help="S3-compatible endpoint URL (MinIO, R2, a test server)")
-    ap.add_argument("--anonymous", action="store_true", help="unsigned requests (public buckets)")
-    ap.add_argument("--storage-option", type=key_value, nargs="+", action=KeyValues, default={},
-                    metavar="KEY=VALUE", help="fsspec options, e.g. key=... secret=... (repeatable; never logged)")
+    add_storage_args(ap)
     a = ap.parse_args(argv)
     if not a.run and not a.maps:
         ap.error("give at least one --run or --maps")
     if a.maps and not a.gt:
         ap.error("--maps needs --gt")
-    a.options = storage_options(a.endpoint, a.anonymous, a.storage_option)
+    a.options = storage_from(a)
     a.sources = [Source(label, run=url, dataset=a.dataset, options=a.options) for label, url in a.run]
     a.sources += [Source(label, maps=url, gt=a.gt, images=a.images, dataset=a.dataset, options=a.options)
                   for label, url in a.maps]

@@ -5,75 +5,91 @@ On a cluster:   ray job submit --working-dir . -- python jobs/infer.py --input s
                     --head s3://bucket/w/model_combined.pt
 On a laptop:    python jobs/infer.py --input data/CoCA --output out/r1 --backbone ... --head ...
 Quick look:     python jobs/infer.py --sample --random-init     (synthetic sample, random weights)
+Plan only:      python jobs/infer.py --input ... --dry-run      (lists the input, prints the plan)
 
-Re-running with the same --output resumes; --overwrite starts again.
+Re-running with the same --output resumes (and redoes transient errors); --overwrite starts again.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.infer import InferConfig, run_inference  # noqa: E402
-from pipeline.storage import storage_options  # noqa: E402
-
-
-def key_value(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+from jobs.arguments import Formatter, KeyValues, add_storage_args, key_value, storage_from  # noqa: E402
+from pipeline.infer import DEVICES, InferConfig, run_inference  # noqa: E402
+from pipeline.predictions import MASK_FORMATS  # noqa: E402
+from pipeline.storage import redact_url  # noqa: E402
+from scosparc_core.crf import CRF_PRESETS  # noqa: E402
+from scosparc_core.precision import PRECISIONS  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[InferConfig, bool]:
     d = InferConfig()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     src = ap.add_argument_group("input and output")
     src.add_argument("--input", help="URL or path: <root>/image/<group>/* (CoSOD layout) or <root>/<group>/*")
-    src.add_argument("--manifest", help="Parquet or CSV with columns group, image_uri [, gt_uri]")
+    src.add_argument("--manifest", help="Parquet, CSV or CSV.gz with columns group, image_uri [, gt_uri]")
+    src.add_argument("--layout", default=d.layout, choices=["auto", "cosod", "groups"],
+                     help="how --input is read; auto refuses a root that looks like image/mask folders")
     src.add_argument("--sample", action="store_true", help="write the embedded synthetic sample and run on it")
-    src.add_argument("--output", default=d.output, help=f"URL or path for the results (default {d.output})")
+    src.add_argument("--output", default=d.output, help="URL or path for the results")
     src.add_argument("--overwrite", action="store_true", help="clear this job's earlier outputs first")
+    src.add_argument("--mask-format", default=d.mask_format, choices=MASK_FORMATS,
+                     help="png: masks/<group>/<stem>.png; parquet: PNG bytes in the predictions; webdataset: tar "
+                          "shards of PNGs (for millions of masks)")
+    src.add_argument("--rows-per-shard", type=int, default=d.rows_per_shard, help="rows per predictions Parquet file")
+    src.add_argument("--dry-run", action="store_true", help="list the input and print the plan; run nothing")
+    src.add_argument("--accept-transient-errors", action="store_true",
+                     help="write _SUCCESS even when transient errors remain (a re-run would redo them)")
     model = ap.add_argument_group("model")
-    model.add_argument("--backbone", help="DINO state_dict (dino_vitbase8_pretrain.pth), path or URL; "
+    model.add_argument("--backbone", help="DINO ViT-B/8 state_dict (dino_vitbase8_pretrain.pth), path or URL; "
                                           "default: timm's pretrained weights (needs network)")
-    model.add_argument("--head", help="stage-1 checkpoint in the official format, path or URL")
-    model.add_argument("--random-init", action="store_true", help="random weights for what is not given (tests)")
+    model.add_argument("--head", help="stage-1 checkpoint in the official format (model_combined.pt), path or URL")
+    model.add_argument("--random-init", action="store_true", help="random weights for what is not given (demos)")
     model.add_argument("--backbone-name", default=d.backbone_name, help="any timm ViT name")
-    model.add_argument("--backbone-arg", type=key_value, action="append", default=[], metavar="KEY=VALUE",
-                       help="timm architecture override, e.g. depth=2 (repeatable)")
-    model.add_argument("--crf", default=d.crf, choices=["coca", "cosal2015", "cosod3k", "none"])
-    model.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16"])
+    model.add_argument("--backbone-arg", type=key_value, nargs="+", action=KeyValues, default={},
+                       metavar="KEY=VALUE", help="timm architecture override, e.g. depth=2")
+    model.add_argument("--crf", default=d.crf, choices=sorted(CRF_PRESETS),
+                       help="the paper's CRF preset: coca and cosod3k share one; Cosal2015 needs cosal2015")
+    model.add_argument("--crf-backend", default=d.crf_backend, choices=["auto", "torch", "pydensecrf"],
+                       help="auto: the torch CRF beside stage 1 on GPUs, pydensecrf on CPU workers otherwise")
+    model.add_argument("--dtype", default=d.dtype, choices=PRECISIONS,
+                       help="the backbone's number format; auto: float32 on CPU, the measured default on CUDA")
     model.add_argument("--compile", action="store_true", help="torch.compile the backbone (long runs)")
     run = ap.add_argument_group("resources")
-    run.add_argument("--micro-batch", type=int, default=d.micro_batch, help="images per backbone forward")
-    run.add_argument("--chunk-size", type=int, default=d.chunk_size, help="images per CRF work unit")
-    run.add_argument("--gpu-actors", type=int, help="stage-1 actors (default: one per GPU, else 1)")
-    run.add_argument("--gpus-per-actor", type=float, help="default: 1 when the cluster has GPUs, else 0")
-    run.add_argument("--cpu-actors", type=int, help="CRF actors (default: the CPUs left over)")
+    run.add_argument("--device", default=d.device, choices=DEVICES,
+                     help="auto: GPUs when the cluster has or can have them (cluster.yaml), else CPUs")
+    run.add_argument("--gpu-wait", type=float, default=d.gpu_wait,
+                     help="seconds to wait for an autoscaling cluster's first GPU before failing")
+    run.add_argument("--micro-batch", type=int, default=d.micro_batch,
+                     help="backbone images per forward (default: 128 on CUDA, 32 on CPU)")
+    run.add_argument("--chunk-size", type=int, default=d.chunk_size, help="images per row after stage 1")
+    run.add_argument("--gpu-actors", type=int, default=d.gpu_actors,
+                     help="most stage-1 actors (default: one per GPU the cluster has or can have)")
+    run.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor, help="default: 1")
     run.add_argument("--max-pixels", type=int, default=d.max_pixels, help="larger images are error rows")
+    run.add_argument("--fast-decode", action="store_true",
+                     help="JPEG draft decoding (DCT scaling) for large photos; changes masks slightly (README)")
+    run.add_argument("--row-images", type=int, default=d.row_images,
+                     help="groups with more images are read by the stage-1 actor, not decode tasks")
+    run.add_argument("--one-pass-images", type=int, default=d.one_pass_images,
+                     help="groups with more images run stage 1 in passes (memory bounded by the micro-batch)")
     run.add_argument("--progress-interval", type=float, default=d.progress_interval, help="seconds")
-    store = ap.add_argument_group("storage")
-    store.add_argument("--endpoint", help="S3-compatible endpoint URL (MinIO, R2, a test server)")
-    store.add_argument("--anonymous", action="store_true", help="unsigned requests (public buckets)")
-    store.add_argument("--storage-option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
-                       help="any fsspec option, e.g. profile=prod (repeatable; never logged)")
+    add_storage_args(ap)
     a = ap.parse_args(argv)
     if a.sample == bool(a.input or a.manifest):
         ap.error("give exactly one of --input, --manifest or --sample")
     cfg = InferConfig(
-        input=a.input, output=a.output, manifest=a.manifest, backbone=a.backbone, head=a.head,
+        input=a.input, manifest=a.manifest, layout=a.layout, output=a.output, backbone=a.backbone, head=a.head,
         random_init=a.random_init, backbone_name=a.backbone_name, backbone_kwargs=dict(a.backbone_arg),
-        crf=a.crf, dtype=a.dtype, micro_batch=a.micro_batch, chunk_size=a.chunk_size, compile=a.compile,
-        gpu_actors=a.gpu_actors, gpus_per_actor=a.gpus_per_actor, cpu_actors=a.cpu_actors,
-        storage_options=storage_options(a.endpoint, a.anonymous, dict(a.storage_option)),
-        overwrite=a.overwrite, max_pixels=a.max_pixels, progress_interval=a.progress_interval,
+        crf=a.crf, crf_backend=a.crf_backend, device=a.device, dtype=a.dtype, micro_batch=a.micro_batch,
+        chunk_size=a.chunk_size, compile=a.compile, gpu_actors=a.gpu_actors, gpus_per_actor=a.gpus_per_actor,
+        gpu_wait=a.gpu_wait, max_pixels=a.max_pixels, fast_decode=a.fast_decode, row_images=a.row_images,
+        one_pass_images=a.one_pass_images, mask_format=a.mask_format, rows_per_shard=a.rows_per_shard,
+        storage_options=storage_from(a), overwrite=a.overwrite, accept_transient_errors=a.accept_transient_errors,
+        dry_run=a.dry_run, progress_interval=a.progress_interval,
     )
     return cfg, a.sample
 
@@ -83,15 +99,20 @@ def main(argv=None) -> int:
     if sample:
         from pipeline.sample import write_sample
 
-        cfg.input = os.path.join(os.path.dirname(cfg.output.rstrip("/")) or ".", "sample-input")
+        cfg = cfg.replace(input=os.path.join(os.path.dirname(cfg.output.rstrip("/")) or ".", "sample-input"))
         write_sample(cfg.input)
-    manifest = run_inference(cfg)
-    out = manifest["output"]
-    print(f"rows {out['rows']} (ok {out['ok']}, errors {out['errors']}), "
-          f"{manifest['images_per_s']:.2f} images/s overall")
-    print(f"masks:       {cfg.output.rstrip('/')}/masks/<group>/<stem>.png")
-    print(f"predictions: {cfg.output.rstrip('/')}/predictions/*.parquet")
-    print(f"manifest:    {cfg.output.rstrip('/')}/_manifest.json")
+    result = run_inference(cfg)
+    if cfg.dry_run:
+        return 0
+    out = result["output"]
+    print(f"rows {out['rows']} (ok {out['ok']}, errors {out['errors']}: {out['transient_errors']} transient), "
+          f"{result['images_per_s']:.2f} images/s in the dataset execution")
+    base = redact_url(cfg.output.rstrip("/"))
+    masks = {"png": f"{base}/masks/<group>/<stem>.png", "parquet": f"{base}/predictions/*.parquet (mask_png)",
+             "webdataset": f"{base}/masks/shard-*.tar"}[cfg.mask_format]
+    print(f"masks:       {masks}")
+    print(f"predictions: {base}/predictions/*.parquet")
+    print(f"manifest:    {base}/_manifest.json")
     return 0
 
 

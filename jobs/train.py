@@ -15,42 +15,23 @@ within --placement-timeout seconds, the job stops and names what is missing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.storage import storage_options  # noqa: E402
+from jobs.arguments import Formatter, KeyValues, add_storage_args, key_value, storage_from  # noqa: E402
 from pipeline.train import PlacementError, RunMismatchError, TrainConfig, config_defaults, run_training  # noqa: E402
-from scosparc_core.precision import PRECISIONS  # noqa: E402
-
-
-def key_value(text: str) -> tuple[str, object]:
-    """KEY=VALUE; the value parsed as JSON where it is JSON (numbers, booleans), else kept as a string."""
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults where there is one to show (not for flags, nor options that default to nothing)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or isinstance(action.default, (bool, list)):
-            return action.help
-        return super()._get_help_string(action)
+from scosparc_core.precision import AUTO, PRECISIONS  # noqa: E402
 
 
 def parse_args(argv=None) -> TrainConfig:
     d = config_defaults()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     ap.add_argument("--data", action="append", required=True, help="training root in the CoSOD layout (repeatable)")
     ap.add_argument("--val", help="validation root with ground truth (e.g. CoCA)")
+    ap.add_argument("--layout", default=d["layout"], choices=["auto", "cosod", "groups"],
+                    help="how the roots are read: image/ + groundtruth/ (cosod), or group folders (groups)")
     ap.add_argument("--storage", required=True, help="URL or path for checkpoints, metrics and the feature cache")
     ap.add_argument("--name", required=True, help="run name; the same name resumes")
     ap.add_argument("--epochs", type=int, default=d["epochs"], help="epochs in all (a resumed run may add more)")
@@ -71,29 +52,26 @@ def parse_args(argv=None) -> TrainConfig:
     ap.add_argument("--cache-url", help="feature cache location (default <storage>/feature-cache)")
     ap.add_argument("--backbone", help="DINO state_dict path or URL (default: timm's pretrained weights)")
     ap.add_argument("--backbone-name", default=d["backbone_name"], help="timm model name")
-    ap.add_argument("--backbone-arg", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+    ap.add_argument("--backbone-arg", type=key_value, nargs="+", action=KeyValues, default={}, metavar="KEY=VALUE",
                     help="architecture override for timm (embed_dim=96 ...)")
     ap.add_argument("--random-init", action="store_true", help="random backbone when none is given (tests)")
     ap.add_argument("--init-head", help="start from this stage-1 checkpoint")
     ap.add_argument("--dtype", default=d["dtype"], choices=PRECISIONS,
-                    help="the backbone's number format (auto: float16 on CUDA, float32 on CPU)")
+                    help=f"the backbone's number format (auto: {AUTO['cuda']} on CUDA, {AUTO['cpu']} on CPU)")
     ap.add_argument("--micro-batch", type=int, default=d["micro_batch"], help="backbone images per forward pass")
     ap.add_argument("--seed", type=int, default=d["seed"], help="seeds the head, the group order and the sampling")
     ap.add_argument("--max-failures", type=int, default=d["max_failures"],
                     help="worker failures retried from the last checkpoint")
-    ap.add_argument("--endpoint", help="S3-compatible endpoint URL")
-    ap.add_argument("--anonymous", action="store_true", help="anonymous access to the object store")
-    ap.add_argument("--storage-option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
-                    help="fsspec option (repeatable)")
+    add_storage_args(ap)
     a = ap.parse_args(argv)
     return TrainConfig(
-        data=tuple(a.data), val=a.val, storage=a.storage, name=a.name, epochs=a.epochs, val_every=a.val_every,
+        data=tuple(a.data), val=a.val, layout=a.layout, storage=a.storage, name=a.name, epochs=a.epochs, val_every=a.val_every,
         max_images=a.max_images, lr=a.lr, weight_decay=a.weight_decay, workers=a.workers, gpu=a.gpu,
         gpus_per_worker=a.gpus_per_worker, cpus_per_worker=a.cpus_per_worker, placement_timeout=a.placement_timeout,
         feature_cache=a.feature_cache, cache_url=a.cache_url, backbone=a.backbone, backbone_name=a.backbone_name,
         backbone_kwargs=dict(a.backbone_arg), random_init=a.random_init, init_head=a.init_head, dtype=a.dtype,
         micro_batch=a.micro_batch, seed=a.seed, max_failures=a.max_failures,
-        storage_options=storage_options(a.endpoint, a.anonymous, dict(a.storage_option)),
+        storage_options=storage_from(a),
     )
 
 

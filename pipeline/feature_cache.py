@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from scosparc_core import DinoBackbone
-from scosparc_core.image import INPUT_SIZE, normalize
+from scosparc_core.image import INPUT_SIZE
 from scosparc_core.modeling import DEFAULT_BACKBONE, cls_attention_maps
 from scosparc_core.precision import resolve
 
@@ -60,11 +60,6 @@ class BackboneSettings:
         return "cuda" if self.gpu else "cpu"
 
 
-def autocast_dtype(precision: str, device: str) -> torch.dtype:
-    """A precision name -> the torch dtype ``DinoBackbone.extract`` takes today (tf32 runs as float32 here)."""
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(resolve(precision, device), torch.float32)
-
-
 def check_cuda(where: str) -> None:
     """Ray gave this process a GPU: torch must see it, or the work would silently run on the CPU."""
     if not torch.cuda.is_available():
@@ -75,8 +70,8 @@ def check_cuda(where: str) -> None:
             f"{torch.version.cuda}) sees no CUDA device in this process; check the driver and CUDA_VISIBLE_DEVICES")
 
 
-def build_backbone(settings: BackboneSettings) -> tuple[DinoBackbone, str, torch.dtype]:
-    """(backbone on its device, device, autocast dtype)."""
+def build_backbone(settings: BackboneSettings) -> tuple[DinoBackbone, str, str]:
+    """(backbone on its device, device, the resolved precision name)."""
     if settings.gpu:
         check_cuda("the backbone's process")
     elif settings.cpu_threads:
@@ -89,13 +84,13 @@ def build_backbone(settings: BackboneSettings) -> tuple[DinoBackbone, str, torch
         storage_options=settings.storage_options,
         **settings.kwargs,
     )
-    return backbone.to(device), device, autocast_dtype(settings.precision, device)
+    return backbone.to(device), device, resolve(settings.precision, device)
 
 
-def features(backbone: DinoBackbone, pixels: np.ndarray, device: str, dtype: torch.dtype, micro_batch: int = 32):
+def features(backbone: DinoBackbone, pixels: np.ndarray, device: str, dtype: str, micro_batch: int = 32):
     """(N, 224, 224, 3) uint8 network pixels -> tokens (N, P, C) and resampled CLS attention (N, h, w), float32,
     on ``device``."""
-    inputs = normalize(torch.from_numpy(np.array(pixels)).to(device))
+    inputs = backbone.preprocess(torch.from_numpy(np.array(pixels)).to(device))
     tokens, raw = backbone.extract(inputs, micro_batch=micro_batch, dtype=dtype)
     return tokens, cls_attention_maps(raw)[1]
 
@@ -251,10 +246,10 @@ class FeatureActor:
 
 
 def build_cache(groups: list[GroupSpec], cache_url: str, settings: BackboneSettings, plan: CachePlan,
-                sizes: dict[str, int] | None = None, start_timeout: float = 180.0) -> dict:
+                start_timeout: float = 180.0) -> dict:
     """Computes the features of every group not yet (validly) in the cache, as a Ray Data job. Returns counts,
-    the pass's images/s (wall clock, start-up included) and the actors' busy seconds. ``sizes``: file sizes by
-    URI from the listing (what makes a cached group stale).
+    the pass's images/s (wall clock, start-up included) and the actors' busy seconds. The file sizes the listing
+    gives make a cached group stale when they change.
 
     The pool's actors must be able to start within ``start_timeout`` seconds (Ray Data's
     ``wait_for_min_actors_s``), else this raises instead of waiting for resources that may never come. When the
@@ -263,12 +258,10 @@ def build_cache(groups: list[GroupSpec], cache_url: str, settings: BackboneSetti
     """
     import ray
 
-    sizes = sizes or {}
     cache = FeatureCache(cache_url, settings.storage_options)
 
     def listed(g: GroupSpec) -> tuple[list[str], list[int]]:
-        uris = [im.image_uri for im in g.images]
-        return uris, [int(sizes.get(u, -1)) for u in uris]
+        return [im.image_uri for im in g.images], [int(im.size) for im in g.images]
 
     todo = [g for g in groups if g.images and not cache.has(g.key, *listed(g))]
     summary = {"groups": len(groups), "cached_before": len(groups) - len(todo), "computed": len(todo),

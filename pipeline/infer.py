@@ -1,161 +1,139 @@
-"""The inference job: list -> decode (CPU tasks) -> stage 1 (GPU actors) -> CRF + outputs (CPU actors).
+"""The inference job's driver: check -> lease -> plan -> list -> decode -> stage 1 -> refine -> shards -> manifest.
 
-Outputs under ``output``: ``masks/<group>/<stem>.png``, ``predictions/*.parquet`` (one row per input image),
-``_run.json`` (settings, written first), ``_manifest.json`` and finally ``_SUCCESS``.
+Outputs under ``output``: ``masks/<group>/<stem>.png`` (or mask shards), ``predictions/part-*.parquet`` (one row per
+input image) with a commit record each under ``_commits/``, ``_run.json`` (settings, written before any work),
+``_manifest.json`` and finally ``_SUCCESS``. The driver does no per-image work: listing, decoding and writing
+run in Ray tasks, and the counts come from the commit records.
 """
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
 import os
 import platform
 import sys
 import time
 import warnings
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 
-import pyarrow.dataset as pads
-
-from scosparc_core.checkpoints import load_state_dict
+from scosparc_core.checkpoints import checkpoint_digest, load_head_checkpoint
+from scosparc_core.crf import crf_params
+from scosparc_core.engine import CRF_BACKENDS, default_micro_batch
 from scosparc_core.modeling import DEFAULT_BACKBONE
+from scosparc_core.precision import PRECISIONS, resolve
 
-from .decode import DEFAULT_MAX_PIXELS, decode_group
-from .listing import GroupSpec, list_layout, list_manifest
-from .refine import PART_NAME, RefineActor, part_key
-from .stage1 import Stage1Actor
-from .storage import Storage, redact
+from .decode import DEFAULT_MAX_PIXELS, DecodeSettings, decode_group
+from .lease import Lease
+from .listing import InputSpec, check_input, group_dataset, summarize
+from .output_state import RUN_FILE, OutputState, check_settings, clear_output, remove_orphans
+from .predictions import MASK_FORMATS, PredictionsSink, group_hash
+from .progress import JobState, Printer
+from .refine import RefineActor, RefineSettings
+from .resources import Plan, choose_device, cluster_view, plan_resources, release_requests
+from .stage1 import ModelSettings, Stage1Actor, Stage1Settings
+from .storage import Storage, redact, redact_url
 
-# Settings that change what is written: a re-run into the same output must share them.
-RESULT_SETTINGS = ("input", "manifest", "backbone", "head", "random_init", "backbone_name", "backbone_kwargs", "crf", "dtype")
-CLUSTER_MARKER = "scosparc_head"  # a resource cluster.yaml gives its head node
-STAGE_RESOURCES = {"stage1": "scosparc_stage1", "refine": "scosparc_stage2"}
+DEVICES = ("auto", "cuda", "cpu")
 
 
-@dataclass
+@dataclass(frozen=True)
 class InferConfig:
-    input: str | None = None
+    """Every setting of the job, with its default: the one source of truth for the CLI and the API."""
+
+    input: str | None = None  # URL or path: <root>/image/<group>/* (CoSOD layout) or <root>/<group>/*
+    manifest: str | None = None  # Parquet, CSV or CSV.gz with columns group, image_uri [, gt_uri]
+    layout: str = "auto"  # auto | cosod | groups
     output: str = "out/run"
-    manifest: str | None = None
-    backbone: str | None = None
-    head: str | None = None
-    random_init: bool = False
+    backbone: str | None = None  # DINO state_dict, path or URL; None: timm's pretrained weights (network)
+    head: str | None = None  # stage-1 checkpoint in the official format, path or URL
+    random_init: bool = False  # random weights for what is not given (tests, demos)
     backbone_name: str = DEFAULT_BACKBONE
     backbone_kwargs: dict = field(default_factory=dict)
-    crf: str = "coca"
-    dtype: str = "auto"  # bfloat16 on GPU, float32 on CPU
-    micro_batch: int = 32
-    chunk_size: int = 32
+    crf: str = "coca"  # coca | cosal2015 | cosod3k | none (Cosal2015 needs cosal2015)
+    crf_backend: str = "auto"  # auto: torch beside stage 1 on GPUs, pydensecrf on CPU workers otherwise
+    device: str = "auto"  # auto | cuda | cpu
+    dtype: str = "auto"  # the backbone's number format (scosparc_core.precision)
+    micro_batch: int | None = None  # backbone images per forward; None: 128 on CUDA, 32 on CPU
+    chunk_size: int = 32  # images per row after stage 1
     compile: bool = False
-    gpu_actors: int | None = None
-    gpus_per_actor: float | None = None
-    cpu_actors: int | None = None
-    stage1_cpus: float | None = None
-    refine_cpus: float | None = None
-    decode_cpus: float = 0.25
+    gpu_actors: int | None = None  # None: one per GPU the cluster has or can have
+    gpus_per_actor: float | None = None  # None: 1
+    gpu_wait: float = 600.0  # seconds to wait for an autoscaling cluster's first GPU
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    fast_decode: bool = False
+    row_images: int = 32  # larger groups are read by the stage-1 actor
+    one_pass_images: int = 2048  # larger groups run stage 1 in passes (bounded memory)
+    mask_format: str = "png"  # png | parquet | webdataset
+    rows_per_shard: int = 10_000
     storage_options: dict = field(default_factory=dict)
     overwrite: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    accept_transient_errors: bool = False
+    dry_run: bool = False
     progress_interval: float = 30.0
-    fault: dict | None = None  # fault injection for tests (see Stage1Actor._maybe_die); not on the command line
+    lease_ttl: float = 120.0
+    fault: dict | None = None  # fault injection for tests (see Stage1Actor); not on the command line
 
-    def fingerprint(self) -> dict:
-        return redact({k: getattr(self, k) for k in RESULT_SETTINGS})
+    def spec(self) -> InputSpec:
+        return InputSpec(input=self.input, manifest=self.manifest, layout=self.layout,
+                         storage_options=self.storage_options)
 
-
-@dataclass
-class Plan:
-    """How many actors of each kind, and what each asks Ray for."""
-
-    stage1_actors: int
-    stage1_args: dict
-    refine_actors: int
-    refine_args: dict
-    decode_args: dict
-    cpu_threads: int
+    def replace(self, **changes) -> "InferConfig":
+        return dataclasses.replace(self, **changes)
 
 
-def plan_resources(cfg: InferConfig, cluster: dict) -> Plan:
-    """Actor counts and resource requests from the config and ``ray.cluster_resources()``.
-
-    With GPUs: one GPU per stage-1 actor, one actor per GPU, every remaining CPU a CRF actor. Without: one
-    stage-1 actor whose torch uses all of its node's cores, and fractional CPU requests everywhere so that a
-    2-core laptop runs all three stages at once. A cluster started from cluster.yaml (its head carries the
-    ``scosparc_head`` resource) also pins stage-1 actors to GPU nodes and CRF actors to CPU nodes.
-    """
-    gpus, cpus = float(cluster.get("GPU", 0)), float(cluster.get("CPU", 1))
-    per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
-    gpu_mode = per_actor > 0
-    stage1_actors = cfg.gpu_actors or (max(1, int(gpus // per_actor)) if gpu_mode else 1)
-    stage1_cpus = cfg.stage1_cpus if cfg.stage1_cpus is not None else (2.0 if gpu_mode else 0.5)
-    refine_cpus = cfg.refine_cpus if cfg.refine_cpus is not None else (1.0 if gpu_mode else 0.5)
-    spare = cpus - stage1_actors * stage1_cpus - 2 * cfg.decode_cpus
-    refine_actors = cfg.cpu_actors or max(1, int(spare // refine_cpus))
-    stage1_args = {"num_cpus": stage1_cpus, "num_gpus": per_actor}
-    refine_args = {"num_cpus": refine_cpus}
-    if CLUSTER_MARKER in cluster:
-        stage1_args["resources"] = {STAGE_RESOURCES["stage1"]: 1}
-        refine_args["resources"] = {STAGE_RESOURCES["refine"]: 1}
-    return Plan(stage1_actors, stage1_args, refine_actors, refine_args, {"num_cpus": cfg.decode_cpus},
-                0 if gpu_mode else int(cpus))
+def validate(cfg: InferConfig) -> None:
+    """Settings that cannot work fail here, before anything is read or written."""
+    crf_params(cfg.crf)
+    for name, value, choices in (("crf_backend", cfg.crf_backend, ("auto", "torch", "pydensecrf")),
+                                 ("device", cfg.device, DEVICES), ("dtype", cfg.dtype, PRECISIONS),
+                                 ("mask_format", cfg.mask_format, MASK_FORMATS),
+                                 ("layout", cfg.layout, ("auto", "cosod", "groups"))):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+    assert set(("auto", "torch", "pydensecrf")) <= set(CRF_BACKENDS)
+    if cfg.head is None and not cfg.random_init:
+        raise ValueError("no stage-1 head: pass --head model_combined.pt (README, 'Weights'), or --random-init "
+                         "for a demo with random weights")
 
 
-def list_input(cfg: InferConfig) -> list[GroupSpec]:
-    if cfg.manifest:
-        return list_manifest(cfg.manifest, cfg.storage_options)
-    if not cfg.input:
-        raise ValueError("give --input (a URL or path) or --manifest")
-    storage = Storage(cfg.input, cfg.storage_options)
-    if not storage.fs.exists(storage.base):
-        raise FileNotFoundError(f"input {cfg.input} does not exist")
-    return list_layout(storage)
+def check_weights(cfg: InferConfig) -> dict:
+    """Reads both checkpoints on the driver (weights only, refusing files that carry code) and checks that the
+    head fits the backbone, before any work starts. Returns their content digests for the run's settings."""
+    import torch
+
+    from scosparc_core import DinoBackbone, Stage1Head
+    from scosparc_core.checkpoints import load_state_dict
+
+    digests = {}
+    dim = None
+    if cfg.backbone:
+        state = load_state_dict(cfg.backbone, cfg.storage_options)
+        embed = state.get("pos_embed", state.get("module.pos_embed"))
+        dim = int(embed.shape[-1]) if isinstance(embed, torch.Tensor) else None
+        digests["backbone"] = checkpoint_digest(cfg.backbone, cfg.storage_options)
+    if cfg.head:
+        if dim is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dim = DinoBackbone.create(cfg.backbone_name, random_init=True, **{**cfg.backbone_kwargs, "depth": 1}
+                                          ).embed_dim
+        load_head_checkpoint(Stage1Head(dim), cfg.head, cfg.storage_options)
+        digests["head"] = checkpoint_digest(cfg.head, cfg.storage_options)
+    return digests
 
 
-def existing_parts(out: Storage) -> dict[str, set[tuple[int, int]]]:
-    """group key -> {(part, parts)} of the Parquet parts already written."""
-    found: dict[str, set] = {}
-    folder = out.path("predictions")
-    if not out.fs.exists(folder):
-        return found
-    for path in out.fs.ls(folder, detail=False):
-        m = PART_NAME.match(path.rsplit("/", 1)[-1])
-        if m:
-            found.setdefault(m["key"], set()).add((int(m["part"]), int(m["parts"])))
-    return found
-
-
-def is_complete(parts: set[tuple[int, int]]) -> bool:
-    totals = {total for _, total in parts}
-    return len(totals) == 1 and {p for p, _ in parts} == set(range(totals.pop()))
-
-
-def prepare_output(cfg: InferConfig, out: Storage) -> None:
-    """--overwrite clears only what this job writes; otherwise a re-run must share the settings of the run there."""
-    if cfg.overwrite:
-        for key in ("predictions", "masks", "_manifest.json", "_SUCCESS", "_run.json"):
-            out.remove(key)
-    elif out.exists("_run.json"):
-        before = out.read_json("_run.json").get("settings", {})
-        now = json.loads(json.dumps(cfg.fingerprint(), default=str))
-        diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-        if diff:
-            raise RuntimeError(
-                f"{cfg.output} holds a run with other settings ({', '.join(diff)}); resuming would mix results. "
-                "Use --overwrite, or another --output."
-            )
-    out.remove("_SUCCESS")  # a run in progress is not a success, whatever was there before
-
-
-def group_row(spec: GroupSpec) -> dict:
-    return {
-        "group": spec.group,
-        "group_key": spec.key,
-        "names": [im.name for im in spec.images],
-        "image_uris": [im.image_uri for im in spec.images],
-        "gt_uris": [im.gt_uri or "" for im in spec.images],
-        "mask_keys": [im.mask_key for im in spec.images],
-    }
+def fingerprint(cfg: InferConfig, digests: dict, precision: str, crf_backend: str) -> dict:
+    """The settings that change what is written: a re-run into the same output must share them."""
+    return redact({
+        "input": cfg.input, "manifest": cfg.manifest, "layout": cfg.layout,
+        "backbone": digests.get("backbone") or (None if cfg.random_init else "timm-pretrained"),
+        "head": digests.get("head"), "random_init": cfg.random_init, "backbone_name": cfg.backbone_name,
+        "backbone_kwargs": cfg.backbone_kwargs, "crf": cfg.crf, "crf_backend": crf_backend,
+        "precision": precision, "max_pixels": cfg.max_pixels, "fast_decode": cfg.fast_decode,
+        "mask_format": cfg.mask_format,
+    })
 
 
 def versions() -> dict:
@@ -173,132 +151,202 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-class Progress:
-    """The periodic one-line summary beside Ray Data's own progress bars."""
-
-    def __init__(self, groups: int, images: int, interval: float, stream=sys.stderr):
-        self.groups, self.images, self.interval, self.stream = groups, images, interval, stream
-        self.start = self.last = time.monotonic()
-        self.done_groups = self.done_images = self.errors = 0
-        self.parts: dict[str, int] = {}
-
-    def update(self, row: dict) -> None:
-        self.done_images += int(row["images"])
-        self.errors += int(row["errors"])
-        self.parts[row["group"]] = self.parts.get(row["group"], 0) + 1
-        if self.parts[row["group"]] == int(row["parts"]):
-            self.done_groups += 1
-        if time.monotonic() - self.last >= self.interval:
-            self.print()
-
-    def print(self) -> None:
-        self.last = time.monotonic()
-        elapsed = self.last - self.start
-        rate = self.done_images / elapsed if elapsed > 0 else 0.0
-        eta = (self.images - self.done_images) / rate if rate > 0 else float("nan")
-        print(f"[infer] groups {self.done_groups}/{self.groups}  images {self.done_images}/{self.images}  "
-              f"{rate:.2f} img/s  errors {self.errors}  elapsed {elapsed:.0f}s  eta {eta:.0f}s",
-              file=self.stream, flush=True)
+def _log(text: str) -> None:
+    print(f"[infer] {text}", file=sys.stderr, flush=True)
 
 
-def count_output(out: Storage) -> dict:
-    """Rows, statuses and error kinds of everything under predictions/ (reads two columns)."""
-    folder = out.path("predictions")
-    if not out.fs.exists(folder):
-        return {"rows": 0, "ok": 0, "errors": 0, "errors_by_kind": {}}
-    table = pads.dataset(folder, format="parquet", filesystem=out.fs).to_table(columns=["status", "error_kind"])
-    statuses = Counter(table.column("status").to_pylist())
-    kinds = Counter(k for k in table.column("error_kind").to_pylist() if k)
-    return {"rows": table.num_rows, "ok": statuses.get("ok", 0), "errors": table.num_rows - statuses.get("ok", 0),
-            "errors_by_kind": dict(sorted(kinds.items()))}
+_PLANS: dict = {}
+GROUPS_PER_BLOCK = 8  # blocks of the to-do list: a decode task per block, so small jobs still decode in parallel
+
+
+def mark_todo(row: dict, plans_ref) -> list[dict]:
+    """One listed group -> [the row to process] (with its name digest, the images to emit rows for: ``only``,
+    empty = all, and how many rows that is), or [] when it is done."""
+    import ray
+
+    key = plans_ref.hex() if plans_ref is not None else None
+    if key not in _PLANS:
+        _PLANS.clear()
+        _PLANS[key] = ray.get(plans_ref) if plans_ref is not None else {}
+    names = list(row["names"])
+    n = len(names)
+    if n == 0:
+        return []
+    h = group_hash(names)
+    plan = _PLANS[key].get(str(row["group_key"]))
+    only: list[int] = []
+    if plan is not None and plan.complete and plan.n == n and plan.hash == h:
+        sizes = list(row["image_bytes"])
+        redo = set(plan.redo or ())
+        redo |= {i for i, size in plan.permanent if i < n and size >= 0 and sizes[i] >= 0 and sizes[i] != size}
+        if not redo:
+            return []
+        only = sorted(redo)
+    return [{**row, "group_hash": h, "only": only, "group_rows": len(only) or n}]
+
+
+def todo_blocks(batch, plans_ref):
+    """Ray Data ``map_batches`` over listed groups: the groups left to do, in small blocks (each yield is a block)."""
+    import pyarrow as pa
+
+    rows = [r for row in batch.to_pylist() for r in mark_todo(row, plans_ref)]
+    for i in range(0, len(rows), GROUPS_PER_BLOCK):
+        yield pa.Table.from_pylist(rows[i:i + GROUPS_PER_BLOCK])
 
 
 def run_inference(cfg: InferConfig) -> dict:
-    """Runs the job on the Ray cluster this process is connected to (or starts a local one). Returns the manifest."""
+    """Runs the job on the Ray cluster this process is connected to (or starts a local one). Returns the
+    manifest (for ``dry_run``: the plan)."""
     import ray
 
     started, t0 = _now(), time.monotonic()
-    if cfg.head:  # fail here, with the checkpoint's own error, rather than in every actor
-        load_state_dict(cfg.head, cfg.storage_options)
+    validate(cfg)
+    check_input(cfg.spec())
+    digests = check_weights(cfg)
     out = Storage(cfg.output, cfg.storage_options)
-    prepare_output(cfg, out)
-    groups = list_input(cfg)
-    n_images = sum(len(g.images) for g in groups)
-    parts = existing_parts(out)
-    todo = [g for g in groups if not is_complete(parts.get(g.key, set()))]
-    for g in todo:  # parts of a half-done group are rewritten from scratch; stale ones must not linger
-        for part, total in parts.get(g.key, ()):
-            out.remove(part_key(g.key, part, total))
-    out.write_json("_run.json", {"settings": cfg.fingerprint(), "started": started})
-    print(f"[infer] {len(groups)} groups, {n_images} images in {cfg.manifest or cfg.input}; "
-          f"{len(groups) - len(todo)} groups already done in {cfg.output}", file=sys.stderr, flush=True)
-
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
-    try:
-        plan = plan_resources(cfg, ray.cluster_resources())
-        progress = Progress(len(todo), sum(len(g.images) for g in todo), cfg.progress_interval)
-        t_data = time.monotonic()
-        if todo:
-            _run_dataset(cfg, plan, todo, progress)
-        data_seconds = time.monotonic() - t_data
-        progress.print()
-    finally:
+    with contextlib.ExitStack() as stack:
         if started_ray:
-            ray.shutdown()
+            stack.callback(ray.shutdown)
+        stack.callback(release_requests)
+        view = cluster_view()
+        if cfg.dry_run:
+            return _dry_run(cfg, view)
+        lease = stack.enter_context(Lease(out, ttl=cfg.lease_ttl, holder={"job": "infer"}))
+        device, view = choose_device(cfg.device, view, cfg.gpu_wait, cfg.gpu_actors or 1)
+        precision = resolve(cfg.dtype, device)
+        micro_batch = cfg.micro_batch or default_micro_batch(device)
+        listing = group_dataset(cfg.spec()).materialize()
+        summary = summarize(listing)
+        mean_group = summary["images"] / max(summary["groups"] - summary["empty_groups"]["count"], 1)
+        plan = plan_resources(view, device, gpu_actors=cfg.gpu_actors, gpus_per_actor=cfg.gpus_per_actor,
+                              crf=cfg.crf, crf_backend=cfg.crf_backend, micro_batch=micro_batch,
+                              mean_group=mean_group)
+        crf_backend = {"torch": "torch", "defer": "pydensecrf", "none": "none"}[plan.crf_backend]
+        settings = fingerprint(cfg, digests, precision, crf_backend)
+        if cfg.overwrite:
+            clear_output(out)
+        run = check_settings(out, settings, redact_url(cfg.output))
+        out.remove("_SUCCESS")  # a run in progress is not a success, whatever was there before
+        out.write_json(RUN_FILE, {"settings": settings, "run": run, "started": started})
+        state = _settle(out)
+        todo = listing.map_batches(todo_blocks, fn_kwargs={"plans_ref": ray.put(state.plans())},
+                                   batch_format="pyarrow", batch_size=None).materialize()
+        todo_groups, todo_rows = todo.count(), (todo.sum("group_rows") or 0) if todo.count() else 0
+        _log(f"{summary['groups']} groups, {summary['images']} images in "
+             f"{redact_url(cfg.manifest or cfg.input)}; to do: {todo_groups} groups, {todo_rows} images "
+             f"(the rest is done in {redact_url(cfg.output)}); stage 1 on {device} ({precision}), CRF "
+             f"{cfg.crf} ({crf_backend}); {'; '.join(plan.notes)}")
+        t_data = time.monotonic()
+        history = _run_dataset(cfg, plan, todo, todo_groups, todo_rows, run, device, precision, micro_batch) \
+            if todo_groups else []
+        data_seconds = time.monotonic() - t_data
+        lease.check()
+        state = _settle(out)
+        counts = state.counts()
+        manifest = {
+            "config": redact(asdict(cfg)),
+            "settings": settings,
+            "run": run,
+            "plan": {"device": plan.device, "stage1_actors": plan.stage1_actors, "stage1": plan.stage1_args,
+                     "refine_actors": plan.refine_actors, "refine": plan.refine_args, "crf_backend": crf_backend,
+                     "groups_per_batch": plan.groups_per_batch},
+            "versions": versions(),
+            "started": started,
+            "finished": _now(),
+            "seconds": time.monotonic() - t0,
+            "input": summary,
+            "processed": {"groups": todo_groups, "images": todo_rows},
+            "output": counts,
+            "images_per_s": todo_rows / max(data_seconds, 1e-9),
+            "dataset_seconds": data_seconds,  # the Ray Data execution alone (no listing, start-up, counting)
+            "progress": history,  # [seconds, images done] during the execution: its rate over time
+        }
+        out.write_json("_manifest.json", manifest)
+        missing = summary["images"] - counts["rows"]
+        if missing:
+            raise RuntimeError(f"{counts['rows']} rows written for {summary['images']} input images; "
+                               "_SUCCESS not written (run again to finish)")
+        if counts["transient_errors"] and not cfg.accept_transient_errors:
+            _log(f"{counts['transient_errors']} transient errors (read/write failures, out-of-memory ...): "
+                 "_SUCCESS not written; run the same command again to redo exactly those images, or pass "
+                 "--accept-transient-errors")
+        else:
+            out.write_bytes("_SUCCESS", b"")
+        _log(f"done: {counts['rows']} rows ({counts['ok']} ok, {counts['permanent_errors']} permanent and "
+             f"{counts['transient_errors']} transient errors) -> {redact_url(out.url())}")
+        return manifest
 
-    counts = count_output(out)
-    manifest = {
-        "config": redact(asdict(cfg)),
-        "versions": versions(),
-        "started": started,
-        "finished": _now(),
-        "seconds": time.monotonic() - t0,
-        "input": {"groups": len(groups), "images": n_images,
-                  "empty_groups": [g.group for g in groups if not g.images]},
-        "resumed_groups": len(groups) - len(todo),
-        "processed": {"groups": len(todo), "images": progress.done_images},
-        "output": counts,
-        "images_per_s": progress.done_images / max(time.monotonic() - t0, 1e-9),
-        "dataset_seconds": data_seconds,  # the Ray Data execution alone (no listing, Ray start-up, counting)
-    }
-    out.write_json("_manifest.json", manifest)
-    if counts["rows"] != n_images:
-        raise RuntimeError(f"{counts['rows']} rows written for {n_images} input images; _SUCCESS not written")
-    out.write_bytes("_SUCCESS", b"")
-    print(f"[infer] done: {counts['rows']} rows ({counts['errors']} errors) -> {out.url()}", file=sys.stderr, flush=True)
-    return manifest
+
+def _settle(out: Storage) -> OutputState:
+    """The output's records, after removing half-written shards and compacting superseded rows."""
+    out.fs.invalidate_cache()
+    state = OutputState.load(out)
+    removed = remove_orphans(out, state)
+    if state.superseded():
+        dropped = state.compact(out)
+        _log(f"compacted {dropped} superseded rows")
+        out.fs.invalidate_cache()
+        state = OutputState.load(out)
+    if removed:
+        _log(f"removed {removed} shards of an interrupted write")
+    return state
 
 
-def _run_dataset(cfg: InferConfig, plan: Plan, todo: list[GroupSpec], progress: Progress) -> None:
+def _dry_run(cfg: InferConfig, view) -> dict:
+    """Lists the input and prints the plan; starts nothing, writes nothing, waits for no GPU."""
+    summary = summarize(group_dataset(cfg.spec()).materialize())
+    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and (view.resources.get("GPU", 0) or view.ours)) \
+        else "cpu"
+    micro_batch = cfg.micro_batch or default_micro_batch(device)
+    mean_group = summary["images"] / max(summary["groups"] - summary["empty_groups"]["count"], 1)
+    plan = plan_resources(view, device, gpu_actors=cfg.gpu_actors, gpus_per_actor=cfg.gpus_per_actor, crf=cfg.crf,
+                          crf_backend=cfg.crf_backend, micro_batch=micro_batch, mean_group=mean_group)
+    report = {"input": summary, "device": device, "precision": resolve(cfg.dtype, device),
+              "plan": asdict(plan), "cluster": view.resources}
+    _log(f"dry run: {summary['groups']} groups, {summary['images']} images "
+         f"(largest group {summary['largest_group']}); stage 1 on {device} "
+         f"({report['precision']}), actors {plan.stage1_actors} x {plan.stage1_args}; decode tasks "
+         f"{plan.decode_args}; refine actors {plan.refine_actors} x {plan.refine_args}; CRF {cfg.crf} "
+         f"({plan.crf_backend}); "
+         + "; ".join(plan.notes))
+    return report
+
+
+def _run_dataset(cfg: InferConfig, plan: Plan, todo, groups: int, images: int, run: int, device: str,
+                 precision: str, micro_batch: int) -> list:
     import ray
 
-    model_cfg = {
-        "backbone": cfg.backbone, "head": cfg.head, "random_init": cfg.random_init,
-        "backbone_name": cfg.backbone_name, "backbone_kwargs": cfg.backbone_kwargs, "dtype": cfg.dtype,
-        "micro_batch": cfg.micro_batch, "compile": cfg.compile,
-        "num_gpus": plan.stage1_args["num_gpus"], "cpu_threads": plan.cpu_threads,
-        "storage_options": cfg.storage_options, "fault": cfg.fault,
-    }
-    ds = ray.data.from_items([group_row(g) for g in todo], override_num_blocks=min(len(todo), 10_000))
-    ds = ds.map(decode_group, fn_kwargs={"storage_options": cfg.storage_options, "max_pixels": cfg.max_pixels},
-                **plan.decode_args)
+    model = ModelSettings(backbone=cfg.backbone, head=cfg.head, random_init=cfg.random_init,
+                          backbone_name=cfg.backbone_name, backbone_kwargs=dict(cfg.backbone_kwargs),
+                          storage_options=dict(cfg.storage_options))
+    decode = DecodeSettings(storage_options=dict(cfg.storage_options), max_pixels=cfg.max_pixels,
+                            fast_decode=cfg.fast_decode, row_images=cfg.row_images)
+    stage1 = Stage1Settings(model=model, decode=decode, device=device, precision=precision, micro_batch=micro_batch,
+                            compile=cfg.compile, cpu_threads=plan.cpu_threads, crf=cfg.crf,
+                            crf_backend=plan.crf_backend if plan.crf_backend != "none" else "defer",
+                            chunk_size=cfg.chunk_size, one_pass_images=cfg.one_pass_images, fault=cfg.fault)
+    refine = RefineSettings(output=cfg.output, storage_options=dict(cfg.storage_options), crf=cfg.crf,
+                            mask_format=cfg.mask_format)
+    state = JobState.remote(groups, images)
+    sink = PredictionsSink(cfg.output, dict(cfg.storage_options), run, cfg.rows_per_shard, cfg.mask_format)
+    ds = todo.map(decode_group, fn_kwargs={"settings": decode}, **plan.decode_args)
+    lo, hi = plan.stage1_actors
     ds = ds.map_batches(
         Stage1Actor,
-        fn_constructor_kwargs={"model_cfg": model_cfg, "chunk_size": cfg.chunk_size},
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=plan.stage1_actors),
+        fn_constructor_kwargs={"settings": stage1, "state": state},
+        batch_size=plan.groups_per_batch,
+        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, max_tasks_in_flight_per_actor=4,
+                                           max_concurrent_calls_per_actor=plan.stage1_calls,
+                                           enable_true_multi_threading=plan.stage1_calls > 1),
         **plan.stage1_args,
     )
-    ds = ds.map_batches(
-        RefineActor,
-        fn_constructor_kwargs={"output": cfg.output, "storage_options": cfg.storage_options, "crf": cfg.crf},
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.refine_actors),
-        **plan.refine_args,
-    )
-    with warnings.catch_warnings():
+    lo, hi = plan.refine_actors
+    ds = ds.map_batches(RefineActor, fn_constructor_kwargs={"settings": refine, "state": state}, batch_size=4,
+                        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), **plan.refine_args)
+    with warnings.catch_warnings(), Printer(state, cfg.progress_interval) as printer:
         warnings.simplefilter("ignore", UserWarning)
-        for row in ds.iter_rows():
-            progress.update(row)
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})  # writing waits on storage, not a core
+    return printer.history

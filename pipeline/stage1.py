@@ -1,136 +1,340 @@
-"""Stage 2 of the pipeline (GPU actors): backbone, stage 1, threshold, prototype and region filter, per group.
+"""Stage 1 of the pipeline (GPU actors): the group engine on batches of decoded groups; chunks stream out.
 
-One whole group per call: stage 1 compares every image with every other, so a group is never split here. The
-region filter runs here too, beside the tokens: it needs every image's 784x768 tokens (2.4 MB), and shipping
-those to CPU workers would move gigabytes per second through the object store at GPU rates; what leaves this
-actor is the stage-2 mask (224x224) and the CRF's colour input. The group then goes out in chunks of at most
-``chunk_size`` images, the units the CPU actors (CRF, PNGs, metrics, Parquet) work on.
+One call takes a batch of whole groups (stage 1 compares every image with every other, so a group is never
+split here). The engine runs the backbone over all their images in full micro-batches, then stage 1, the
+threshold, the prototype and the region filter per group, and on a GPU the CRF too; what leaves the actor per
+image is its uint8 mask at 224 (and, when the CRF runs on CPU workers, its colour input). Groups too large for
+one row arrive undecoded: this actor reads them itself, in micro-batches, with the engine's passes when they do
+not fit in memory. Two calls run at once on a GPU actor, so one's CPU steps overlap the other's GPU work.
+
+Faults: an out-of-memory on a batch is retried group by group with smaller micro-batches (then in passes), and
+then becomes transient error rows; a CUDA error that poisons the context ends the process (Ray starts a new
+actor and retries the batch); a batch that keeps killing its actor becomes error rows after ``max_attempts``.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from scosparc_core import SCoSPARC, stage2_image
-from scosparc_core.image import INPUT_SIZE, normalize
+from .decode import VIEW, DecodeSettings, decode_images
+from .errors import TRANSIENT, classify, is_out_of_memory, poisons_cuda
 
-from .decode import error_kind
-
-# Columns carried from the decoded group row into every chunk, one value per image.
-PER_IMAGE = ("names", "image_uris", "gt_uris", "mask_keys", "ok", "error", "error_kind", "height", "width")
+log = logging.getLogger(__name__)
 
 
-def actor_device(cfg: dict) -> tuple[str, str]:
-    """(device, dtype) for an actor or worker from the job's model settings; on CPU, torch gets the planned
-    thread count (Ray would otherwise leave it one thread per requested CPU)."""
-    device = "cuda" if cfg.get("num_gpus", 0) and torch.cuda.is_available() else "cpu"
-    if device == "cpu" and cfg.get("cpu_threads"):
-        torch.set_num_threads(int(cfg["cpu_threads"]))
-    dtype = cfg.get("dtype", "auto")
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
-    return device, dtype
+@dataclass(frozen=True)
+class ModelSettings:
+    """The weights stage 1 loads: checkpoints (paths or URLs; None = timm's pretrained backbone, or random with
+    ``random_init``), the timm architecture, and fsspec options for URLs."""
+
+    backbone: str | None = None
+    head: str | None = None
+    random_init: bool = False
+    backbone_name: str = "vit_base_patch8_224.dino"
+    backbone_kwargs: dict = field(default_factory=dict)
+    storage_options: dict = field(default_factory=dict)
 
 
-def build_model(cfg: dict) -> SCoSPARC:
-    """The model an actor runs, from the job's model settings (plain dict: it travels to Ray workers)."""
-    device, dtype = actor_device(cfg)
+@dataclass(frozen=True)
+class Stage1Settings:
+    """What a stage-1 actor needs: the model, where and how it runs, the CRF, and how large groups are read.
+
+    precision: resolved name (``scosparc_core.precision``); crf_backend: ``torch`` (here), ``defer`` (pydensecrf
+    on the refine tasks) or ``none``; chunk_size: images per output row; one_pass_images: larger groups run in
+    passes; fault: test-only fault injection (see ``Stage1Actor._inject``)."""
+
+    model: ModelSettings
+    decode: DecodeSettings
+    device: str = "cpu"
+    precision: str = "float32"
+    micro_batch: int = 32
+    compile: bool = False
+    cpu_threads: int = 0
+    crf: str = "coca"
+    crf_backend: str = "defer"
+    chunk_size: int = 32
+    one_pass_images: int = 2048
+    decode_threads: int = 4
+    max_attempts: int = 3
+    fault: dict | None = None
+
+
+def build_model(settings: Stage1Settings):
+    """The SCoSPARC model (and its engine) an actor runs."""
+    import torch
+
+    from scosparc_core import SCoSPARC
+
+    if settings.device == "cpu" and settings.cpu_threads:
+        torch.set_num_threads(settings.cpu_threads)
+    m = settings.model
     return SCoSPARC.from_checkpoints(
-        backbone=cfg.get("backbone"),
-        head=cfg.get("head"),
-        device=device,
-        backbone_name=cfg.get("backbone_name", "vit_base_patch8_224.dino"),
-        random_init=bool(cfg.get("random_init")),
-        dtype=dtype,
-        micro_batch=int(cfg.get("micro_batch", 32)),
-        compile=bool(cfg.get("compile")),
-        storage_options=cfg.get("storage_options"),
-        **cfg.get("backbone_kwargs", {}),
+        backbone=m.backbone, head=m.head, device=settings.device, backbone_name=m.backbone_name,
+        random_init=m.random_init, dtype=settings.precision, micro_batch=settings.micro_batch,
+        compile=settings.compile, storage_options=m.storage_options, **m.backbone_kwargs,
     )
 
 
 class Stage1Actor:
-    def __init__(self, model_cfg: dict, chunk_size: int = 32):
-        self.model = build_model(model_cfg)
-        self.chunk_size = max(1, int(chunk_size))
-        self.fault = model_cfg.get("fault")
+    def __init__(self, settings: Stage1Settings, state=None):
+        self.settings = settings
+        self.engine = build_model(settings).engine
+        self.state = state
         self.calls = 0
+        self.injected: dict[str, int] = {}
 
-    def __call__(self, batch: dict) -> dict:
-        chunks = [chunk for i in range(len(batch["group"])) for chunk in self.group(_row(batch, i))]
+    # -- Ray Data entry point ---------------------------------------------------------------------------------
+    def __call__(self, batch: dict) -> Iterator[dict]:
         self.calls += 1
         self._maybe_die()
-        return {k: [c[k] for c in chunks] for k in chunks[0]} if chunks else {}
-
-    def _maybe_die(self) -> None:
-        """Fault injection (tests): the process is killed once, before returning its n-th group, so Ray must
-        restart the actor and redo that group. ``fault = {"kill_after_groups": n, "marker": local path}``."""
-        if not self.fault or self.calls < int(self.fault["kill_after_groups"]):
+        rows = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["group"]))]
+        key = "|".join(str(r["group_key"]) for r in rows)
+        attempt = self._attempt(key)
+        if attempt > self.settings.max_attempts:
+            exc = RuntimeError(f"this batch ended its stage-1 actor {attempt - 1} times (a GPU fault?)")
+            exc.error_class = TRANSIENT
+            for row in rows:
+                yield _columns(self._error_chunks(row, exc))
             return
-        marker = self.fault["marker"]
-        if not os.path.exists(marker):
-            with open(marker, "w") as f:
-                f.write(f"stage-1 actor {os.getpid()} killed after {self.calls} groups")
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def group(self, row: dict) -> list[dict]:
-        """One decoded group row -> chunk rows with everything the CPU stage needs."""
         start = time.perf_counter()
-        ok = list(row["ok"])
-        n, good = len(ok), [i for i, flag in enumerate(ok) if flag]
-        errors, kinds = list(row["error"]), list(row["error_kind"])
-        stage2 = np.zeros((n, INPUT_SIZE, INPUT_SIZE), np.float32)
-        found, kept, fallback = [0] * n, [0] * n, [False] * n
-        confidences = [float("nan")] * n
-        confidence = threshold = float("nan")
-        if good:
+        small = [r for r in rows if r["decoded"]]
+        chunks = []
+        for row, result in zip(small, self._run_small(small)):
+            chunks += self._chunks(row, result, start)
+        if chunks:
+            yield _columns(chunks)
+        for row in rows:
+            if not row["decoded"]:
+                for part in self._run_large(row):
+                    yield _columns(part)
+
+    # -- small groups (decoded rows) ------------------------------------------------------------------------
+    def _run_small(self, rows: list[dict]) -> list:
+        """Engine results (or the exception) per row, for the rows' decoded images."""
+        if not rows:
+            return []
+        pixels = [np.asarray(r["net"])[np.asarray(r["ok"], bool)] for r in rows]
+        crf = [np.asarray(r["crf"])[np.asarray(r["ok"], bool)] for r in rows]
+        try:
+            return self._engine_run(rows, pixels, crf)
+        except Exception as exc:  # noqa: BLE001 - sorted below: exit, retry smaller, or error rows
+            if poisons_cuda(exc):
+                self._exit(exc)
+            if not is_out_of_memory(exc):
+                return [exc] * len(rows)
+            log.warning("out of memory on a batch of %d groups; retrying group by group", len(rows))
+        return [self._retry_smaller(r, p, c) for r, p, c in zip(rows, pixels, crf)]
+
+    def _engine_run(self, rows: list[dict], pixels: list, crf: list, micro_batch: int | None = None) -> list:
+        self._inject(rows, micro_batch)
+        s = self.settings
+        return self.engine.run(pixels, crf, crf=s.crf, crf_backend=s.crf_backend, micro_batch=micro_batch)
+
+    def _retry_smaller(self, row: dict, pixels: np.ndarray, crf: np.ndarray):
+        """One group after an out-of-memory: halved micro-batches down to 1, then an error (transient)."""
+        import torch
+
+        mb = self.engine.micro_batch
+        last: BaseException | None = None
+        while mb > 1:
+            mb //= 2
+            if self.engine.cuda:
+                torch.cuda.empty_cache()
             try:
-                model = self.model
-                pixels = torch.from_numpy(np.array(row["net"]))  # writable copy of the object-store view
-                tokens, _ = model.features(normalize(pixels.to(model.device)))
-                s1 = model.group_stage1(tokens)
-                confidence, threshold = s1.confidence, s1.threshold
-                for j, i in enumerate(good):
-                    s2 = stage2_image(s1.stage1_mask[j], s1.stage1_map[j], s1.tokens[j], s1.prototype, s1.grid)
-                    stage2[i], found[i], kept[i], fallback[i] = s2.mask, s2.regions_found, s2.regions_kept, s2.fallback
-                    confidences[i] = float(s1.confidences[j])
-            except Exception as exc:  # noqa: BLE001 - the whole group becomes error rows, the job goes on
-                kind = f"Stage1:{error_kind(exc)}"
-                for i in good:
-                    ok[i], errors[i], kinds[i] = False, f"{kind}: {exc}", kind
-        crf = np.zeros((n, INPUT_SIZE, INPUT_SIZE, 3), np.uint8)
-        if good:
-            crf[good] = np.asarray(row["crf"])
-        stage1_s = time.perf_counter() - start
-        per_image = {k: list(row[k]) for k in PER_IMAGE}
-        per_image.update(ok=ok, error=errors, error_kind=kinds)
-        parts = max(1, -(-n // self.chunk_size))
+                return self._engine_run([row], [pixels], [crf], micro_batch=mb)[0]
+            except Exception as exc:  # noqa: BLE001
+                if poisons_cuda(exc):
+                    self._exit(exc)
+                if not is_out_of_memory(exc):
+                    return exc
+                last = exc
+        return last
+
+    # -- large groups (read here) ---------------------------------------------------------------------------
+    def _run_large(self, row: dict) -> Iterator[list[dict]]:
+        """A group that came undecoded: read in micro-batches; one pass when it fits, else the engine's passes."""
+        s = self.settings
+        uris = list(row["image_uris"])
+        start = time.perf_counter()
+        key = str(row["group_key"])
+        one_pass = len(uris) <= s.one_pass_images
+        try:
+            probe = self._decode(uris, keep=one_pass)
+        except Exception as exc:  # noqa: BLE001
+            yield self._error_chunks(row, exc)
+            return
+        row = {**row, "decoded": True, "ok": probe.ok, "height": probe.height, "width": probe.width,
+               "error": [e[2] if e else "" for e in probe.errors],
+               "error_kind": [e[0] if e else "" for e in probe.errors],
+               "error_class": [e[1] if e else "" for e in probe.errors],
+               "decode_s": time.perf_counter() - start}
+        ok = np.flatnonzero(probe.ok)
+        if one_pass:
+            row = {**row, "net": probe.net, "crf": probe.crf}
+            yield from _batched(self._chunks(row, self._run_small([row])[0], start), 8)
+            return
+        failed = self._chunks(row, None, start, indices=np.flatnonzero(~probe.ok))
+        if failed:
+            yield failed
+        ok_uris = [uris[i] for i in ok]
+        loaded = {}
+
+        def load(a: int, b: int):
+            d = self._decode(ok_uris[a:b], keep=True)
+            if not d.ok.all():  # it decoded in the first pass: a read that failed now is transient
+                bad = int(np.flatnonzero(~d.ok)[0])
+                exc = RuntimeError(f"image {a + bad} of the group failed on a later pass: {d.errors[bad][2]}")
+                exc.error_class = TRANSIENT
+                raise exc
+            loaded["crf"] = d.crf  # the last pass loads each output chunk once: its colour views travel on
+            return d.net, d.crf
+
+        def tick(step: str, done: int) -> None:
+            if self.state is not None:
+                self.state.tick.remote(key, f"{step} {done}/{len(ok)} images")
+
+        try:
+            for part in self.engine.run_passes(len(ok), load, crf=s.crf, crf_backend=s.crf_backend,
+                                               chunk=s.chunk_size, progress=tick):
+                part_idx = ok[part.start:part.start + len(part)]
+                crf = np.zeros((len(row["image_uris"]), *VIEW), np.uint8)
+                crf[part_idx] = loaded["crf"]
+                yield self._chunks({**row, "crf": crf}, part, start, indices=part_idx)
+        except Exception as exc:  # noqa: BLE001 - the rows not yet out become errors
+            if poisons_cuda(exc):
+                self._exit(exc)
+            yield self._error_chunks(row, exc, indices=ok)  # rows already out are superseded on the re-run
+
+    def _decode(self, uris: list[str], keep: bool):
+        """decode_images over ``decode_threads`` threads (PIL and OpenCV release the GIL)."""
+        s = self.settings
+        parts = np.array_split(np.arange(len(uris)), max(1, min(s.decode_threads, len(uris))))
+        with ThreadPoolExecutor(len(parts)) as pool:
+            done = list(pool.map(lambda p: decode_images([uris[i] for i in p], s.decode, keep), parts))
+        cat = (lambda xs: np.concatenate(xs)) if len(done) > 1 else (lambda xs: xs[0])
+        return type(done[0])(
+            ok=cat([d.ok for d in done]), errors=[e for d in done for e in d.errors],
+            height=cat([d.height for d in done]), width=cat([d.width for d in done]),
+            net=cat([d.net for d in done]) if keep else None, crf=cat([d.crf for d in done]) if keep else None)
+
+    # -- output rows ----------------------------------------------------------------------------------------
+    def _chunks(self, row: dict, result, start: float, indices=None) -> list[dict]:
+        """Output rows (``chunk_size`` images each) for the emitted images of ``row``. ``result``: the engine's
+        GroupResult over the ok images (in order), an exception (every ok image becomes an error), or None."""
+        n = len(row["image_uris"])
+        ok = np.asarray(row["ok"], bool).copy()
+        errors = [list(row["error"]), list(row["error_kind"]), list(row["error_class"])]
+        ok_idx = np.flatnonzero(ok)
+        if indices is None:
+            indices = np.arange(n)
+        final = np.zeros((n, 224, 224), np.uint8) if result is not None and not isinstance(result, BaseException) else None
+        per_ok = {}
+        if isinstance(result, BaseException):
+            info = classify(result, "Stage1")
+            for i in ok_idx:
+                ok[i] = False
+                errors[0][i], errors[1][i], errors[2][i] = info.text, info.kind, info.error_class
+        elif result is not None:
+            targets = ok_idx[result.start:result.start + len(result)]
+            final[targets] = result.final
+            per_ok = {int(i): j for j, i in enumerate(targets)}
+        only = {int(i) for i in row.get("only", ())}
+        emit = [int(i) for i in indices if not only or int(i) in only]
+        if not emit:
+            return []
+        seconds = (time.perf_counter() - start) / max(len(ok_idx), 1)
+        deferred = result is not None and not isinstance(result, BaseException) and not result.crf_applied
+        crf_views = np.asarray(row["crf"]) if deferred and len(row.get("crf", ())) else None
         out = []
-        for part in range(parts):
-            sl = slice(part * self.chunk_size, (part + 1) * self.chunk_size)
+        size = self.settings.chunk_size
+        for c in range(0, len(emit), size):
+            idx = emit[c:c + size]
+            j = [per_ok.get(i) for i in idx]
+            good = [jj is not None for jj in j]
+            pick = lambda arr, dtype: np.array([arr[jj] if jj is not None else 0 for jj in j], dtype)  # noqa: E731
             out.append({
-                "group": row["group"],
-                "group_key": row["group_key"],
-                "part": part,
-                "parts": parts,
-                **{k: v[sl] for k, v in per_image.items()},
-                "image_confidence": confidences[sl],
-                "regions_found": found[sl],
-                "regions_kept": kept[sl],
-                "fallback": fallback[sl],
-                "stage2": stage2[sl],
-                "crf": crf[sl],
-                "confidence": confidence,
-                "threshold": threshold,
+                "group": row["group"], "group_key": row["group_key"], "group_size": n,
+                "group_hash": row["group_hash"], "group_rows": int(row["group_rows"]), "index": idx,
+                **{k: [row[k][i] for i in idx] for k in ("names", "image_uris", "image_bytes", "gt_uris", "mask_keys")},
+                "ok": [bool(ok[i]) for i in idx],
+                "error": [errors[0][i] for i in idx], "error_kind": [errors[1][i] for i in idx],
+                "error_class": [errors[2][i] for i in idx],
+                "height": [int(row["height"][i]) for i in idx], "width": [int(row["width"][i]) for i in idx],
+                "image_confidence": pick(result.image_confidence, np.float32) if per_ok else np.zeros(len(idx)),
+                "regions_found": pick(result.regions_found, np.int32) if per_ok else np.zeros(len(idx), np.int32),
+                "regions_kept": pick(result.regions_kept, np.int32) if per_ok else np.zeros(len(idx), np.int32),
+                "fallback": [bool(result.fallback[jj]) if jj is not None else False for jj in j] if per_ok
+                else [False] * len(idx),
+                "final": final[idx] if final is not None else np.zeros((len(idx), 224, 224), np.uint8),
+                "crf": crf_views[idx] if crf_views is not None else np.zeros((0, *VIEW), np.uint8),
+                "crf_pending": deferred and any(good),
+                "confidence": float(result.confidence) if per_ok else float("nan"),
+                "threshold": float(result.threshold) if per_ok else float("nan"),
                 "decode_s": float(row["decode_s"]) / max(n, 1),
-                "stage1_s": stage1_s / max(n, 1),
+                "stage1_s": seconds,
             })
         return out
 
+    def _error_chunks(self, row: dict, exc: BaseException, indices=None) -> list[dict]:
+        """Rows for a group that failed as a whole: images not yet read count as ok until ``exc``."""
+        n = len(row["image_uris"])
+        if not row.get("decoded"):
+            row = {**row, "ok": np.ones(n, bool), "height": np.zeros(n, np.int32), "width": np.zeros(n, np.int32)}
+        return self._chunks(row, exc, time.perf_counter(), indices)
 
-def _row(batch: dict, i: int) -> dict:
-    return {k: v[i] for k, v in batch.items()}
+    # -- faults ---------------------------------------------------------------------------------------------
+    def _attempt(self, key: str) -> int:
+        if self.state is None:
+            return 1
+        import ray
+
+        return ray.get(self.state.attempt.remote(key))
+
+    def _exit(self, exc: BaseException) -> None:
+        """A CUDA error that poisons the context: nothing more can run in this process. Ray restarts the actor
+        and retries the batch (bounded by ``max_attempts``)."""
+        log.error("stage-1 actor exits after a CUDA error: %s", classify(exc).text)
+        os._exit(3)
+
+    def _maybe_die(self) -> None:
+        """Fault injection (tests): ``{"kill_after_groups": n, "marker": path}`` kills the process (SIGKILL) once,
+        at the start of its n-th call."""
+        fault = self.settings.fault or {}
+        if "kill_after_groups" not in fault or self.calls < int(fault["kill_after_groups"]):
+            return
+        marker = fault["marker"]
+        if not os.path.exists(marker):
+            with open(marker, "w") as f:
+                f.write(f"stage-1 actor {os.getpid()} killed at call {self.calls}")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _inject(self, rows: list[dict], micro_batch: int | None) -> None:
+        """Fault injection (tests): ``{"oom": {group_key: n}}`` raises a CUDA out-of-memory on the first n engine
+        calls with that group; ``{"cuda_error": group_key}`` raises a context-poisoning CUDA error every time."""
+        fault = self.settings.fault or {}
+        for row in rows:
+            key = str(row["group_key"])
+            if fault.get("cuda_error") == key:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+            budget = (fault.get("oom") or {}).get(key, 0)
+            if self.injected.get(key, 0) < budget:
+                self.injected[key] = self.injected.get(key, 0) + 1
+                import torch
+
+                raise torch.OutOfMemoryError(f"CUDA out of memory (injected, micro-batch {micro_batch})")
+
+
+def _columns(rows: list[dict]) -> dict:
+    return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
+
+
+def _batched(chunks: list[dict], n: int) -> Iterator[list[dict]]:
+    for i in range(0, len(chunks), n):
+        yield chunks[i:i + n]

@@ -43,24 +43,22 @@ import numpy as np
 import torch
 
 from scosparc_core import Stage1Head, load_head_checkpoint, save_head_checkpoint, training_loss
-from scosparc_core.checkpoints import head_state_dict
+from scosparc_core.checkpoints import checkpoint_digest, head_state_dict
 from scosparc_core.image import INPUT_SIZE
 from scosparc_core.metrics import aggregate, image_metrics
 from scosparc_core.modeling import DEFAULT_BACKBONE
 from scosparc_core.precision import PRECISIONS, resolve
 from scosparc_core.threshold import adaptive_threshold, image_confidences, stage1_map
 
-from .decode import decode_image, read_many
+from .decode import decode_image, read_gt, read_many
 from .feature_cache import (BackboneSettings, FeatureCache, backbone_id, build_backbone, build_cache, cache_folder,
                             check_cuda, features, plan_cache)
 from .listing import GroupSpec, list_layout
-from .refine import read_gt
-from .storage import Storage, open_url, redact
+from .storage import Storage, redact
 
 ADAM = {"lr": 1e-4, "weight_decay": 1e-4, "betas": (0.9, 0.99)}  # the paper's optimizer
 HISTORY = "metrics.parquet"
 RUN_RECORD = "train_config.json"
-MIB = 1 << 20
 
 
 class PlacementError(RuntimeError):
@@ -77,6 +75,7 @@ class TrainConfig:
     storage: str
     name: str
     val: str | None = None
+    layout: str = "auto"  # auto | cosod | groups (pipeline.listing)
     epochs: int = 150
     val_every: int = 1
     max_images: int = 24
@@ -462,32 +461,15 @@ def _maybe_die(s: LoopSettings, run: Storage, epoch: int, rank: int) -> None:
 
 
 # ---------------------------------------------------------------------------------- what a run is made of
-def content_digest(url: str, options: dict | None = None) -> str:
-    """A file's identity without reading all of it: ``<size>:<sha256 of its first and last MiB>``."""
-    fs, path = open_url(url, options or {})
-    size = int(fs.size(path))
-    h = hashlib.sha256(fs.cat_file(path, start=0, end=min(size, MIB)))
-    if size > MIB:
-        h.update(fs.cat_file(path, start=max(MIB, size - MIB), end=size))
-    return f"{size}:{h.hexdigest()}"
-
-
-def file_sizes(root: str, options: dict) -> dict[str, int]:
-    """URI -> size of every file under a root, from one recursive listing."""
-    store = Storage(root, options)
-    return {store.fs.unstrip_protocol(p): int(info.get("size") or 0)
-            for p, info in store.fs.find(store.base, detail=True).items()}
-
-
-def listing_digest(root: str, groups: list[GroupSpec], sizes: dict[str, int]) -> str:
-    """The data a run saw: every listed image and ground truth, by path under the root and size."""
+def listing_digest(root: str, groups: list[GroupSpec]) -> str:
+    """The data a run saw: every listed image (by path under the root and size) and ground truth (by path)."""
     prefix = Storage(root).url().rstrip("/") + "/"
     h = hashlib.sha256()
     for spec in groups:
         for im in spec.images:
-            for uri in (im.image_uri, im.gt_uri):
-                if uri:
-                    h.update(f"{uri.removeprefix(prefix)}\t{sizes.get(uri, -1)}\n".encode())
+            h.update(f"{im.image_uri.removeprefix(prefix)}\t{im.size}\n".encode())
+            if im.gt_uri:
+                h.update(f"{im.gt_uri.removeprefix(prefix)}\n".encode())
     return h.hexdigest()
 
 
@@ -647,13 +629,12 @@ def run_training(cfg: TrainConfig):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     roots = list(dict.fromkeys([*cfg.data, *([cfg.val] if cfg.val else [])]))
-    listed = {root: list_layout(Storage(root, cfg.storage_options)) for root in roots}
+    listed = {root: list_layout(Storage(root, cfg.storage_options), cfg.layout) for root in roots}
     if not any(spec.images for r in cfg.data for spec in listed[r]):
         raise ValueError(f"no images found under {list(cfg.data)}")
-    sizes = {root: file_sizes(root, cfg.storage_options) for root in roots}
-    weights = content_digest(cfg.backbone, cfg.storage_options) if cfg.backbone else None
-    init_head = content_digest(cfg.init_head, cfg.storage_options) if cfg.init_head else None
-    fp = fingerprint(cfg, {r: listing_digest(r, listed[r], sizes[r]) for r in roots}, weights, init_head)
+    weights = checkpoint_digest(cfg.backbone, cfg.storage_options) if cfg.backbone else None
+    init_head = checkpoint_digest(cfg.init_head, cfg.storage_options) if cfg.init_head else None
+    fp = fingerprint(cfg, {r: listing_digest(r, listed[r]) for r in roots}, weights, init_head)
     run = Storage(cfg.run_url(), cfg.storage_options)
     record = claim_run(run, cfg, fp)
     print(f"[train] {'resuming' if record['resumed'] else 'new run'} {redact(cfg.run_url())}: "
@@ -677,7 +658,7 @@ def run_training(cfg: TrainConfig):
             record["feature_cache"] = {}
             for root in roots:
                 folder = cache_folder(cache_root, root, model)
-                summary = build_cache(listed[root], folder, settings, plan, sizes[root], cfg.placement_timeout)
+                summary = build_cache(listed[root], folder, settings, plan, cfg.placement_timeout)
                 rate = f", {summary['images_per_s']:.1f} img/s" if summary["images_per_s"] else ""
                 print(f"[train] feature cache {redact(folder)}: {summary['computed']} groups computed "
                       f"({summary['images']} images, {summary['errors']} unreadable) in {summary['seconds']:.1f}s"

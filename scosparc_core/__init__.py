@@ -15,18 +15,18 @@ _EXPORTS = {
     "save_head_checkpoint": "checkpoints",
     "CRF_PRESETS": "crf",
     "CRFParams": "crf",
-    "Stage2Image": "crf",
-    "crf_refine": "crf",
+    "dense_crf": "crf",
+    "dense_crf_torch": "crf",
     "LossParts": "losses",
     "training_loss": "losses",
     "BackboneUnavailableError": "modeling",
     "DinoBackbone": "modeling",
     "Stage1Head": "modeling",
+    "GroupEngine": "engine",
+    "GroupResult": "engine",
     "GroupPrediction": "predictor",
-    "GroupStage1": "predictor",
     "PreparedImage": "predictor",
     "SCoSPARC": "predictor",
-    "stage2_image": "predictor",
 }
 __all__ = sorted(_EXPORTS)
 

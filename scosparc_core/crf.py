@@ -194,8 +194,6 @@ def crf_mean_field(rgb: torch.Tensor, labels: torch.Tensor, params: CRFParams,
 
     Inputs as for ``dense_crf_torch``. Q after k iterations is pydensecrf's after ``stepInference`` k times.
     """
-    import torch
-
     batch, height, width = labels.shape
     for q in _mean_field(rgb, labels, params, iterations):
         yield q.transpose(1, 2).reshape(batch, 2, height, width)
@@ -359,25 +357,3 @@ if triton is not None:
         tl.store(gauss_out + 2 * g + 1, q1 * sg, mask=live)
         tl.store(bilateral_out + 2 * i, q0 * sb, mask=live)
         tl.store(bilateral_out + 2 * i + 1, q1 * sb, mask=live)
-
-
-@dataclass
-class Stage2Image:
-    """The region filter's result for one image. mask: (224, 224) float32.
-
-    0/1, except when the stage-1 mask has no region: then, as in the paper code, it is the continuous stage-1
-    map and ``fallback`` is True (the CRF needs labels, so it is skipped for that image).
-    """
-
-    mask: np.ndarray
-    regions_found: int
-    regions_kept: int
-    fallback: bool
-
-
-def crf_refine(stage2: Stage2Image, crf_rgb: np.ndarray, crf: str | CRFParams | None = "coca") -> np.ndarray:
-    """The final (224, 224) float32 mask: the dense CRF on the stage-2 labels (skipped for a fallback map)."""
-    params = crf_params(crf)
-    if params is None or stage2.fallback:
-        return stage2.mask
-    return dense_crf(crf_rgb, stage2.mask.astype(np.uint8), params).astype(np.float32)

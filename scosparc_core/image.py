@@ -74,35 +74,22 @@ def network_pixels(rgb: np.ndarray) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8).copy()
 
 
-def normalize(pixels):
-    """``(..., 224, 224, 3) uint8`` -> ``(..., 3, 224, 224) float32``: /255, then ImageNet mean/std.
-
-    Same operations, in the same order, as to_tensor -> normalize in the paper code (exact on any device).
-    """
-    import torch  # here, not at the top: CPU workers that only decode or write masks never load torch
-
-    x = pixels.movedim(-1, -3).float().div(255)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
-    return x.sub_(mean).div_(std)
-
-
-def network_input(rgb: np.ndarray):
-    """``(H, W, 3) uint8`` -> ``(3, 224, 224) float32`` torch tensor, the network input."""
-    import torch
-
-    return normalize(torch.from_numpy(network_pixels(rgb)))
-
-
 def crf_image(rgb: np.ndarray) -> np.ndarray:
     """``(H, W, 3) uint8`` -> ``(224, 224, 3) uint8``: the CRF's colour input (OpenCV bilinear resize)."""
     return np.ascontiguousarray(cv2.resize(rgb, (INPUT_SIZE, INPUT_SIZE), interpolation=cv2.INTER_LINEAR))
 
 
-def mask_to_original(mask224: np.ndarray, height: int, width: int) -> np.ndarray:
-    """A ``(224, 224)`` map in [0, 1] -> ``(height, width) uint8``, as the paper code writes its PNGs.
+def mask_png(mask224: np.ndarray) -> np.ndarray:
+    """A ``(224, 224)`` map in [0, 1] -> ``uint8``: ``np.uint8(map * 255)`` as the paper code writes it (truncates)."""
+    return np.asarray(mask224 * 255).astype(np.uint8)
 
-    ``np.uint8(map * 255)`` truncates, then OpenCV bilinear resizes, so edge pixels take in-between values.
-    """
-    png = np.asarray(mask224 * 255).astype(np.uint8)
-    return cv2.resize(png, (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
+
+def to_original_size(png224: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A ``(224, 224)`` uint8 mask -> ``(height, width)`` with OpenCV bilinear, as the paper code resizes its PNGs
+    (edge pixels take in-between values)."""
+    return cv2.resize(png224, (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
+
+
+def mask_to_original(mask224: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A ``(224, 224)`` map in [0, 1] -> ``(height, width) uint8``, as the paper code writes its PNGs."""
+    return to_original_size(mask_png(mask224), height, width)

@@ -20,23 +20,24 @@ def stage1_map(weights: torch.Tensor, grid: tuple[int, int], size: int = INPUT_S
     return F.interpolate(w, size=(size, size), mode="bilinear", align_corners=True)[:, 0]
 
 
-def image_confidences(maps: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
-    """S (N, 224, 224) -> conf_i (N,) float32: S resampled to the patch grid, values < 0.15 zeroed,
-    conf_i = sum / count(>= 0.15). An image with no value >= 0.15 has confidence 0 (reference: NaN)."""
+def image_confidences(maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """S (N, 224, 224) -> conf_i (N,) float32 on S's device: S resampled to the patch grid, values < 0.15
+    zeroed, conf_i = sum / count(>= 0.15). An image with no value >= 0.15 has confidence 0 (reference: NaN)."""
     small = F.interpolate(maps[:, None], size=grid, mode="bilinear", align_corners=True)[:, 0]
     small = small.reshape(maps.shape[0], -1)
     keep = small >= CONFIDENCE_FLOOR
     total = torch.where(keep, small, torch.zeros_like(small)).sum(dim=1)
     count = keep.sum(dim=1)
     conf = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
-    return conf.float().cpu().numpy()
+    return conf.float()
 
 
-def adaptive_threshold(confidences: np.ndarray) -> tuple[float, float]:
-    """Per-image confidences -> (group confidence c, threshold tau), in float32 as the paper code computes them.
-
-    An empty group has no confidence; both come back NaN.
+def adaptive_threshold(confidences) -> tuple[float, float]:
+    """Per-image confidences (array or tensor, any device) -> (group confidence c, threshold tau), in float32 as
+    the paper code computes them. An empty group has no confidence; both come back NaN.
     """
+    if isinstance(confidences, torch.Tensor):
+        confidences = confidences.detach().cpu().numpy()
     if len(confidences) == 0:
         return float("nan"), float("nan")
     total = np.float32(0)

@@ -1,7 +1,6 @@
 """Frozen DINO ViT backbone: patch tokens and the CLS attention map from one forward pass."""
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass
 
@@ -9,6 +8,9 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..image import IMAGENET_MEAN, IMAGENET_STD
+from ..precision import backbone_precision, resolve
 
 DEFAULT_BACKBONE = "vit_base_patch8_224.dino"
 # The paper code upsamples each head's attention map by 16 (nearest) before averaging and normalising.
@@ -22,11 +24,12 @@ class BackboneUnavailableError(RuntimeError):
 @dataclass
 class BackboneOutput:
     """tokens: (B, P, C) final-LayerNorm patch tokens (CLS dropped); cls_token: (B, C);
-    cls_attention: (B, h, w) last block's CLS->patch attention averaged over heads (raw softmax values)."""
+    cls_attention: (B, h, w) last block's CLS->patch attention averaged over heads (raw softmax values), or None
+    when it was not asked for (inference does not use it)."""
 
     tokens: torch.Tensor
     cls_token: torch.Tensor
-    cls_attention: torch.Tensor
+    cls_attention: torch.Tensor | None
 
 
 def cls_attention_maps(cls_attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,10 +51,13 @@ def cls_attention_maps(cls_attention: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 class DinoBackbone(nn.Module):
-    """A timm ViT that returns patch tokens and the head-averaged CLS attention of its last block.
+    """A timm ViT that returns patch tokens and, when asked, the head-averaged CLS attention of its last block.
 
-    The attention comes from a hook on the last block's ``qkv`` projection, so the fused attention kernel
-    still runs and nothing is computed twice (the paper code runs the backbone twice per image).
+    Inference runs timm's ``forward_features`` as it is (compiled when asked). Only training asks for the
+    attention: that path runs the same modules one by one and projects the last block's input to q and k once
+    more (~1% of the forward), so no hook or per-call state is needed and threads may share the backbone (the
+    paper code runs the whole backbone twice per image). The ImageNet mean and std live here as buffers, so
+    pixels become network inputs in one place and on the backbone's device.
     """
 
     def __init__(self, vit: nn.Module):
@@ -59,9 +65,9 @@ class DinoBackbone(nn.Module):
         if not hasattr(vit, "blocks") or not hasattr(vit.blocks[-1].attn, "qkv"):
             raise TypeError("DinoBackbone needs a timm VisionTransformer (blocks[-1].attn.qkv)")
         self.vit = vit.eval().requires_grad_(False)
-        self._qkv_out: torch.Tensor | None = None
-        self._forward = self.forward
-        vit.blocks[-1].attn.qkv.register_forward_hook(self._keep_qkv)
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
+        self._features = vit.forward_features
 
     @property
     def embed_dim(self) -> int:
@@ -77,16 +83,21 @@ class DinoBackbone(nn.Module):
         return h * w
 
     def compile_forward(self) -> "DinoBackbone":
-        """Runs ``extract`` through torch.compile (inductor, frozen weights, dynamic batch size).
-
-        Costs ~30 s once per process on CPU, then about 10% less time per image there (bias and GELU fused
-        into the matmuls); worth it for long runs, not for a single small group.
-        """
-        self._forward = torch.compile(self.forward, dynamic=True, options={"freezing": True})
+        """Runs the inference forward (``tokens``) through torch.compile (inductor, frozen weights, dynamic
+        batch size). Costs ~30 s once per process on CPU, then about 10% less time per image there (bias and
+        GELU fused into the matmuls); worth it for long runs, not for a single small group."""
+        self._features = torch.compile(self.vit.forward_features, dynamic=True, options={"freezing": True})
         return self
 
-    def _keep_qkv(self, module, inputs, output):
-        self._qkv_out = output
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(..., 224, 224, 3) uint8 pixels -> (..., 3, 224, 224) float32 network input: /255, then ImageNet
+        mean/std. The same operations, in the same order, as to_tensor -> normalize in the paper code."""
+        x = pixels.movedim(-1, -3).float().div(255)
+        return x.sub_(self.pixel_mean).div_(self.pixel_std)
 
     @classmethod
     def create(
@@ -130,15 +141,22 @@ class DinoBackbone(nn.Module):
                 ) from exc
         return cls(vit)
 
-    def forward(self, images: torch.Tensor) -> BackboneOutput:
+    def forward(self, images: torch.Tensor, with_attention: bool = True) -> BackboneOutput:
         """images: (B, 3, H, W) normalised -> BackboneOutput (see its docstring)."""
         vit = self.vit
-        feats = vit.forward_features(images)
-        qkv, self._qkv_out = self._qkv_out, None
         prefix = vit.num_prefix_tokens
-        tokens, cls_token = feats[:, prefix:], feats[:, 0]
+        if not with_attention:
+            feats = self._features(images)
+            return BackboneOutput(tokens=feats[:, prefix:], cls_token=feats[:, 0], cls_attention=None)
+        # forward_features, module by module, keeping the last block's input for its attention
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+        for block in vit.blocks[:-1]:
+            x = block(x)
+        last = vit.blocks[-1]
+        qkv = last.attn.qkv(last.norm1(x))
+        feats = vit.norm(last(x))
 
-        attn = vit.blocks[-1].attn
+        attn = last.attn
         b, n, _ = qkv.shape
         qkv = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
@@ -146,34 +164,37 @@ class DinoBackbone(nn.Module):
         logits = (q[:, :, :1].float() * attn.scale) @ k.float().transpose(-2, -1)
         cls_attn = logits.softmax(dim=-1)[:, :, 0, prefix:].mean(dim=1)
         h, w = self.grid_size
-        return BackboneOutput(tokens=tokens, cls_token=cls_token, cls_attention=cls_attn.reshape(b, h, w))
+        return BackboneOutput(tokens=feats[:, prefix:], cls_token=feats[:, 0], cls_attention=cls_attn.reshape(b, h, w))
+
+    def tokens(self, inputs: torch.Tensor, precision: str = "float32") -> torch.Tensor:
+        """(B, 3, 224, 224) network inputs on the backbone's device -> patch tokens (B, P, C) float32, no
+        attention. ``precision``: a name resolved by ``scosparc_core.precision.resolve``."""
+        with backbone_precision(precision, inputs.device):
+            return self.forward(inputs, with_attention=False).tokens.float()
 
     @torch.inference_mode()
     def extract(
         self,
         images: torch.Tensor,
-        micro_batch: int = 16,
-        dtype: torch.dtype = torch.float32,
+        micro_batch: int = 32,
+        dtype: torch.dtype | str = "float32",
         out_device: torch.device | str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 3, 224, 224) -> tokens (N, P, C) float32 and CLS attention (N, h, w) float32 (raw head mean).
 
-        Runs in micro-batches on the backbone's device; ``dtype=torch.bfloat16`` uses autocast.
+        Runs in micro-batches on the backbone's device; ``dtype``: a precision name (``float16``, ``bfloat16``,
+        ``tf32`` ...) or torch dtype, resolved for the device (``scosparc_core.precision``).
         """
-        device = next(self.vit.parameters()).device
+        device = self.device
+        precision = resolve(dtype, device)
         out_device = device if out_device is None else torch.device(out_device)
         n = images.shape[0]
         tokens = torch.empty((n, self.num_patches, self.embed_dim), dtype=torch.float32, device=out_device)
         attn = torch.empty((n, *self.grid_size), dtype=torch.float32, device=out_device)
-        autocast = (
-            torch.autocast(device_type=device.type, dtype=dtype)
-            if dtype != torch.float32
-            else contextlib.nullcontext()
-        )
-        with autocast:
+        with backbone_precision(precision, device):
             for start in range(0, n, max(1, micro_batch)):
                 chunk = images[start : start + micro_batch].to(device, non_blocking=True)
-                out = self._forward(chunk)
+                out = self.forward(chunk)
                 stop = start + chunk.shape[0]
                 tokens[start:stop] = out.tokens.float().to(out_device)
                 attn[start:stop] = out.cls_attention.float().to(out_device)

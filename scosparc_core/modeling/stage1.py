@@ -45,25 +45,23 @@ class Stage1Head(nn.Module):
         """(..., C) -> (..., C): x = conv(T) + T."""
         return self._linear(self.conv, tokens) + tokens
 
-    def forward(self, tokens: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-        """tokens (N, P, C) -> stage-1 weights w (N, P) in (0, 1), in O(N) time and memory.
+    def key_sums(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (N, P, C) -> K_i (N, C), the sum of each image's P keys.
 
-        rep_i = scale * q_i . (K - K_i) / ((N - 1) P), with K_i the sum of image i's keys and K the group's.
-        The paper forms the full (NP x NP) similarity matrix and averages it; the average is linear, so this
-        gives the same numbers. K_i = W_k (sum_p x_p) + P b_k needs only the per-image token sums, so no key is
-        ever materialised, and images are processed ``chunk`` at a time to bound memory.
-
-        N = 1 (undefined in the paper code: 0/0): the image corresponds with itself, rep = scale * q . K / P.
+        K_i = W_k (sum_p x_p) + P b_k needs only the per-image token sums, so no key is ever materialised.
         """
-        n, p, c = tokens.shape
-        if n == 0:
-            return tokens.new_zeros((0, p))
+        p = tokens.shape[1]
         x_sums = self.embed(tokens.sum(dim=1))  # sum_p (conv(T_p) + T_p) = conv(sum T) + (P-1) b_c ...
         x_sums = x_sums + (p - 1) * self.conv.bias  # ... so add the bias P-1 more times
-        key_sums = self._linear(self.key_transform, x_sums) + (p - 1) * self.key_transform.bias
-        total = key_sums.sum(dim=0, keepdim=True)
-        if n > 1:
-            others, denom = total - key_sums, (n - 1) * p
+        return self._linear(self.key_transform, x_sums) + (p - 1) * self.key_transform.bias
+
+    def weights(self, tokens: torch.Tensor, key_sums: torch.Tensor, total: torch.Tensor, group_size: int,
+                chunk: int = 64) -> torch.Tensor:
+        """Stage-1 weights (n, P) of n images of a group of ``group_size``, given their key sums (n, C) and the
+        group's total key sum (C,) or (1, C). Images can come in any slices of the group (big groups stream)."""
+        n, p, _ = tokens.shape
+        if group_size > 1:
+            others, denom = total.reshape(1, -1) - key_sums, (group_size - 1) * p
         else:
             others, denom = key_sums, p
         reps = []
@@ -71,7 +69,22 @@ class Stage1Head(nn.Module):
             q = self._linear(self.query_transform, self.embed(tokens[start : start + chunk]))
             rep = torch.einsum("npc,nc->np", q, others[start : start + chunk])
             reps.append(rep * (self.scale / denom))
-        return stage1_weights_from_rep(torch.cat(reps))
+        return stage1_weights_from_rep(torch.cat(reps)) if reps else tokens.new_zeros((0, p))
+
+    def forward(self, tokens: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        """tokens (N, P, C) -> stage-1 weights w (N, P) in (0, 1), in O(N) time and memory.
+
+        rep_i = scale * q_i . (K - K_i) / ((N - 1) P), with K_i the sum of image i's keys and K the group's.
+        The paper forms the full (NP x NP) similarity matrix and averages it; the average is linear, so this
+        gives the same numbers. Images are processed ``chunk`` at a time to bound memory.
+
+        N = 1 (undefined in the paper code: 0/0): the image corresponds with itself, rep = scale * q . K / P.
+        """
+        n, p, _ = tokens.shape
+        if n == 0:
+            return tokens.new_zeros((0, p))
+        key_sums = self.key_sums(tokens)
+        return self.weights(tokens, key_sums, key_sums.sum(dim=0), n, chunk)
 
 
 def full_matrix_stage1(head: Stage1Head, tokens: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,9 @@ import torch
 from PIL import Image
 
 from conftest import GOLDEN, TINY_VIT, golden_head
-from scosparc_core import DinoBackbone, SCoSPARC, Stage1Head, crf_refine, stage2_image, training_loss
+from scosparc_core import DinoBackbone, SCoSPARC, Stage1Head, training_loss
 from scosparc_core.crf import crf_params, dense_crf
-from scosparc_core.image import crf_image, network_input, to_rgb
+from scosparc_core.image import crf_image, network_pixels, to_original_size, to_rgb
 from scosparc_core.modeling import cls_attention_maps
 
 
@@ -24,28 +24,32 @@ def head_only_model(head):
 
 
 @pytest.fixture(scope="module")
-def stage1(golden, head):
-    return head_only_model(head).group_stage1(torch.from_numpy(golden["tokens"]))
+def result(golden, head):
+    """The engine on the paper code's tokens, everything after the backbone, CRF preset coca (pydensecrf)."""
+    engine = head_only_model(head).engine
+    return engine.run_on_tokens([torch.from_numpy(golden["tokens"])], [golden["crf_rgb"]], crf="coca",
+                                crf_backend="pydensecrf", details=True)[0]
 
 
-def test_stage1_weights_and_map(golden, stage1):
-    np.testing.assert_allclose(stage1.stage1_weights, golden["stage1_weights"], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(stage1.stage1_map, golden["stage1_map"], atol=1e-5, rtol=0)
+def test_stage1_weights_and_map(golden, result):
+    np.testing.assert_allclose(result.details.stage1_weights, golden["stage1_weights"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(result.details.stage1_map, golden["stage1_map"], atol=1e-5, rtol=0)
 
 
-def test_threshold_masks_and_prototype(golden, stage1):
-    assert stage1.confidence == pytest.approx(float(golden["confidence"]), abs=1e-6)
-    assert stage1.threshold == pytest.approx(float(golden["threshold"]), abs=1e-6)
-    np.testing.assert_array_equal(stage1.stage1_mask, golden["stage1_mask"].astype(bool))
-    np.testing.assert_allclose(stage1.prototype.numpy(), golden["prototype"], atol=1e-5, rtol=0)
+def test_threshold_masks_and_prototype(golden, result):
+    assert result.confidence == pytest.approx(float(golden["confidence"]), abs=1e-6)
+    assert result.threshold == pytest.approx(float(golden["threshold"]), abs=1e-6)
+    np.testing.assert_array_equal(result.details.stage1_mask, golden["stage1_mask"].astype(bool))
+    np.testing.assert_allclose(result.details.prototype, golden["prototype"], atol=1e-5, rtol=0)
 
 
-def test_stage2_final_and_png(golden, stage1):
-    for i in range(len(golden["names"])):
-        s2 = stage2_image(stage1.stage1_mask[i], stage1.stage1_map[i], stage1.tokens[i], stage1.prototype)
-        assert not s2.fallback and s2.regions_kept >= 1
-        np.testing.assert_array_equal(s2.mask, golden["stage2_mask"][i])
-        np.testing.assert_array_equal(crf_refine(s2, golden["crf_rgb"][i], "coca"), golden["final"][i])
+def test_stage2_final_and_png(golden, result):
+    assert not result.fallback.any() and (result.regions_kept >= 1).all()
+    np.testing.assert_array_equal(result.details.stage2_mask, golden["stage2_mask"])
+    np.testing.assert_array_equal(result.stage2, golden["stage2_mask"].astype(np.uint8))
+    np.testing.assert_array_equal(result.details.mask, golden["final"])
+    for i, (h, w) in enumerate(golden["original_hw"]):
+        np.testing.assert_array_equal(to_original_size(result.final[i], h, w), golden[f"final_png_{i}"])
 
 
 def test_predict_group_end_to_end_on_golden_images(golden, head, monkeypatch):
@@ -55,12 +59,12 @@ def test_predict_group_end_to_end_on_golden_images(golden, head, monkeypatch):
     images = [Image.open(GOLDEN / "image" / n.replace(".png", ".jpg")) for n in names]
     seen = {}
 
-    def golden_features(inputs):
+    def golden_tokens(inputs, precision):
         seen["inputs"] = inputs
-        return torch.from_numpy(golden["tokens"]), torch.from_numpy(golden["cls_attention_28"])
+        return torch.from_numpy(golden["tokens"])
 
-    monkeypatch.setattr(model, "features", golden_features)
-    model.crf_workers = 2  # the CRFs in worker processes give the same masks
+    monkeypatch.setattr(model.backbone, "tokens", golden_tokens)
+    model.engine.crf_workers = 2  # the CRFs in worker processes give the same masks
     pred = model.predict_group(images, crf="coca")
     np.testing.assert_array_equal(seen["inputs"].numpy(), golden["inputs"])  # decode + preprocessing exact
     np.testing.assert_array_equal(pred.mask, golden["final"])
@@ -71,10 +75,12 @@ def test_predict_group_end_to_end_on_golden_images(golden, head, monkeypatch):
 
 
 def test_crf_input_is_the_opencv_resized_image(golden):
+    backbone = DinoBackbone.create("vit_base_patch8_224", checkpoint=GOLDEN / "tiny_dino_vit.pth", **TINY_VIT)
     for i, n in enumerate(golden["names"]):
         rgb = to_rgb(Image.open(GOLDEN / "image" / str(n).replace(".png", ".jpg")))
         np.testing.assert_array_equal(crf_image(rgb), golden["crf_rgb"][i])
-        np.testing.assert_array_equal(network_input(rgb).numpy(), golden["inputs"][i])
+        pixels = torch.from_numpy(network_pixels(rgb))
+        np.testing.assert_array_equal(backbone.preprocess(pixels).numpy(), golden["inputs"][i])
 
 
 @pytest.mark.parametrize("preset", ["coca", "cosal2015"])

@@ -7,7 +7,6 @@ import torch
 from PIL import Image
 
 from pipeline.sample import synthetic_group
-from scosparc_core import crf_refine, stage2_image
 from scosparc_core.crf import crf_params, dense_crf
 from scosparc_core.image import to_rgb
 from scosparc_core.region_filter import group_prototype, region_filter
@@ -102,11 +101,14 @@ def test_image_without_foreground_patch_is_left_out_of_the_prototype():
     assert torch.equal(group_prototype(tokens, weights * 0, 0.5), torch.zeros(3))
 
 
-def test_empty_stage1_mask_falls_back_to_the_stage1_map():
-    smap = np.random.default_rng(0).uniform(0, 0.5, (224, 224)).astype(np.float32)
-    s2 = stage2_image(smap >= 0.6, smap, torch.randn(784, 8), torch.randn(8))
-    assert s2.fallback and s2.regions_found == 0
-    np.testing.assert_array_equal(crf_refine(s2, np.zeros((224, 224, 3), np.uint8), "coca"), smap)
+def test_empty_stage1_mask_falls_back_to_the_stage1_map(model):
+    # identical patches: min-max has no range, every weight is sigmoid(-0.65/0.15), no confidence, tau > 1
+    tokens = torch.ones(3, 784, model.backbone.embed_dim)
+    rgb = np.zeros((3, 224, 224, 3), np.uint8)
+    r = model.engine.run_on_tokens([tokens], [rgb], crf="coca", details=True)[0]
+    assert r.fallback.all() and (r.regions_found == 0).all() and r.threshold > 1
+    np.testing.assert_array_equal(r.details.mask, r.details.stage1_map)  # CRF skipped, the map kept
+    np.testing.assert_array_equal(r.final, (r.details.stage1_map * 255).astype(np.uint8))
 
 
 def test_all_foreground_mask_is_one_region_and_crf_keeps_it():

@@ -1,5 +1,8 @@
 """The inference job on a real local Ray, with the tiny golden ViT."""
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +12,12 @@ import pytest
 from PIL import Image
 
 from conftest import TINY_VIT
-from pipeline.infer import InferConfig, plan_resources, run_inference
+from pipeline.infer import InferConfig, run_inference
+from pipeline.resources import ClusterView, plan_resources
 from pipeline.sample import write_sample
 from scosparc_core import SCoSPARC
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def config(tiny_weights, input, output, **kw):
@@ -23,6 +29,10 @@ def config(tiny_weights, input, output, **kw):
 
 def rows(output):
     return pads.dataset(str(Path(output) / "predictions"), format="parquet").to_table().to_pandas()
+
+
+def records(output):
+    return [json.loads(p.read_text()) for p in sorted((Path(output) / "_commits").glob("*.json"))]
 
 
 @pytest.fixture(scope="module")
@@ -40,21 +50,27 @@ def first_run(ray_local, tiny_weights, sample, tmp_path_factory):
     return out, manifest
 
 
-def test_one_row_per_image_and_an_error_row_for_the_corrupt_file(first_run):
+def test_one_row_per_image_and_an_error_row_for_the_corrupt_file(first_run, sample):
     out, manifest = first_run
     table = rows(out)
     assert len(table) == 7 and table["image_uri"].is_unique
+    assert sorted(zip(table["group"], table["index"])) == [("disc", i) for i in range(3)] + [("horse", i) for i in range(4)]
     bad = table[table["name"] == "horse_003.jpg"].iloc[0]
-    assert bad["status"] == "error" and bad["error_kind"] == "CorruptImage" and pd.isna(bad["mask_uri"])
+    assert bad["status"] == "error" and bad["error_kind"] == "CorruptImage" and bad["error_class"] == "permanent"
+    assert pd.isna(bad["mask_uri"])
     good = table[table["status"] == "ok"]
     assert len(good) == 6 and good["mask_uri"].notna().all() and good["mae"].notna().all()
-    assert good["precision"].map(len).eq(256).all()
-    assert manifest["output"] == {"rows": 7, "ok": 6, "errors": 1, "errors_by_kind": {"CorruptImage": 1}}
+    assert good["precision"].map(len).eq(256).all() and good["error_class"].isna().all()
+    assert manifest["output"] == {"rows": 7, "ok": 6, "errors": 1, "transient_errors": 0, "permanent_errors": 1,
+                                  "errors_by_kind": {"CorruptImage": 1}}
     assert (out / "_SUCCESS").exists() and json.loads((out / "_manifest.json").read_text())["input"]["images"] == 7
-    # chunk_size=2: the horse group (4 images) went out as two parts, the disc group (3) as two
-    assert sorted(p.name for p in (out / "predictions").iterdir()) == [
-        "part-disc-00000-of-00002.parquet", "part-disc-00001-of-00002.parquet",
-        "part-horse-00000-of-00002.parquet", "part-horse-00001-of-00002.parquet"]
+    # one shard (7 rows < rows_per_shard) and its commit record, which says what it holds
+    assert len(list((out / "predictions").iterdir())) == 1
+    (record,) = records(out)
+    assert record["rows"] == 7 and record["groups"]["horse"]["indices"] == [[0, 4]]
+    size = (sample / "image/horse/horse_003.jpg").stat().st_size  # kept: a changed file is redone
+    assert record["groups"]["horse"]["errors"] == {"3": ["CorruptImage", "permanent", size]}
+    assert not (out / "_lease.json").exists()  # released
 
 
 def test_masks_equal_predict_group_on_the_same_images(first_run, tiny_weights, sample):
@@ -74,58 +90,131 @@ def test_masks_equal_predict_group_on_the_same_images(first_run, tiny_weights, s
             assert (row["height"], row["width"]) == expected.shape
 
 
-def test_rerun_resumes_without_duplicates(ray_local, first_run, tiny_weights, sample):
+def test_a_rerun_resumes_from_the_records(ray_local, first_run, tiny_weights, sample, tmp_path):
     out, _ = first_run
-    (out / "predictions" / "part-disc-00001-of-00002.parquet").unlink()  # as if the job died mid-group
-    manifest = run_inference(config(tiny_weights, sample, out, chunk_size=2))
-    assert manifest["resumed_groups"] == 1 and manifest["processed"] == {"groups": 1, "images": 3}
-    table = rows(out)
+    again = run_inference(config(tiny_weights, sample, out, chunk_size=2))
+    assert again["processed"] == {"groups": 0, "images": 0} and again["output"]["rows"] == 7
+
+    # a job that died after writing a shard but before its record: the shard goes, its groups are redone
+    two = tmp_path / "two"
+    run_inference(config(tiny_weights, sample, two, rows_per_shard=1, chunk_size=1))
+    recs = records(two)
+    lost = recs[0]
+    (two / "_commits" / Path(lost["shard"]).with_suffix(".json").name).unlink()
+    manifest = run_inference(config(tiny_weights, sample, two, rows_per_shard=1, chunk_size=1))
+    assert manifest["processed"] == {"groups": len(lost["groups"]), "images": lost["rows"]}
+    table = rows(two)
     assert len(table) == 7 and table["image_uri"].is_unique
+    assert not (two / lost["shard"]).exists() or any(r["shard"] == lost["shard"] for r in records(two))
 
 
 def test_rerun_with_other_settings_is_refused_unless_overwrite(ray_local, first_run, tiny_weights, sample):
     out, _ = first_run
     with pytest.raises(RuntimeError, match="other settings.*crf"):
         run_inference(config(tiny_weights, sample, out, crf="none"))
+    with pytest.raises(RuntimeError, match="other settings.*max_pixels"):
+        run_inference(config(tiny_weights, sample, out, max_pixels=10_000))
+    (out / "unrelated.txt").write_text("mine")
     manifest = run_inference(config(tiny_weights, sample, out, crf="none", overwrite=True, chunk_size=32))
     assert manifest["processed"]["images"] == 7 and len(rows(out)) == 7
-    assert sorted(p.name for p in (out / "predictions").iterdir()) == [
-        "part-disc-00000-of-00001.parquet", "part-horse-00000-of-00001.parquet"]
+    assert (out / "unrelated.txt").read_text() == "mine"  # --overwrite clears only what the job writes
 
 
-def test_plan_for_a_laptop_and_a_gpu_cluster():
-    laptop = plan_resources(InferConfig(), {"CPU": 2.0})
-    assert laptop.stage1_args == {"num_cpus": 0.5, "num_gpus": 0.0} and laptop.cpu_threads == 2
-    assert laptop.stage1_actors == 1 and laptop.refine_actors == 2
-    cluster = plan_resources(InferConfig(), {"CPU": 96.0, "GPU": 8.0, "scosparc_head": 1.0})
-    assert cluster.stage1_actors == 8 and cluster.stage1_args["num_gpus"] == 1.0
-    assert cluster.stage1_args["resources"] == {"scosparc_stage1": 1}
-    assert cluster.refine_args == {"num_cpus": 1.0, "resources": {"scosparc_stage2": 1}}
-    assert cluster.refine_actors == 79
+def test_other_weights_are_refused_by_content_not_path(ray_local, tiny_weights, sample, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    run_inference(config(tiny_weights, sample, out, crf="none"))
+    head = tmp_path / "head.pt"
+    shutil.copy(tiny_weights[1], head)
+    same = run_inference(config((tiny_weights[0], str(head)), sample, out, crf="none"))
+    assert same["processed"]["images"] == 0  # a copy is the same head
+    from scosparc_core import Stage1Head, save_head_checkpoint
+
+    save_head_checkpoint(Stage1Head(TINY_VIT["embed_dim"]), head)
+    with pytest.raises(RuntimeError, match="other settings.*head"):
+        run_inference(config((tiny_weights[0], str(head)), sample, out, crf="none"))
+
+
+def test_plan_for_a_laptop_a_gpu_cluster_and_an_autoscaling_one():
+    laptop = plan_resources(ClusterView({"CPU": 2.0}), "cpu")
+    assert laptop.stage1_args == {"num_gpus": 0, "num_cpus": 0.25} and laptop.cpu_threads == 2
+    assert laptop.stage1_actors == (1, 1) and laptop.crf_backend == "defer"
+    gpus = plan_resources(ClusterView({"CPU": 128.0, "GPU": 8.0}), "cuda", mean_group=16)
+    assert gpus.stage1_actors == (1, 8) and gpus.stage1_args["num_gpus"] == 1.0 and gpus.crf_backend == "torch"
+    assert gpus.stage1_calls == 2 and gpus.groups_per_batch == 16  # 2 x 128 images per call
+    # cluster.yaml at submit time: no worker yet, but 8 GPU nodes declared
+    types = {"gpu_stage1": {"resources": {"CPU": 8, "GPU": 1, "scosparc_stage1": 1}, "max_workers": 8},
+             "cpu_stage2": {"resources": {"CPU": 32, "scosparc_stage2": 32}, "max_workers": 32}}
+    view = ClusterView({"CPU": 0.0, "scosparc_head": 1.0, "GPU": 1.0}, types)
+    ours = plan_resources(view, "cuda", crf_backend="pydensecrf")
+    assert ours.stage1_actors == (1, 8) and ours.stage1_args["resources"] == {"scosparc_stage1": 1.0}
+    assert ours.stage1_args["num_cpus"] == 2.0  # a quarter of the GPU node, not of the cluster
+    assert ours.refine_args == {"num_cpus": 1, "resources": {"scosparc_stage2": 1}}  # CPU CRF on CPU nodes only
+    assert ours.refine_actors == (1, 32 * 32)  # counted from the CPU node type, not the GPU nodes' cores
+    assert gpus.refine_actors == (1, 128 - 8 * 4)  # what the 8 stage-1 actors leave
+
+
+def test_our_cluster_without_gpus_fails_clearly_within_the_wait(tmp_path, tiny_weights, sample):
+    """A head that advertises the cluster.yaml marker and no GPU: the job asks, waits --gpu-wait, then fails."""
+    backbone, head = tiny_weights
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'tests')!r})
+        import ray
+        from conftest import TINY_VIT
+        from pipeline.infer import InferConfig, run_inference
+        ray.init(address="local", num_cpus=1, resources={{"scosparc_head": 1}}, include_dashboard=False)
+        cfg = InferConfig(input={str(sample)!r}, output={str(tmp_path / 'out')!r}, backbone={backbone!r},
+                          head={head!r}, backbone_name="vit_base_patch8_224", backbone_kwargs=dict(TINY_VIT),
+                          gpu_wait=3)
+        start = time.monotonic()
+        try:
+            run_inference(cfg)
+        except RuntimeError as exc:
+            print("ERROR", round(time.monotonic() - start), exc)
+        cpu = run_inference(cfg.replace(device="cpu", crf="none"))
+        print("CPU", cpu["output"]["rows"])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    out = done.stdout
+    assert "ERROR" in out and "no GPU appeared within 3s" in out and "--device cpu" in out, done.stderr[-3000:]
+    assert int(out.split("ERROR ")[1].split()[0]) < 60
+    assert "CPU 7" in out  # --device cpu runs on CPUs on purpose
+
+
+def test_dry_run_lists_and_plans_without_writing(ray_local, tiny_weights, sample, tmp_path):
+    report = run_inference(config(tiny_weights, sample, tmp_path / "out", dry_run=True))
+    assert report["input"]["groups"] == 2 and report["input"]["images"] == 7 and report["device"] == "cpu"
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_stage1_failure_turns_its_group_into_error_rows(tiny_weights, sample):
-    """The actor's per-group work, called directly: a failing backbone must not crash the job or lose rows."""
-    from pipeline.decode import decode_group
-    from pipeline.listing import list_layout
-    from pipeline.infer import group_row
-    from pipeline.stage1 import Stage1Actor
+    """The actor's work on a batch, called directly: a failing engine must not crash the job or lose rows."""
+    from pipeline.decode import DecodeSettings, decode_group
+    from pipeline.infer import mark_todo
+    from pipeline.listing import list_layout, group_row
+    from pipeline.stage1 import ModelSettings, Stage1Actor, Stage1Settings
     from pipeline.storage import Storage
+    import ray
 
     backbone, head = tiny_weights
-    actor = Stage1Actor({"backbone": backbone, "head": head, "backbone_name": "vit_base_patch8_224",
-                         "backbone_kwargs": dict(TINY_VIT)}, chunk_size=2)
+    settings = Stage1Settings(model=ModelSettings(backbone=backbone, head=head, backbone_name="vit_base_patch8_224",
+                                                  backbone_kwargs=dict(TINY_VIT)), decode=DecodeSettings(),
+                              chunk_size=2, crf="none")
+    actor = Stage1Actor(settings)
     spec = next(g for g in list_layout(Storage(str(sample))) if g.group == "disc")
-    row = decode_group(group_row(spec), {})
+    row = decode_group(mark_todo(group_row(spec), None)[0], DecodeSettings())
+    batch = {k: [v] for k, v in row.items()}
 
-    def broken(_):
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    def broken(*args, **kwargs):
+        raise RuntimeError("the backbone broke")  # not a CUDA error: that would end this process
 
-    actor.model.features = broken
-    chunks = actor.group(row)
-    assert [len(c["ok"]) for c in chunks] == [2, 1]
-    kinds = [k for c in chunks for k in c["error_kind"]]
-    assert kinds == ["Stage1:RuntimeError"] * 3 and not any(ok for c in chunks for ok in c["ok"])
+    actor.engine.run = broken
+    chunks = list(actor(batch))
+    kinds = [k for c in chunks for chunk in c["error_kind"] for k in chunk]
+    assert [len(i) for c in chunks for i in c["index"]] == [2, 1]
+    assert kinds == ["Stage1:RuntimeError"] * 3 and not any(ok for c in chunks for o in c["ok"] for ok in o)
 
 
 def test_a_manifest_input(ray_local, tiny_weights, sample, tmp_path):
@@ -135,11 +224,33 @@ def test_a_manifest_input(ray_local, tiny_weights, sample, tmp_path):
         "image_uri": [str(p.relative_to(sample)) for p in images],  # relative to the manifest's folder
         "gt_uri": [str(sample / "groundtruth" / p.parent.name / f"{p.stem}.png") for p in images],
     })
-    frame.to_csv(sample / "manifest.csv", index=False)
-    cfg = config(tiny_weights, sample, tmp_path / "out")
-    cfg.input, cfg.manifest = None, str(sample / "manifest.csv")
+    frame.to_csv(sample / "manifest.csv.gz", index=False)
+    cfg = config(tiny_weights, sample, tmp_path / "out").replace(input=None, manifest=str(sample / "manifest.csv.gz"),
+                                                                 crf="none")
     manifest = run_inference(cfg)
     table = rows(tmp_path / "out")
-    assert manifest["input"] == {"groups": 1, "images": 7, "empty_groups": []}
+    assert manifest["input"]["groups"] == 1 and manifest["input"]["images"] == 7
     assert len(table) == 7 and set(table["group"]) == {"mine"}
     assert table.loc[table["status"] == "ok", "mae"].notna().all()  # ground truth came through the manifest
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_mask_formats_for_many_small_objects(ray_local, tiny_weights, sample, tmp_path, fmt):
+    import io
+    import tarfile
+
+    out = tmp_path / fmt
+    run_inference(config(tiny_weights, sample, out, crf="none", mask_format=fmt))
+    table = rows(out)
+    assert not (out / "masks" / "horse").exists()  # no PNG object per image
+    ok = table[table["status"] == "ok"]
+    if fmt == "parquet":
+        pngs = ok["mask_png"]
+    else:
+        (tar_path,) = (out / "masks").glob("shard-*.tar")
+        with tarfile.open(tar_path) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        pngs = [members[u.split("#", 1)[1]] for u in ok["mask_uri"]]
+        assert sorted(members) == sorted(f"{g}/{Path(n).stem}.png" for g, n in zip(ok["group"], ok["name"]))
+    for png, (h, w) in zip(pngs, zip(ok["height"], ok["width"])):
+        assert np.asarray(Image.open(io.BytesIO(png))).shape == (h, w)

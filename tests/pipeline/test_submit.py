@@ -108,7 +108,7 @@ def test_ray_job_submit_over_a_bucket(cluster, s3_server, tiny_weights):
         time.sleep(2)
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     assert "succeeded" in job.stdout + job.stderr
-    assert "rows 6 (ok 5, errors 1)" in job.stdout
+    assert "rows 6 (ok 5, errors 1: 0 transient)" in job.stdout
 
     fs.invalidate_cache()
     assert fs.exists("e2e/runs/r1/_SUCCESS") and fs.exists("e2e/runs/r1/_manifest.json")

@@ -193,7 +193,6 @@ def test_feature_cache_reads_equal_the_backbone_and_a_second_run_reuses_them(tra
     from pipeline.decode import decode_image
     from pipeline.feature_cache import FeatureCache
     from scosparc_core import DinoBackbone
-    from scosparc_core.image import normalize
     from scosparc_core.modeling import cls_attention_maps
 
     # the interrupted and resumed runs computed nothing: no cache file was added or rewritten
@@ -208,7 +207,7 @@ def test_feature_cache_reads_equal_the_backbone_and_a_second_run_reuses_them(tra
     uris = [cache.index("horse")["image_uris"][r] for r in rows]
     backbone = DinoBackbone.create("vit_base_patch8_224", checkpoint=tiny_weights[0], **TINY_VIT)
     pixels = np.stack([decode_image(open(u.removeprefix("file://"), "rb").read())[0] for u in uris])
-    ref_tokens, raw = backbone.extract(normalize(torch.from_numpy(pixels)))
+    ref_tokens, raw = backbone.extract(backbone.preprocess(torch.from_numpy(pixels)))
     ref_attention = cls_attention_maps(raw)[1]
     for got, ref in ((tokens, ref_tokens), (attention, ref_attention)):
         assert got.shape == ref.shape and got.dtype == torch.float32

@@ -1,0 +1,56 @@
+"""Command-line pieces the three jobs share: KEY=VALUE options, the storage flags, the help format."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline.storage import DEFAULT_RETRIES, storage_options  # noqa: E402
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows the defaults there are to show (not for flags, nor options that default to nothing) and keeps the
+    description's layout."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, (bool, list, dict)):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def key_value(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> (key, value); the value is read as JSON when it is JSON (numbers, true, {...})."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+class KeyValues(argparse.Action):
+    """``--flag K=V [K=V ...]``, the flag repeatable: every pair lands in one dict, later pairs winning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        merged = dict(getattr(namespace, self.dest, None) or {})
+        merged.update(values)
+        setattr(namespace, self.dest, merged)
+
+
+def add_storage_args(ap: argparse.ArgumentParser) -> None:
+    store = ap.add_argument_group("storage")
+    store.add_argument("--endpoint", help="S3-compatible endpoint URL (MinIO, R2, a test server)")
+    store.add_argument("--anonymous", action="store_true", help="unsigned requests (public buckets)")
+    store.add_argument("--storage-option", type=key_value, nargs="+", action=KeyValues, default={},
+                       metavar="KEY=VALUE", help="fsspec options, e.g. key=... secret=... or profile=prod "
+                                                 "(repeatable; never logged)")
+    store.add_argument("--s3-retries", type=int, default=DEFAULT_RETRIES,
+                       help="retries per S3 request (botocore's adaptive mode: backs off when S3 throttles)")
+
+
+def storage_from(a: argparse.Namespace) -> dict:
+    return storage_options(a.endpoint, a.anonymous, dict(a.storage_option), retries=a.s3_retries)

@@ -1,0 +1,205 @@
+"""What an output folder holds: the run's settings, the commit records of its shards, and what follows from them.
+
+A re-run of the same job reads the records (never the shards) to decide, per group, what is left:
+
+- a group with no rows, or whose files changed since (other count or names), or with rows missing (a run that
+  died mid-group): done again, all of it;
+- a complete group with transient errors, or with a permanent error on an input whose size has changed since (a
+  truncated upload that completed later): stage 1 runs on the whole group again (it needs every image), and only
+  those images get new rows;
+- anything else is done.
+
+Rows are never rewritten in place: a later run's row for an image supersedes the earlier one, and ``compact``
+rewrites the few shards that hold superseded rows (at the start and the end of every run, so nothing is ever
+counted twice). Everything here runs on the driver and is O(records + groups with errors), not O(images).
+"""
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .errors import TRANSIENT
+from .predictions import COMMITS, from_ranges, ranges
+from .storage import Storage, redact
+
+RUN_FILE = "_run.json"
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """What a re-run does with one group: ``redo`` None = everything; otherwise only those image indices (their
+    stage 1 runs on the whole group). ``permanent``: index -> input size of its permanent error, redone when the
+    input's size changed."""
+
+    n: int
+    hash: str
+    complete: bool
+    redo: tuple[int, ...] | None
+    permanent: tuple[tuple[int, int], ...] = ()
+
+
+class OutputState:
+    """The commit records under an output, resolved into effective rows per group."""
+
+    def __init__(self, records: list[dict]):
+        self.records = sorted(records, key=lambda r: (r["run"], r["shard"]))
+        replaced = {r.get("replaces") for r in self.records if r.get("replaces")}
+        self.records = [r for r in self.records if r["shard"] not in replaced]
+        self._resolve()
+
+    @classmethod
+    def load(cls, out: Storage, threads: int = 32) -> "OutputState":
+        folder = out.path(COMMITS)
+        if not out.fs.exists(folder):
+            return cls([])
+        paths = [p for p in out.fs.ls(folder, detail=False) if p.endswith(".json")]
+        with ThreadPoolExecutor(threads) as pool:
+            return cls(list(pool.map(lambda p: json.loads(out.fs.cat_file(p)), paths)))
+
+    def _resolve(self) -> None:
+        """Per group: the latest run's size and hash, and for each index the (run, shard) whose row counts."""
+        entries: dict[str, list] = defaultdict(list)
+        for r in self.records:
+            for key, g in r["groups"].items():
+                entries[key].append((r["run"], r["shard"], g))
+        self.effective: dict[str, dict[int, tuple[str, list | None]]] = {}
+        self.latest: dict[str, tuple[int, str]] = {}
+        for key, items in entries.items():
+            n, h = items[-1][2]["n"], items[-1][2]["hash"]
+            self.latest[key] = (n, h)
+            rows: dict[int, tuple[str, list | None]] = {}
+            for _, shard, g in items:  # sorted by run: later rows overwrite earlier ones
+                if g["hash"] != h or g["n"] != n:
+                    continue  # the group's files changed since: those rows are superseded
+                errors = g["errors"]
+                for i in from_ranges(g["indices"]):
+                    rows[i] = (shard, errors.get(str(i)))
+            self.effective[key] = rows
+
+    # -- what is left to do ------------------------------------------------------------------------------------
+    def plans(self) -> dict[str, GroupPlan]:
+        """group key -> GroupPlan, for every group that has rows; groups without an entry are done in full."""
+        out = {}
+        for key, rows in self.effective.items():
+            n, h = self.latest[key]
+            complete = len(rows) == n and set(rows) == set(range(n))
+            if not complete:
+                out[key] = GroupPlan(n, h, False, None)
+                continue
+            transient = tuple(sorted(i for i, (_, e) in rows.items() if e and e[1] == TRANSIENT))
+            permanent = tuple(sorted((i, e[2]) for i, (_, e) in rows.items() if e and e[1] != TRANSIENT))
+            out[key] = GroupPlan(n, h, True, transient, permanent)
+        return out
+
+    # -- superseded rows ---------------------------------------------------------------------------------------
+    def superseded(self) -> dict[str, set[tuple[str, int]]]:
+        """shard -> the (group key, index) rows it holds that a later row supersedes."""
+        out: dict[str, set] = defaultdict(set)
+        for r in self.records:
+            for key, g in r["groups"].items():
+                rows = self.effective.get(key, {})
+                for i in from_ranges(g["indices"]):
+                    if rows.get(i, (None,))[0] != r["shard"]:
+                        out[r["shard"]].add((key, i))
+        return dict(out)
+
+    def compact(self, out: Storage) -> int:
+        """Rewrites every shard that holds superseded rows without them (new shard and record first, then the
+        old ones go), so readers of predictions/ see each image once. Returns the rows dropped."""
+        dropped = 0
+        by_shard = {r["shard"]: r for r in self.records}
+        for shard, rows in self.superseded().items():
+            record = by_shard[shard]
+            table = pq.read_table(io.BytesIO(out.fs.cat_file(out.path(shard))))
+            keys = pa.array([f"{k}/{i}" for k, i in rows])
+            row_keys = pc.binary_join_element_wise(table.column("group_key"),
+                                                   pc.cast(table.column("index"), pa.string()), "/")
+            kept = table.filter(pc.invert(pc.is_in(row_keys, value_set=keys)))
+            dropped += table.num_rows - kept.num_rows
+            stem = posixpath.basename(shard).removesuffix(".parquet")
+            if kept.num_rows:
+                new_shard = f"predictions/{stem}-c{len(rows)}.parquet"
+                buf = io.BytesIO()
+                pq.write_table(kept, buf, row_group_size=2048)
+                out.write_bytes(new_shard, buf.getvalue())
+                new_record = _subset_record(record, new_shard, rows)
+                out.write_json(f"{COMMITS}/{posixpath.basename(new_shard).removesuffix('.parquet')}.json", new_record)
+            out.remove(f"{COMMITS}/{stem}.json")
+            out.remove(shard)
+        return dropped
+
+    # -- counts ------------------------------------------------------------------------------------------------
+    def counts(self, groups: set[str] | None = None) -> dict:
+        """Rows, ok, errors (permanent / transient) and errors by kind over the effective rows."""
+        rows = ok = transient = 0
+        kinds: Counter = Counter()
+        for key, effective in self.effective.items():
+            if groups is not None and key not in groups:
+                continue
+            rows += len(effective)
+            for _, error in effective.values():
+                if error is None:
+                    ok += 1
+                else:
+                    kinds[error[0]] += 1
+                    transient += error[1] == TRANSIENT
+        errors = rows - ok
+        return {"rows": rows, "ok": ok, "errors": errors, "transient_errors": transient,
+                "permanent_errors": errors - transient, "errors_by_kind": dict(sorted(kinds.items()))}
+
+
+def _subset_record(record: dict, shard: str, dropped: set[tuple[str, int]]) -> dict:
+    groups = {}
+    for key, g in record["groups"].items():
+        keep = [i for i in from_ranges(g["indices"]) if (key, i) not in dropped]
+        if keep:
+            groups[key] = {**g, "indices": ranges(keep),
+                           "errors": {k: v for k, v in g["errors"].items() if int(k) in set(keep)}}
+    return {**record, "shard": shard, "rows": sum(len(from_ranges(g["indices"])) for g in groups.values()),
+            "groups": groups, "replaces": record["shard"]}
+
+
+def remove_orphans(out: Storage, state: OutputState) -> int:
+    """Shards and tars without a commit record (a write that died half-way) are removed."""
+    committed = {r["shard"] for r in state.records} | {r["tar"] for r in state.records if r.get("tar")}
+    removed = 0
+    for folder, suffix in (("predictions", ".parquet"), ("masks", ".tar")):
+        if not out.exists(folder):
+            continue
+        for path in out.fs.ls(out.path(folder), detail=False):
+            rel = f"{folder}/{posixpath.basename(path)}"
+            if rel.endswith(suffix) and rel not in committed:
+                out.fs.rm(path)
+                removed += 1
+    return removed
+
+
+def check_settings(out: Storage, fingerprint: dict, output_url: str) -> int:
+    """A re-run must share the settings that change results. Returns this run's number (1 for a new output)."""
+    if not out.exists(RUN_FILE):
+        return 1
+    before = out.read_json(RUN_FILE)
+    settings = before.get("settings", {})
+    now = json.loads(json.dumps(redact(fingerprint), default=str))
+    diff = sorted(k for k in set(settings) | set(now) if settings.get(k) != now.get(k))
+    if diff:
+        detail = "; ".join(f"{k}: {settings.get(k)!r} -> {now.get(k)!r}" for k in diff[:6])
+        raise RuntimeError(
+            f"{output_url} holds a run with other settings ({detail}); resuming would mix results. "
+            "Use --overwrite, or another --output."
+        )
+    return int(before.get("run", 0)) + 1
+
+
+def clear_output(out: Storage) -> None:
+    """--overwrite: removes what this job writes (and nothing else), the biggest folders first."""
+    for key in ("masks", "predictions", COMMITS, "_manifest.json", "_SUCCESS", RUN_FILE):
+        out.remove(key)

@@ -1,0 +1,197 @@
+"""Resource planning: which device stage 1 runs on, how many actors and tasks of each kind, what each asks Ray for.
+
+A plan is made from what the cluster *can* have, not only what it has at submit time: on an autoscaling cluster
+started from cluster.yaml (its head advertises ``scosparc_head``) the GPU workers start at zero, so the job asks
+the autoscaler for them (``ray.autoscaler.sdk.request_resources``), waits a bounded time, and fails with a clear
+message when none comes; ``--device cpu`` runs on CPUs on purpose.
+
+Per-image costs measured on this project's machines (README, "Resources") size the CPU work: decode and the PNG
+writes take one core per task for a few milliseconds per image; the CPU CRF (pydensecrf) takes ~0.1 s per image
+per core, so a GPU's output needs hundreds of cores for it - on GPUs the CRF runs beside stage 1 (torch backend).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+CLUSTER_MARKER = "scosparc_head"  # a resource cluster.yaml gives its head node
+STAGE_RESOURCES = {"stage1": "scosparc_stage1", "refine": "scosparc_stage2"}
+# Seconds per image on one core (README "Resources"): what one GPU's output costs on CPUs.
+DECODE_S = 0.003  # 0.1-0.2 MP JPEG, read + both views
+WRITE_S = 0.002  # resize to the original size + PNG
+CRF_CPU_S = 0.11  # pydensecrf, 224 x 224, 10 iterations
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """What the cluster has now (``ray.cluster_resources()``) and, on an autoscaling cluster, the node types
+    its config declares (name -> {"resources": {...}, "max_workers": n})."""
+
+    resources: dict
+    node_types: dict = field(default_factory=dict)
+
+    @property
+    def ours(self) -> bool:
+        return CLUSTER_MARKER in self.resources
+
+    def declared(self, resource: str) -> float:
+        return sum(float(t.get("resources", {}).get(resource, 0)) * int(t.get("max_workers", 0))
+                   for t in self.node_types.values())
+
+    def has(self, resource: str) -> bool:
+        """Whether some node has, or may come with, ``resource``."""
+        return resource in self.resources or self.declared(resource) > 0
+
+    def node_cpus(self, marker: str) -> float:
+        """CPUs of one node of the declared type that advertises ``marker`` (0 when unknown)."""
+        return max((float(t.get("resources", {}).get("CPU", 0)) for t in self.node_types.values()
+                    if marker in t.get("resources", {})), default=0.0)
+
+
+def cluster_view() -> ClusterView:
+    """The connected cluster, with the node types of its autoscaler config when this process can read it (the
+    job driver runs on the head, where ``ray up`` leaves ``~/ray_bootstrap_config.yaml``)."""
+    import ray
+
+    path = os.path.expanduser(os.environ.get("SCOSPARC_CLUSTER_CONFIG", "~/ray_bootstrap_config.yaml"))
+    node_types = {}
+    if os.path.exists(path):
+        import yaml
+
+        with open(path) as f:
+            node_types = (yaml.safe_load(f) or {}).get("available_node_types", {}) or {}
+    return ClusterView(dict(ray.cluster_resources()), node_types)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """device: where stage 1 runs; *_actors: (min, max) of an actor pool; *_args: Ray resource requests;
+    stage1_calls: batches one actor works on at once (two on a GPU: one's CPU steps overlap the other's GPU work);
+    crf_backend: ``torch`` (beside stage 1), ``defer`` (pydensecrf in the refine tasks) or ``none``;
+    cpu_threads: torch threads of a CPU stage-1 actor; groups_per_batch: groups per stage-1 call."""
+
+    device: str
+    stage1_actors: tuple[int, int]
+    stage1_args: dict
+    stage1_calls: int
+    decode_args: dict
+    refine_actors: tuple[int, int]
+    refine_args: dict
+    crf_backend: str
+    cpu_threads: int
+    groups_per_batch: int
+    notes: tuple[str, ...] = ()
+
+
+def choose_device(requested: str, view: ClusterView, wait_s: float, want_gpus: int = 1) -> tuple[str, ClusterView]:
+    """``auto``: CUDA when the cluster has GPUs or is one of ours (then they are asked for and waited for);
+    ``cuda``: GPUs or an error; ``cpu``: CPUs on purpose. Returns the device and the view after any wait."""
+    if requested == "cpu":
+        return "cpu", view
+    if view.resources.get("GPU", 0) >= 1:
+        return "cuda", view
+    if requested == "auto" and not view.ours:
+        return "cpu", view
+    view = wait_for_gpus(view, max(1, want_gpus), wait_s)
+    return "cuda", view
+
+
+def wait_for_gpus(view: ClusterView, want: int, wait_s: float, poll_s: float = 2.0) -> ClusterView:
+    """Asks the autoscaler for ``want`` GPU bundles and waits up to ``wait_s`` for the first GPU."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    bundle = {"GPU": 1}
+    if view.ours:
+        bundle[STAGE_RESOURCES["stage1"]] = 1
+    request_resources(bundles=[bundle] * want)
+    start = last = time.monotonic()
+    print(f"[infer] no GPU in the cluster yet; asked the autoscaler for {want} GPU node(s), waiting up to "
+          f"{wait_s:.0f}s", file=sys.stderr, flush=True)
+    while time.monotonic() - start < wait_s:
+        resources = dict(ray.cluster_resources())
+        if resources.get("GPU", 0) >= 1:
+            return ClusterView(resources, view.node_types)
+        if time.monotonic() - last >= 30:
+            last = time.monotonic()
+            print(f"[infer] still waiting for a GPU ({last - start:.0f}s)", file=sys.stderr, flush=True)
+        time.sleep(poll_s)
+    request_resources(bundles=[])
+    declared = view.declared("GPU")
+    raise RuntimeError(
+        f"no GPU appeared within {wait_s:.0f}s"
+        + (f" (the cluster config declares up to {declared:.0f})" if declared else "")
+        + ". Check the GPU node type's quota, instance type and image in cluster.yaml and `ray status`; "
+        "raise --gpu-wait, or pass --device cpu to run stage 1 on CPUs on purpose."
+    )
+
+
+def release_requests() -> None:
+    """Withdraws this job's standing request for GPU nodes, so an idle cluster can scale down."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[])
+    except Exception:  # noqa: BLE001 - a cluster without an autoscaler has nothing to withdraw
+        pass
+
+
+def plan_resources(view: ClusterView, device: str, *, gpu_actors: int | None = None,
+                   gpus_per_actor: float | None = None, crf: str = "coca", crf_backend: str = "auto",
+                   micro_batch: int = 128, mean_group: float = 10.0) -> Plan:
+    """The plan for ``device`` on ``view`` (see Plan). Pure: tests call it on made-up clusters."""
+    res = view.resources
+    cpus = float(res.get("CPU", 1))
+    notes = []
+    if crf == "none":
+        backend = "none"
+    elif crf_backend == "pydensecrf" or device == "cpu":
+        backend = "defer"
+    else:
+        backend = "torch"
+    refine_args: dict = {"num_cpus": 1}
+    decode_args: dict = {"num_cpus": 1, "memory": GIB}  # Ray measured ~790 MiB peak per decode worker on an H200 node
+    if device == "cuda":
+        per_actor = gpus_per_actor or 1.0
+        gpus = max(float(res.get("GPU", 0)), view.declared("GPU"))
+        most = gpu_actors or max(1, int(gpus // per_actor))
+        node_cpus = view.node_cpus(STAGE_RESOURCES["stage1"]) or cpus
+        stage1_args = {"num_gpus": per_actor, "num_cpus": max(1.0, min(4.0, node_cpus / 4)), "memory": 4 * GIB}
+        if view.ours and view.has(STAGE_RESOURCES["stage1"]):
+            stage1_args["resources"] = {STAGE_RESOURCES["stage1"]: per_actor}
+        if backend == "defer" and view.ours and view.has(STAGE_RESOURCES["refine"]):
+            refine_args["resources"] = {STAGE_RESOURCES["refine"]: 1}
+        per_gpu_rate = 2000.0  # backbone img/s on one H100/H200 (README "Speed")
+        notes.append(f"stage 1 on up to {most} GPU actor(s); keeping one GPU busy takes ~"
+                     f"{per_gpu_rate * (DECODE_S + WRITE_S):.0f} cores for decode and writes"
+                     + (f" and ~{per_gpu_rate * CRF_CPU_S:.0f} for the CPU CRF" if backend == "defer" else ""))
+        batch = max(1, round(2 * micro_batch / max(mean_group, 1.0)))
+        refiners = _refine_pool(view, cpus, backend, stage1_args["num_cpus"] * most)
+        return Plan("cuda", (1, most), stage1_args, 2, decode_args, refiners, refine_args, backend, 0, batch,
+                    tuple(notes))
+    # CPU: one stage-1 actor whose torch uses the node's cores; fractional requests let a laptop run every
+    # stage at once (the backbone dominates: ~1 s per image and core for ViT-B/8).
+    stage1_args = {"num_gpus": 0, "num_cpus": 0.25}
+    decode_args = {"num_cpus": 0.25}
+    refine_args = {"num_cpus": 0.25}
+    threads = cpus
+    if view.ours and view.has(STAGE_RESOURCES["refine"]):  # on cluster.yaml's CPU nodes, not its GPU nodes
+        stage1_args["resources"] = refine_args["resources"] = {STAGE_RESOURCES["refine"]: 1}
+        threads = view.node_cpus(STAGE_RESOURCES["refine"]) or cpus
+    notes.append("stage 1 on CPUs: one actor using every core of its node")
+    refiners = (1, max(1, int(cpus))) if "resources" not in refine_args else _refine_pool(view, cpus, backend, 0)
+    return Plan("cpu", (1, 1), stage1_args, 1, decode_args, refiners, refine_args, backend, int(threads), 1,
+                tuple(notes))
+
+
+def _refine_pool(view: ClusterView, cpus: float, backend: str, stage1_cpus: float) -> tuple[int, int]:
+    """Refine actors: one per core they may use - the CPU nodes' cores (now or declared) when the CRF runs there,
+    else what stage 1 leaves of the cluster's cores (the pool grows only while there is work)."""
+    if backend == "defer" and view.has(STAGE_RESOURCES["refine"]):
+        slots = max(float(view.resources.get(STAGE_RESOURCES["refine"], 0)), view.declared(STAGE_RESOURCES["refine"]))
+        return 1, max(1, int(slots))
+    total = max(cpus, view.declared("CPU"))
+    return 1, max(1, int(total - stage1_cpus))

@@ -1,0 +1,454 @@
+"""The group engine: backbone -> stage 1 -> threshold -> prototype -> region filter [-> CRF], for many groups at once.
+
+``SCoSPARC.predict_group`` and the pipeline's stage-1 actor both run this; it is the one place where the method's
+stages are put together. It is written for the GPU first, without changing a bit of the CPU float32 results:
+
+- tokens never leave the device; what comes back to the host is small (confidences, uint8 stage-1 masks, one
+  cosine per region, and the uint8 mask at 224);
+- the backbone packs the images of small groups into full micro-batches on CUDA (stage 1 stays per group; on the
+  CPU each group runs on its own, so a group's numbers never depend on its neighbours);
+- host -> device copies go through pinned memory, each thread works on its own CUDA stream, so a caller can
+  run two batches at once from two threads: one's CPU steps overlap the other's GPU work;
+- a group too large to hold (``run_passes``) streams through the backbone in passes over micro-batches with
+  device and host memory bounded by the micro-batch, not the group.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .crf import CRFParams, crf_params, dense_crf
+from .modeling.backbone import DinoBackbone
+from .modeling.stage1 import Stage1Head
+from .precision import resolve
+from .region_filter import (foreground_means, keep_regions, label_regions, patch_masks, prototype_cosines,
+                            prototype_from_means, region_embeddings, stage2_masks)
+from .threshold import adaptive_threshold, image_confidences, stage1_map
+
+CRF_BACKENDS = ("auto", "torch", "pydensecrf", "defer")
+# Backbone images per forward. CPU: the rate is flat from ~16 up; CUDA: large batches fill the device.
+MICRO_BATCH = {"cpu": 32, "cuda": 128}
+
+
+def default_micro_batch(device: str | torch.device) -> int:
+    return MICRO_BATCH.get(torch.device(device).type, 32)
+
+
+@dataclass
+class GroupDetails:
+    """What only the Python API shows: stage1_weights (n, P), stage1_map (n, 224, 224) float32, stage1_mask
+    (n, 224, 224) bool, prototype (C,), stage2_mask (n, 224, 224) float32 (the stage-1 map where the image fell
+    back), mask (n, 224, 224) float32 (the final map: CRF labels 0/1, or the stage-1 map for a fallback)."""
+
+    stage1_weights: np.ndarray
+    stage1_map: np.ndarray
+    stage1_mask: np.ndarray
+    prototype: np.ndarray
+    stage2_mask: np.ndarray
+    mask: np.ndarray
+
+
+@dataclass
+class GroupResult:
+    """The engine's answer for n images of one group (all of it, or the slice starting at ``start``).
+
+    final: (n, 224, 224) uint8, trunc(255 x the final map) - what the paper code turns into its PNG before
+    resizing it to the original size: 0/255 after the CRF; for an image whose stage-1 mask has no region
+    (``fallback``) the stage-1 map's values, CRF skipped. With ``crf_applied`` False the CRF is still to run
+    (on CPU workers): ``final`` then holds 255 x ``stage2`` for the images that did not fall back.
+    stage2: (n, 224, 224) uint8 0/1 (zeros where the image fell back).
+    """
+
+    confidence: float
+    threshold: float
+    image_confidence: np.ndarray  # (n,) float32
+    regions_found: np.ndarray  # (n,) int64
+    regions_kept: np.ndarray  # (n,) int64
+    fallback: np.ndarray  # (n,) bool
+    stage2: np.ndarray
+    final: np.ndarray
+    crf_applied: bool
+    start: int = 0
+    details: GroupDetails | None = None
+    timings: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.fallback)
+
+
+class GroupEngine:
+    """Runs the method on groups of decoded images with one backbone and head on one device.
+
+    precision: a name from ``scosparc_core.precision`` (``auto`` resolves per device); micro_batch: images per
+    backbone forward; crf_workers >= 2: pydensecrf CRFs in that many processes (spawned, so a script that uses
+    them needs the ``if __name__ == "__main__":`` guard).
+    """
+
+    def __init__(self, backbone: DinoBackbone, head: Stage1Head, device: str | torch.device = "cpu",
+                 precision: str = "auto", micro_batch: int = 32, crf_workers: int = 0):
+        if head.dim != backbone.embed_dim:
+            raise ValueError(f"head width {head.dim} does not match backbone width {backbone.embed_dim}")
+        self.device = torch.device(device)
+        self.precision = resolve(precision, self.device)
+        self.micro_batch = max(1, int(micro_batch))
+        self.backbone = backbone.to(self.device).eval()
+        self.head = head.to(self.device).eval()
+        self.grid = backbone.grid_size
+        self.crf_workers = crf_workers
+        self.profile = False  # synchronise the device at each stage so that timings are per stage (benchmarks)
+        self._local = threading.local()
+        self._backbone_lock = threading.Lock()
+        self._pool: ProcessPoolExecutor | None = None
+        self._crf_warm = False
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def crf_backend(self, backend: str = "auto") -> str:
+        if backend not in CRF_BACKENDS:
+            raise ValueError(f"unknown CRF backend {backend!r}; choose one of {', '.join(CRF_BACKENDS)}")
+        if backend == "auto":
+            return "torch" if self.cuda else "pydensecrf"
+        return backend
+
+    # -- whole groups -----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, pixels: Sequence[np.ndarray], crf_rgb: Sequence[np.ndarray | None] | None = None,
+            crf: str | CRFParams | None = "coca", crf_backend: str = "auto", details: bool = False,
+            micro_batch: int | None = None) -> list[GroupResult]:
+        """Groups of network pixels, each (n_g, 224, 224, 3) uint8, and the CRF's colour input of the same shape
+        (or None when no CRF runs here) -> one GroupResult per group. Empty groups give empty results with NaN
+        confidence and threshold. ``micro_batch`` overrides the engine's for this call (smaller after an
+        out-of-memory)."""
+        params, backend = crf_params(crf), self.crf_backend(crf_backend)
+        crf_rgb = list(crf_rgb) if crf_rgb is not None else [None] * len(pixels)
+        sizes = [int(p.shape[0]) for p in pixels]
+        live = [g for g, n in enumerate(sizes) if n]
+        results = [_empty_result(details, self.backbone.embed_dim, self.grid) for _ in pixels]
+        if not live:
+            return results
+        timings: dict = defaultdict(float)
+        with self._stream_context():
+            with self._timed(timings, "backbone"):
+                tokens = self._tokens([pixels[g] for g in live], micro_batch)
+            live_results = self._after_backbone(tokens, [sizes[g] for g in live], [crf_rgb[g] for g in live],
+                                                params, backend, details, timings, micro_batch)
+        for g, result in zip(live, live_results):
+            results[g] = result
+        return results
+
+    @torch.inference_mode()
+    def run_on_tokens(self, tokens: Sequence[torch.Tensor], crf_rgb: Sequence[np.ndarray | None] | None = None,
+                      crf: str | CRFParams | None = "coca", crf_backend: str = "auto",
+                      details: bool = False) -> list[GroupResult]:
+        """Everything after the backbone, for groups whose tokens (n_g, P, C) are already on the device
+        (``run`` calls this; tests feed it the paper code's tokens)."""
+        crf_rgb = list(crf_rgb) if crf_rgb is not None else [None] * len(tokens)
+        with self._stream_context():
+            all_tokens = torch.cat([t.to(self.device, torch.float32) for t in tokens])
+            return self._after_backbone(all_tokens, [len(t) for t in tokens], crf_rgb, crf_params(crf),
+                                        self.crf_backend(crf_backend), details, defaultdict(float))
+
+    def _after_backbone(self, all_tokens: torch.Tensor, sizes: list[int], crf_rgb: list, params: CRFParams | None,
+                        backend: str, details: bool, timings: dict, micro_batch: int | None = None
+                        ) -> list[GroupResult]:
+        bounds = np.cumsum([0] + sizes)
+        groups = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        with self._timed(timings, "stage1"):
+            weights = torch.cat([self._weights(all_tokens[sl], micro_batch) for sl in groups])
+            maps = stage1_map(weights, self.grid)
+            conf = image_confidences(maps, self.grid).cpu().numpy()
+            taus = [adaptive_threshold(conf[sl]) for sl in groups]
+            prototypes = torch.stack([prototype_from_means(*foreground_means(all_tokens[sl], weights[sl], tau))
+                                      for sl, (_, tau) in zip(groups, taus)])
+        group_of = np.repeat(np.arange(len(groups)), np.diff(bounds))
+        image_tau = np.array([tau for _, tau in taus], np.float32)[group_of]
+        with self._timed(timings, "stage2"):
+            labels, counts = self._stage1_regions(maps, image_tau)
+            embeds = self._region_embeddings(labels, counts, all_tokens)
+            cosines = self._cosines(embeds, counts, prototypes, group_of)
+        outs = self._finish(maps, weights, image_tau, labels, counts, cosines, crf_rgb, params, backend, details,
+                            timings)
+        return [_result(outs, sl, taus[j], conf[sl], prototypes[j], details, dict(timings))
+                for j, sl in enumerate(groups)]
+
+    # -- one large group in passes ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run_passes(self, n: int, load: Callable[[int, int], tuple[np.ndarray, np.ndarray | None]],
+                   crf: str | CRFParams | None = "coca", crf_backend: str = "auto", chunk: int | None = None,
+                   progress: Callable[[str, int], None] | None = None,
+                   micro_batch: int | None = None) -> Iterator[GroupResult]:
+        """A group of ``n`` images too large to hold, streamed: ``load(start, stop)`` returns the network pixels
+        (m, 224, 224, 3) and the CRF's colour input (or None) of images start..stop-1, each time it is called.
+
+        Stage 1 is linear in the images' key sums, so the group is read in passes over micro-batches of
+        ``micro_batch`` images: (1) the key sums K_i; (2) the stage-1 weights given the group's K (kept: n x P
+        floats) and the confidences, hence the threshold; (3) each image's foreground mean (hence the prototype)
+        and its regions' token sums (kept: R x C floats); (4) the region filter's decisions and the CRF, yielding
+        GroupResults of ``chunk`` images. The backbone runs three times per image; device and host memory grow
+        with the micro-batch and n x P + R x C, not with n x P x C. The numbers are those of ``run`` on the
+        same group: the head and the filter see the same micro-batches.
+        """
+        params, backend = crf_params(crf), self.crf_backend(crf_backend)
+        mb = micro_batch or self.micro_batch
+        spans = [(s, min(s + mb, n)) for s in range(0, n, mb)]
+
+        def tokens(start: int, stop: int) -> torch.Tensor:
+            return self._tokens([load(start, stop)[0]], mb)
+
+        with self._stream_context():
+            key_sums = []
+            for start, stop in spans:
+                key_sums.append(self.head.key_sums(tokens(start, stop)))
+                _tick(progress, "stage-1 keys", stop)
+            key_sums = torch.cat(key_sums)
+            total = key_sums.sum(dim=0)
+            weights, conf = [], []
+            for start, stop in spans:
+                w = self.head.weights(tokens(start, stop), key_sums[start:stop], total, n, chunk=mb)
+                weights.append(w)
+                conf.append(image_confidences(stage1_map(w, self.grid), self.grid).cpu().numpy())
+                _tick(progress, "stage-1 weights", stop)
+            weights, conf = torch.cat(weights), np.concatenate(conf)
+            confidence, threshold = adaptive_threshold(conf)
+            means, has_fg, embeds, counts = [], [], [], []
+            for start, stop in spans:
+                t = tokens(start, stop)
+                m, h = foreground_means(t, weights[start:stop], threshold)
+                labels, cnt = self._stage1_regions(stage1_map(weights[start:stop], self.grid), threshold)
+                means.append(m)
+                has_fg.append(h)
+                embeds.append(self._region_embeddings(labels, cnt, t))
+                counts.append(cnt)
+                _tick(progress, "regions", stop)
+            prototype = prototype_from_means(torch.cat(means), torch.cat(has_fg))
+            counts = np.concatenate(counts)
+            cosines = self._cosines(torch.cat(embeds), counts, prototype[None], np.zeros(n, np.int64))
+            del means, has_fg, embeds
+            offsets = np.concatenate([[0], np.cumsum(counts)])
+            for start in range(0, n, max(1, chunk or mb)):
+                stop = min(start + max(1, chunk or mb), n)
+                maps = stage1_map(weights[start:stop], self.grid)
+                taus = np.full(stop - start, threshold, np.float32)
+                labels, cnt = self._stage1_regions(maps, taus)
+                outs = self._finish(maps, weights[start:stop], taus, labels, cnt,
+                                    cosines[offsets[start]:offsets[stop]], [load(start, stop)[1]], params, backend,
+                                    False, defaultdict(float))
+                yield _result(outs, slice(0, stop - start), (confidence, threshold), conf[start:stop], prototype,
+                              False, {}, start=start)
+                _tick(progress, "masks", stop)
+
+    # -- shared steps -----------------------------------------------------------------------------------------
+    def _weights(self, tokens: torch.Tensor, micro_batch: int | None = None) -> torch.Tensor:
+        """One whole group's tokens (n, P, C) -> stage-1 weights (n, P), micro-batch by micro-batch as
+        ``run_passes`` computes them, so that both give the same numbers."""
+        mb = micro_batch or self.micro_batch
+        key_sums = torch.cat([self.head.key_sums(tokens[s:s + mb]) for s in range(0, len(tokens), mb)])
+        return self.head.weights(tokens, key_sums, key_sums.sum(dim=0), len(tokens), chunk=mb)
+
+    def _tokens(self, groups: Sequence[np.ndarray], micro_batch: int | None = None) -> torch.Tensor:
+        """Network pixels of several groups -> their tokens (N, P, C) float32 on the device, in micro-batches:
+        packed across groups on CUDA, group by group on the CPU."""
+        mb = micro_batch or self.micro_batch
+        sizes = [int(g.shape[0]) for g in groups]
+        total = sum(sizes)
+        host = self._host_pixels(groups, total)
+        if self.cuda:
+            spans = [(s, min(s + mb, total)) for s in range(0, total, mb)]
+        else:
+            starts = np.concatenate([[0], np.cumsum(sizes)])
+            spans = [(int(a + s), int(min(a + s + mb, b))) for a, b in zip(starts[:-1], starts[1:])
+                     for s in range(0, b - a, mb)]
+        out = torch.empty((total, self.backbone.num_patches, self.backbone.embed_dim), device=self.device)
+        for start, stop in spans:
+            inputs = self.backbone.preprocess(host[start:stop].to(self.device, non_blocking=True))
+            with self._backbone_lock:
+                out[start:stop] = self.backbone.tokens(inputs, self.precision)
+        if self.cuda:  # the pinned buffer is refilled by this thread's next call: not before these copies are done
+            self._local.copied = torch.cuda.Event()
+            self._local.copied.record()
+        return out
+
+    def _host_pixels(self, groups: Sequence[np.ndarray], total: int) -> torch.Tensor:
+        """The groups' pixels in one (N, 224, 224, 3) uint8 host tensor: pinned and reused per thread on CUDA."""
+        shape = (total, *groups[0].shape[1:])
+        if not self.cuda:
+            host = torch.empty(shape, dtype=torch.uint8)
+        else:
+            need = int(np.prod(shape))
+            copied = getattr(self._local, "copied", None)
+            if copied is not None:
+                copied.synchronize()
+            buf = getattr(self._local, "pinned", None)
+            if buf is None or buf.numel() < need:
+                buf = self._local.pinned = torch.empty(need, dtype=torch.uint8, pin_memory=True)
+            host = buf[:need].view(shape)
+        view, start = host.numpy(), 0
+        for g in groups:
+            view[start:start + len(g)] = g
+            start += len(g)
+        return host
+
+    def _stage1_regions(self, maps: torch.Tensor, taus: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+        """Stage-1 maps (n, 224, 224) on the device and tau (per image, or one) -> the stage-1 masks' region
+        labels (n, 224, 224) int32 and counts (n,), on the host."""
+        tau = torch.as_tensor(np.asarray(taus, np.float32), device=maps.device).reshape(-1, 1, 1)
+        return label_regions((maps >= tau).to(torch.uint8).cpu().numpy())
+
+    def _region_embeddings(self, labels: np.ndarray, counts: np.ndarray, tokens: torch.Tensor) -> torch.Tensor:
+        """Every region's token sum (sum(counts), C), image by image: the same matmul per image as the
+        single-image filter, so CPU results are bit for bit those of the reference."""
+        masks = torch.from_numpy(patch_masks(labels, counts, self.grid)).to(self.device, non_blocking=True)
+        out, start = [], 0
+        for i, count in enumerate(counts):
+            if count:
+                out.append(region_embeddings(masks[start:start + count], tokens[i]))
+            start += count
+        return torch.cat(out) if out else tokens.new_zeros((0, tokens.shape[-1]))
+
+    def _cosines(self, embeds: torch.Tensor, counts: np.ndarray, prototypes: torch.Tensor,
+                 group_of: np.ndarray) -> np.ndarray:
+        """Region embeddings -> cos(prototype of the image's group, e_k) for every region, on the host."""
+        out, start = [], 0
+        for i, count in enumerate(counts):
+            if count:
+                out.append(prototype_cosines(prototypes[group_of[i]], embeds[start:start + count]))
+            start += count
+        return torch.cat(out).float().cpu().numpy() if out else np.zeros(0, np.float32)
+
+    def _finish(self, maps: torch.Tensor, weights: torch.Tensor, taus: np.ndarray, labels: np.ndarray,
+                counts: np.ndarray, cosines: np.ndarray, crf_rgb: list, params: CRFParams | None, backend: str,
+                details: bool, timings: dict) -> dict:
+        """Region filter decisions and the CRF for n images whose stage 1 is done. Returns per-image arrays."""
+        n = len(counts)
+        with self._timed(timings, "stage2"):
+            _, keep, kept = keep_regions(cosines, counts)
+            stage2 = stage2_masks(labels, counts, keep)
+            fallback = counts == 0
+            final = stage2 * np.uint8(255)
+            fb = np.flatnonzero(fallback)
+            if len(fb):  # no region: the paper code keeps the continuous stage-1 map (np.uint8(map * 255))
+                final[fb] = (maps[torch.from_numpy(fb).to(self.device)] * 255).to(torch.uint8).cpu().numpy()
+        run_crf = params is not None and backend != "defer"
+        with self._timed(timings, "crf"):
+            todo = np.flatnonzero(~fallback) if run_crf else np.zeros(0, np.int64)
+            if len(todo):
+                rgb = _concat_rgb(crf_rgb, n)
+                final[todo] = self._crf(rgb[todo], stage2[todo], params, backend) * np.uint8(255)
+        out = {"stage2": stage2, "final": final, "fallback": fallback, "found": counts, "kept": kept,
+               "applied": params is None or run_crf}
+        if details:
+            maps_np = maps.cpu().numpy()
+            out["details"] = {
+                "weights": weights.cpu().numpy(), "maps": maps_np,
+                "mask": maps_np >= np.asarray(taus, np.float32).reshape(-1, 1, 1),
+                "stage2": np.where(fallback[:, None, None], maps_np, stage2.astype(np.float32)),
+                "final": np.where(fallback[:, None, None], maps_np, (final // 255).astype(np.float32)),
+            }
+        return out
+
+    def _crf(self, rgb: np.ndarray, labels: np.ndarray, params: CRFParams, backend: str) -> np.ndarray:
+        """The dense CRF on m images: rgb (m, 224, 224, 3) uint8, labels (m, 224, 224) 0/1 -> labels uint8."""
+        if backend == "torch":
+            from .crf import dense_crf_torch
+
+            def run():
+                return dense_crf_torch(torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device),
+                                       torch.from_numpy(np.ascontiguousarray(labels)).to(self.device), params)
+
+            if not self._crf_warm:  # the first call builds cached lattices other threads' streams then read
+                with self._backbone_lock:
+                    out = run()
+                    if self.cuda:
+                        torch.cuda.synchronize(self.device)
+                    self._crf_warm = True
+            else:
+                out = run()
+            return out.to(torch.uint8).cpu().numpy()
+        pool = self._crf_pool() if len(labels) > 1 else None
+        if pool is not None:
+            return np.stack(list(pool.map(dense_crf, list(rgb), list(labels), [params] * len(labels))))
+        return np.stack([dense_crf(r, lab, params) for r, lab in zip(rgb, labels)])
+
+    def _crf_pool(self) -> ProcessPoolExecutor | None:
+        # pydensecrf holds the GIL, so a group's CRFs run in parallel only in processes (spawned: no torch fork).
+        if self.crf_workers < 2:
+            return None
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.crf_workers, mp_context=multiprocessing.get_context("spawn"))
+            weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+        return self._pool
+
+    @contextmanager
+    def _stream_context(self):
+        """On CUDA each calling thread queues its work on a stream of its own: a thread waiting for its copies
+        back waits for its own work only, so two threads keep the device busy in turn."""
+        if not self.cuda:
+            yield
+            return
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            yield
+        stream.synchronize()
+
+    @contextmanager
+    def _timed(self, timings: dict, key: str):
+        start = time.perf_counter()
+        yield
+        if self.profile and self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+        timings[key] += time.perf_counter() - start
+
+
+def _tick(progress, step: str, done: int) -> None:
+    if progress is not None:
+        progress(step, done)
+
+
+def _concat_rgb(crf_rgb: list, n: int) -> np.ndarray:
+    parts = [r for r in crf_rgb if r is not None]
+    if len(parts) != len(crf_rgb) or not parts:
+        raise ValueError("the CRF needs every image's colour input (crf_rgb)")
+    rgb = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    if len(rgb) != n:
+        raise ValueError(f"{len(rgb)} CRF colour inputs for {n} images")
+    return rgb
+
+
+def _result(outs: dict, sl: slice, tau: tuple[float, float], conf: np.ndarray, prototype: torch.Tensor,
+            details: bool, timings: dict, start: int = 0) -> GroupResult:
+    d = None
+    if details:
+        dd = outs["details"]
+        d = GroupDetails(stage1_weights=dd["weights"][sl], stage1_map=dd["maps"][sl], stage1_mask=dd["mask"][sl],
+                         prototype=prototype.float().cpu().numpy(), stage2_mask=dd["stage2"][sl],
+                         mask=dd["final"][sl])
+    return GroupResult(confidence=tau[0], threshold=tau[1], image_confidence=np.asarray(conf, np.float32),
+                       regions_found=outs["found"][sl], regions_kept=outs["kept"][sl], fallback=outs["fallback"][sl],
+                       stage2=outs["stage2"][sl], final=outs["final"][sl], crf_applied=outs["applied"], start=start,
+                       details=d, timings=timings)
+
+
+def _empty_result(details: bool, dim: int, grid: tuple[int, int]) -> GroupResult:
+    z = np.zeros((0, 224, 224), np.uint8)
+    d = None
+    if details:
+        f = np.zeros((0, 224, 224), np.float32)
+        d = GroupDetails(np.zeros((0, grid[0] * grid[1]), np.float32), f, f.astype(bool), np.zeros(dim, np.float32),
+                         f, f)
+    return GroupResult(float("nan"), float("nan"), np.zeros(0, np.float32), np.zeros(0, np.int64),
+                       np.zeros(0, np.int64), np.zeros(0, bool), z, z, True, details=d)

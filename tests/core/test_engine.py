@@ -1,0 +1,131 @@
+"""The group engine: its shortcuts against the plain forms, passes against one pass, threads against serial."""
+import threading
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from pipeline.sample import synthetic_group
+from scosparc_core.image import crf_image, network_pixels
+from scosparc_core.region_filter import label_regions, patch_masks
+
+
+def _blobs(rng, n):
+    masks = []
+    for i in range(n):
+        side = int(rng.integers(4, 40))
+        small = rng.random((side, side)) < rng.uniform(0.2, 0.8)
+        masks.append(cv2.resize(small.astype(np.uint8), (224, 224), interpolation=cv2.INTER_NEAREST))
+    masks.append((rng.random((224, 224)) < 0.5).astype(np.uint8))  # salt and pepper: hundreds of regions
+    masks.append(np.ones((224, 224), np.uint8))
+    masks.append(np.zeros((224, 224), np.uint8))
+    return np.stack(masks)
+
+
+def test_patch_masks_equal_opencv_per_region():
+    rng = np.random.default_rng(3)
+    labels, counts = label_regions(_blobs(rng, 40))
+    fast = patch_masks(labels, counts, (28, 28))
+    expected = [cv2.resize((labels[i] == k).astype(np.uint8), (28, 28), interpolation=cv2.INTER_LINEAR).reshape(-1)
+                for i in range(len(labels)) for k in range(1, counts[i] + 1)]
+    assert fast.shape == (counts.sum(), 784) and counts.sum() > 500
+    np.testing.assert_array_equal(fast, np.stack(expected).astype(np.float32))
+    # a scale that is not an even integer goes through OpenCV region by region
+    odd = patch_masks(labels[:5], counts[:5], (32, 32))
+    expected = [cv2.resize((labels[i] == k).astype(np.uint8), (32, 32), interpolation=cv2.INTER_LINEAR).reshape(-1)
+                for i in range(5) for k in range(1, counts[i] + 1)]
+    np.testing.assert_array_equal(odd, np.stack(expected).astype(np.float32))
+
+
+def _group(kind, n, seed=0):
+    images = [img for img, _ in synthetic_group(kind, n, seed)]
+    return np.stack([network_pixels(i) for i in images]), np.stack([crf_image(i) for i in images])
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return tiny_model(micro_batch=8).engine
+
+
+@pytest.fixture(scope="module")
+def groups():
+    return [_group("horse", 5), _group("disc", 3, seed=1), _group("horse", 11, seed=2)]
+
+
+def _same(a, b):
+    assert (a.confidence, a.threshold) == (b.confidence, b.threshold)
+    for field in ("image_confidence", "regions_found", "regions_kept", "fallback", "stage2", "final"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+
+
+def test_a_batch_of_groups_equals_each_group_alone(engine, groups):
+    together = engine.run([p for p, _ in groups], [r for _, r in groups], crf="coca")
+    for (pixels, rgb), got in zip(groups, together):
+        _same(got, engine.run([pixels], [rgb], crf="coca")[0])
+    assert all(r.crf_applied for r in together)
+
+
+def test_passes_equal_one_pass(engine):
+    pixels, rgb = _group("horse", 29, seed=4)
+    whole = engine.run([pixels], [rgb], crf="coca", details=True)[0]
+    loads = []
+
+    def load(start, stop):
+        loads.append((start, stop))
+        return pixels[start:stop], rgb[start:stop]
+
+    chunks = list(engine.run_passes(len(pixels), load, crf="coca", chunk=10))
+    assert [c.start for c in chunks] == [0, 10, 20] and sum(len(c) for c in chunks) == 29
+    assert max(stop - start for start, stop in loads) <= 10  # a micro-batch (8) or an output chunk (10)
+    for c in chunks:
+        sl = slice(c.start, c.start + len(c))
+        assert (c.confidence, c.threshold) == (whole.confidence, whole.threshold)
+        for field in ("image_confidence", "regions_found", "regions_kept", "fallback", "stage2", "final"):
+            np.testing.assert_array_equal(getattr(c, field), getattr(whole, field)[sl], err_msg=field)
+
+
+def test_deferred_crf_leaves_the_stage2_mask_for_cpu_workers(engine, groups):
+    pixels, rgb = groups[0]
+    done = engine.run([pixels], [rgb], crf="coca", crf_backend="pydensecrf")[0]
+    deferred = engine.run([pixels], None, crf="coca", crf_backend="defer")[0]
+    assert done.crf_applied and not deferred.crf_applied
+    keep = ~deferred.fallback
+    np.testing.assert_array_equal(deferred.final[keep], deferred.stage2[keep] * 255)
+    none = engine.run([pixels], None, crf="none")[0]
+    assert none.crf_applied  # nothing left to do
+    np.testing.assert_array_equal(none.final, deferred.final)
+
+
+def test_two_threads_share_the_engine(engine, groups):
+    serial = [engine.run([p], [r], crf="none")[0] for p, r in groups]
+    out = {}
+
+    def work(i):
+        out[i] = engine.run([groups[i][0]], [groups[i][1]], crf="none")[0]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(groups))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, expected in enumerate(serial):
+        _same(out[i], expected)
+
+
+def test_empty_groups_among_others(engine, groups):
+    empty = np.zeros((0, 224, 224, 3), np.uint8)
+    results = engine.run([empty, groups[1][0], empty], [empty, groups[1][1], empty], crf="coca")
+    assert [len(r) for r in results] == [0, 3, 0]
+    assert np.isnan(results[0].threshold) and np.isfinite(results[1].threshold)
+
+
+def test_backbone_paths_agree():
+    """Inference tokens (timm's forward_features) equal the attention path's tokens (module by module)."""
+    backbone = tiny_model().backbone
+    x = torch.randn(3, 3, 224, 224)
+    with torch.inference_mode():
+        a = backbone(x, with_attention=False).tokens
+        b = backbone(x, with_attention=True).tokens
+    assert torch.equal(a, b)
