@@ -6,7 +6,7 @@ import jsonschema
 import ray
 import yaml
 
-from pipeline.infer import CLUSTER_MARKER, STAGE_RESOURCES
+from pipeline.resources import CLUSTER_MARKER, STAGE_RESOURCES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,3 +40,17 @@ def test_ray_is_pinned_to_the_projects_version_and_token_auth_stays_on():
     head = " ".join(cfg["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
     assert any("auth_token" in k for k in cfg["file_mounts"])
+
+
+def test_workers_can_reach_s3_and_nothing_is_open_to_the_internet():
+    cfg = load()
+    workers = [n for name, n in cfg["available_node_types"].items() if name != cfg["head_node_type"]]
+    assert workers and all(n["node_config"].get("IamInstanceProfile") for n in workers)
+    rules = cfg["provider"]["security_group"]["IpPermissions"]
+    ranges = [r["CidrIp"] for rule in rules for r in rule.get("IpRanges", [])]
+    assert ranges and "0.0.0.0/0" not in ranges and all(rule["FromPort"] == rule["ToPort"] == 22 for rule in rules)
+
+
+def test_torch_is_pinned_on_the_nodes_as_in_setup_sh():
+    pins = re.search(r"pip install -q (torch==\S+ torchvision==\S+)\n", (ROOT / "setup.sh").read_text()).group(1)
+    assert any(pins in c for c in load()["setup_commands"])
