@@ -1,0 +1,115 @@
+"""Which number format keeps the paper's masks on a GPU: every format against CPU float32, on real photos.
+
+    .venv/bin/python benchmarks/bench_precision.py [--photos tests/realphotos] [--out DIR]
+
+The same random ViT-B/8 and head (seeded; the formats are compared with each other, not with ground truth) run
+the engine on each group of real photos on the CPU in float32 (the reference, equal to the paper code) and on
+CUDA in float32 (TF32 off), tf32, float16 and bfloat16 autocast. Masks are compared after the CRF (pydensecrf on
+both sides, so only the backbone's format differs) and without it, as IoU of the binary masks at 224. The backbone's
+speed per format comes from the same run. The fastest format with mean IoU >= 0.995 and min IoU >= 0.98 is what
+``--dtype auto`` should pick on CUDA (``scosparc_core.precision.AUTO``); the script says which.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+MEAN_IOU, MIN_IOU = 0.995, 0.98
+
+
+def load_groups(root: Path, limit: int | None) -> dict:
+    from PIL import Image
+
+    from scosparc_core.image import crf_image, network_pixels, to_rgb
+
+    groups = {}
+    for folder in sorted((root / "image").iterdir()):
+        files = sorted(folder.iterdir())[:limit]
+        rgb = [to_rgb(Image.open(f)) for f in files]
+        groups[folder.name] = (np.stack([network_pixels(x) for x in rgb]), np.stack([crf_image(x) for x in rgb]))
+    return groups
+
+
+def masks(engine, groups: dict) -> dict:
+    """crf -> group -> binary masks (n, 224, 224), with the CRF (pydensecrf) and without, from one run."""
+    out = {"coca": {}, "none": {}}
+    for g, (px, rgb) in groups.items():
+        r = engine.run([px], [rgb], crf="coca", crf_backend="pydensecrf")[0]
+        out["coca"][g] = r.final >= 128
+        out["none"][g] = np.where(r.fallback[:, None, None], r.final >= 128, r.stage2 > 0)
+    return out
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    inter = (a & b).reshape(len(a), -1).sum(1)
+    union = (a | b).reshape(len(a), -1).sum(1)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--photos", default=str(ROOT / "tests" / "realphotos"))
+    ap.add_argument("--limit", type=int, default=None, help="photos per group (quick checks)")
+    ap.add_argument("--formats", nargs="+", default=["float32", "tf32", "float16", "bfloat16"])
+    ap.add_argument("--tiny", action="store_true", help="a tiny ViT (quick checks of this script)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="the device under test (cpu only to check this script)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    from bench_engine import backbone_rate, make_engine
+
+    kwargs = dict(embed_dim=96, depth=2, num_heads=3) if a.tiny else {}
+    groups = load_groups(Path(a.photos), a.limit)
+    n = sum(len(p) for p, _ in groups.values())
+    t0 = time.perf_counter()
+    reference = make_engine("cpu", "float32", 32, kwargs, crf_workers=8)
+    ref = masks(reference, groups)
+    print(f"CPU float32 reference on {n} photos in {time.perf_counter() - t0:.0f}s", flush=True)
+    del reference
+    rows = []
+    pixels = [p for p, _ in groups.values()]
+    for fmt in a.formats:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engine = make_engine(a.device, fmt, 128 if a.device == "cuda" else 32, kwargs, crf_workers=8)
+        row = {"format": fmt, "backbone_images_per_s": backbone_rate(engine, pixels, 3 if a.device == "cuda" else 1)}
+        found = masks(engine, groups)
+        for crf in ("coca", "none"):
+            got = found[crf]
+            scores = np.concatenate([iou(got[g], ref[crf][g]) for g in groups])
+            pixels_differ = float(np.mean(np.concatenate([(got[g] != ref[crf][g]).ravel() for g in groups])))
+            row[crf] = {"mean_iou": float(scores.mean()), "min_iou": float(scores.min()),
+                        "pixels_differ": pixels_differ}
+        row["keeps_masks"] = row["coca"]["mean_iou"] >= MEAN_IOU and row["coca"]["min_iou"] >= MIN_IOU
+        rows.append(row)
+        print(f"{fmt:>9}: backbone {row['backbone_images_per_s']:8.1f} img/s; with CRF mean IoU "
+              f"{row['coca']['mean_iou']:.4f} min {row['coca']['min_iou']:.4f} ({100 * row['coca']['pixels_differ']:.3f}% "
+              f"pixels differ); without CRF mean {row['none']['mean_iou']:.4f} min {row['none']['min_iou']:.4f}"
+              f"{'  keeps the masks' if row['keeps_masks'] else ''}", flush=True)
+        del engine
+        if a.device == "cuda":
+            torch.cuda.empty_cache()
+    keeping = [r for r in rows if r["keeps_masks"]]
+    choice = max(keeping, key=lambda r: r["backbone_images_per_s"])["format"] if keeping else "float32"
+    print(f"fastest format that keeps the masks (mean IoU >= {MEAN_IOU}, min >= {MIN_IOU}): {choice}")
+    result = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
+              "photos": n, "tiny": a.tiny, "rows": rows, "auto_choice": choice}
+    out = Path(a.out or ROOT / "benchmarks" / "results")
+    out = out if out.suffix == ".json" else out / "precision.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
