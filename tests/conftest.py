@@ -102,12 +102,32 @@ def make_bucket(endpoint: str, name: str):
     return fs
 
 
-# The reliability suite (tests/reliability) records what it tried and what survived; printed at the end.
-RELIABILITY = {"inputs tried": 0, "rows out": 0, "errors by kind": {}, "faults injected": {}, "faults survived": {}}
+# The reliability suite (tests/reliability) records what it tried and what happened; printed at the end of pytest.
+# Every number comes from a job's output or from the fault injectors' own counters, never from a constant.
+RELIABILITY = {"inputs tried": 0, "rows out": 0, "rows lost": 0, "duplicate rows": 0, "errors by kind": {},
+               "faults injected": {}, "faults survived": {}}
 
 
 def count(section: str, key: str, n: int = 1) -> None:
     RELIABILITY[section][key] = RELIABILITY[section].get(key, 0) + n
+
+
+def record_fault(name: str, injected: int, survived: bool) -> None:
+    """``injected``: how often the fault happened (0: the test did not manage to inject it); ``survived``: the
+    checks of the output for this fault passed."""
+    count("faults injected", name, int(injected))
+    count("faults survived", name, int(injected) if survived else 0)
+
+
+def record_rows(images_in: int, rows, error_kinds=()) -> None:
+    """A finished job's rows: ``rows`` the image keys of its output, one per row."""
+    rows = list(rows)
+    RELIABILITY["inputs tried"] += images_in
+    RELIABILITY["rows out"] += len(rows)
+    RELIABILITY["rows lost"] += max(0, images_in - len(set(rows)))
+    RELIABILITY["duplicate rows"] += len(rows) - len(set(rows))
+    for kind in error_kinds:
+        count("errors by kind", kind)
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -119,7 +139,13 @@ def pytest_terminal_summary(terminalreporter):
     def listing(d):
         return f"{sum(d.values())} (" + ", ".join(f"{k} x{v}" for k, v in sorted(d.items())) + ")"
 
+    lost = {k: v - r["faults survived"].get(k, 0) for k, v in r["faults injected"].items()}
+    missed = sorted(k for k, v in r["faults injected"].items() if not v)
     for line in (f"inputs tried:    {r['inputs tried']}", f"rows out:        {r['rows out']}",
-                 f"errors by kind:  {listing(r['errors by kind'])}", f"faults injected: {listing(r['faults injected'])}",
-                 f"faults survived: {listing(r['faults survived'])}"):
+                 f"rows lost:       {r['rows lost']}  (must be 0)", f"duplicate rows:  {r['duplicate rows']}",
+                 f"errors by kind:  {listing(r['errors by kind'])}",
+                 f"faults injected: {listing(r['faults injected'])}",
+                 f"faults survived: {listing(r['faults survived'])}",
+                 f"not survived:    {listing({k: v for k, v in lost.items() if v})}",
+                 f"not injected:    {', '.join(missed) or 'none'}"):
         terminalreporter.write_line(line)
