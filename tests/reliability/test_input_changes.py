@@ -1,0 +1,36 @@
+"""Input that changes between a run and its re-run (objects deleted after a run, as in a bucket being cleaned up):
+the re-run must account for the input as it is now."""
+import shutil
+
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+
+from audit import output_rows
+from conftest import TINY_VIT, record_fault
+from pipeline.infer import InferConfig, run_inference
+from pipeline.sample import write_sample
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="infer.run_inference counts the rows of every group in the output's records "
+                          "(OutputState.counts() without groups=), also of a group no longer in the input: rows "
+                          "out > images in, so every re-run raises and _SUCCESS is never written again")
+def test_a_group_deleted_from_the_input_after_a_run(ray_local, tiny_weights, tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_sample(str(data), {"horse": 2, "disc": 1})
+    backbone, head = tiny_weights
+    cfg = InferConfig(input=str(data), output=str(out), backbone=backbone, head=head, crf="none",
+                      backbone_name="vit_base_patch8_224", backbone_kwargs=dict(TINY_VIT), progress_interval=5)
+    run_inference(cfg)
+    shutil.rmtree(data / "image" / "disc")
+    shutil.rmtree(data / "groundtruth" / "disc")
+    try:
+        manifest = run_inference(cfg)
+    except RuntimeError:
+        record_fault("a whole group deleted from the input between runs", 1, False)
+        raise
+    rows = output_rows(LocalFileSystem(), str(out))
+    survived = manifest["output"]["rows"] == manifest["input"]["images"] == 2 and (out / "_SUCCESS").exists()
+    record_fault("a whole group deleted from the input between runs", 1, survived)
+    assert manifest["processed"]["images"] == 0 and survived
+    assert set(rows["group"]) == {"horse"}  # readers of predictions/ see only the input's images
