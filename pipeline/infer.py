@@ -245,7 +245,9 @@ def run_inference(cfg: InferConfig) -> dict:
         data_seconds = time.monotonic() - t_data
         lease.check()
         state = _settle(out)
-        counts = state.counts()
+        listed = set(listing.select_columns(["group_key"]).to_pandas()["group_key"])  # one short string a group
+        counts = state.counts(groups=listed)
+        counts["rows_of_groups_no_longer_listed"] = state.counts()["rows"] - counts["rows"]
         manifest = {
             "config": redact(asdict(cfg)),
             "settings": settings,

@@ -1,8 +1,9 @@
 """Progress and per-job bookkeeping shared by the workers: one small Ray actor the driver polls.
 
-The refine tasks report images as they finish; the stage-1 actors report long groups as they go (a 10,000-image
-group takes minutes), and count how often a batch was started, so that a batch that keeps killing its GPU actor
-becomes error rows after a bounded number of tries instead of looping forever.
+The refine actors report images as they finish; the stage-1 actors report long groups as they go (a 10,000-image
+group takes minutes), and which batches they are running: when Ray restarts an actor that died, the batches it
+was running are blamed, so a batch that keeps killing its GPU actor becomes error rows after a bounded number of
+deaths instead of looping forever, and a batch that merely ran before it on the same actor is not blamed.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ class JobState:
         self.done_groups = 0
         self.sizes: dict[str, int] = {}
         self.long: dict[str, str] = {}
-        self.attempts: dict[str, int] = {}
+        self.running: dict[str, set[str]] = {}  # actor id -> batch keys it is running
+        self.deaths: dict[str, int] = {}  # batch key -> actor deaths while it ran
 
     def set_sizes(self, sizes: dict[str, int]) -> None:
         self.sizes.update(sizes)
@@ -40,9 +42,18 @@ class JobState:
     def tick(self, group_key: str, text: str) -> None:
         self.long[group_key] = text
 
-    def attempt(self, key: str) -> int:
-        self.attempts[key] = self.attempts.get(key, 0) + 1
-        return self.attempts[key]
+    def restarted(self, actor: str) -> None:
+        """An actor (re)starts: whatever it was running when it died is blamed once."""
+        for key in self.running.pop(actor, ()):
+            self.deaths[key] = self.deaths.get(key, 0) + 1
+
+    def begin(self, actor: str, key: str) -> int:
+        """A batch starts on ``actor``; returns how many actors it has ended so far."""
+        self.running.setdefault(actor, set()).add(key)
+        return self.deaths.get(key, 0)
+
+    def end(self, actor: str, key: str) -> None:
+        self.running.get(actor, set()).discard(key)
 
     def snapshot(self) -> dict:
         return {"groups": self.groups, "images": self.images, "done_groups": self.done_groups,

@@ -89,6 +89,12 @@ class Stage1Actor:
         self.state = state
         self.calls = 0
         self.injected: dict[str, int] = {}
+        self.actor_id = None
+        if state is not None:
+            import ray
+
+            self.actor_id = ray.get_runtime_context().get_actor_id()
+            ray.get(state.restarted.remote(self.actor_id))  # blames what this actor ran when it last died
 
     # -- Ray Data entry point ---------------------------------------------------------------------------------
     def __call__(self, batch: dict) -> Iterator[dict]:
@@ -96,13 +102,18 @@ class Stage1Actor:
         self._maybe_die()
         rows = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["group"]))]
         key = "|".join(str(r["group_key"]) for r in rows)
-        attempt = self._attempt(key)
-        if attempt > self.settings.max_attempts:
-            exc = RuntimeError(f"this batch ended its stage-1 actor {attempt - 1} times (a GPU fault?)")
+        deaths = self._begin(key)
+        if deaths >= self.settings.max_attempts:
+            exc = RuntimeError(f"this batch ended its stage-1 actor {deaths} times (a GPU fault?)")
             exc.error_class = TRANSIENT
             for row in rows:
                 yield _columns(self._error_chunks(row, exc))
+            self._end(key)
             return
+        yield from self._run(rows)
+        self._end(key)  # not reached when the process dies: then the batch is blamed
+
+    def _run(self, rows: list[dict]) -> Iterator[dict]:
         start = time.perf_counter()
         small = [r for r in rows if r["decoded"]]
         chunks = []
@@ -124,25 +135,26 @@ class Stage1Actor:
         crf = [np.asarray(r["crf"])[np.asarray(r["ok"], bool)] for r in rows]
         try:
             return self._engine_run(rows, pixels, crf)
-        except Exception as exc:  # noqa: BLE001 - sorted below: exit, retry smaller, or error rows
-            if poisons_cuda(exc):
-                self._exit(exc)
-            if not is_out_of_memory(exc):
-                return [exc] * len(rows)
+        except Exception as err:  # noqa: BLE001 - sorted below: exit, retry smaller, or error rows
+            if poisons_cuda(err):
+                self._exit(err)
+            if not is_out_of_memory(err):
+                return [err] * len(rows)
             log.warning("out of memory on a batch of %d groups; retrying group by group", len(rows))
-        return [self._retry_smaller(r, p, c) for r, p, c in zip(rows, pixels, crf)]
+            exc = err
+        return [self._retry_smaller(r, p, c, exc) for r, p, c in zip(rows, pixels, crf)]
 
     def _engine_run(self, rows: list[dict], pixels: list, crf: list, micro_batch: int | None = None) -> list:
         self._inject(rows, micro_batch)
         s = self.settings
         return self.engine.run(pixels, crf, crf=s.crf, crf_backend=s.crf_backend, micro_batch=micro_batch)
 
-    def _retry_smaller(self, row: dict, pixels: np.ndarray, crf: np.ndarray):
-        """One group after an out-of-memory: halved micro-batches down to 1, then an error (transient)."""
+    def _retry_smaller(self, row: dict, pixels: np.ndarray, crf: np.ndarray, oom: BaseException):
+        """One group after an out-of-memory: halved micro-batches down to 1, then the out-of-memory (transient)."""
         import torch
 
         mb = self.engine.micro_batch
-        last: BaseException | None = None
+        last: BaseException = oom
         while mb > 1:
             mb //= 2
             if self.engine.cuda:
@@ -267,7 +279,8 @@ class Stage1Actor:
                 "error": [errors[0][i] for i in idx], "error_kind": [errors[1][i] for i in idx],
                 "error_class": [errors[2][i] for i in idx],
                 "height": [int(row["height"][i]) for i in idx], "width": [int(row["width"][i]) for i in idx],
-                "image_confidence": pick(result.image_confidence, np.float32) if per_ok else np.zeros(len(idx)),
+                "image_confidence": pick(result.image_confidence, np.float32) if per_ok
+                else np.zeros(len(idx), np.float32),
                 "regions_found": pick(result.regions_found, np.int32) if per_ok else np.zeros(len(idx), np.int32),
                 "regions_kept": pick(result.regions_kept, np.int32) if per_ok else np.zeros(len(idx), np.int32),
                 "fallback": [bool(result.fallback[jj]) if jj is not None else False for jj in j] if per_ok
@@ -290,12 +303,16 @@ class Stage1Actor:
         return self._chunks(row, exc, time.perf_counter(), indices)
 
     # -- faults ---------------------------------------------------------------------------------------------
-    def _attempt(self, key: str) -> int:
+    def _begin(self, key: str) -> int:
         if self.state is None:
-            return 1
+            return 0
         import ray
 
-        return ray.get(self.state.attempt.remote(key))
+        return ray.get(self.state.begin.remote(self.actor_id, key))
+
+    def _end(self, key: str) -> None:
+        if self.state is not None:
+            self.state.end.remote(self.actor_id, key)
 
     def _exit(self, exc: BaseException) -> None:
         """A CUDA error that poisons the context: nothing more can run in this process. Ray restarts the actor

@@ -106,12 +106,16 @@ def storage_options(endpoint: str | None = None, anonymous: bool = False, extra:
 def fs_options(url: str, options: dict | None) -> dict:
     """The options for ``url``'s filesystem. S3 URLs get botocore's adaptive retry mode with DEFAULT_RETRIES
     retries unless the options set ``config_kwargs["retries"]`` themselves; other filesystems do not get
-    ``config_kwargs`` (botocore's Config: it means nothing to them, and HTTP would pass it on to aiohttp)."""
+    ``config_kwargs`` (botocore's Config: it means nothing to them), and HTTP(S) URLs get none of them (aiohttp
+    rejects the object store's keys, endpoint and credentials)."""
     opts = dict(options or {})
     if "::" in url:  # a chained URL: options belong to its layers, leave them as given
         return opts
-    if fsspec.core.split_protocol(url)[0] in S3_PROTOCOLS:
+    protocol = fsspec.core.split_protocol(url)[0]
+    if protocol in S3_PROTOCOLS:
         return _with_retries(opts, DEFAULT_RETRIES)
+    if protocol in ("http", "https"):
+        return {}  # the job's options are for its object store; an HTTP(S) URL (a signed one) carries its own
     opts.pop("config_kwargs", None)
     return opts
 
