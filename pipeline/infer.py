@@ -156,7 +156,7 @@ def _log(text: str) -> None:
 
 
 _PLANS: dict = {}
-GROUPS_PER_BLOCK = 8  # blocks of the to-do list: a decode task per block, so small jobs still decode in parallel
+GROUPS_PER_BLOCK = 8  # groups per block of the to-do list (see run_inference)
 
 
 def mark_todo(row: dict, plans_ref) -> list[dict]:
@@ -185,13 +185,11 @@ def mark_todo(row: dict, plans_ref) -> list[dict]:
     return [{**row, "group_hash": h, "only": only, "group_rows": len(only) or n}]
 
 
-def todo_blocks(batch, plans_ref):
-    """Ray Data ``map_batches`` over listed groups: the groups left to do, in small blocks (each yield is a block)."""
+def groups_to_do(batch, plans_ref):
+    """Ray Data ``map_batches`` over listed groups: the groups left to do."""
     import pyarrow as pa
 
-    rows = [r for row in batch.to_pylist() for r in mark_todo(row, plans_ref)]
-    for i in range(0, len(rows), GROUPS_PER_BLOCK):
-        yield pa.Table.from_pylist(rows[i:i + GROUPS_PER_BLOCK])
+    return pa.Table.from_pylist([r for row in batch.to_pylist() for r in mark_todo(row, plans_ref)])
 
 
 def run_inference(cfg: InferConfig) -> dict:
@@ -231,9 +229,13 @@ def run_inference(cfg: InferConfig) -> dict:
         run = check_settings(out, settings, redact_url(cfg.output))
         out.remove("_SUCCESS")  # a run in progress is not a success, whatever was there before
         out.write_json(RUN_FILE, {"settings": settings, "run": run, "started": started})
-        state = _settle(out)
-        todo = listing.map_batches(todo_blocks, fn_kwargs={"plans_ref": ray.put(state.plans())},
-                                   batch_format="pyarrow", batch_size=None).materialize()
+        listed = set(listing.select_columns(["group_key"]).to_pandas()["group_key"])  # one short string a group
+        state = _settle(out, listed)
+        # small blocks: a decode task and a stage-1 output per block, so rows stream on to refine and the sink
+        # (Ray Data joins a task's outputs into one block up to 128 MiB: thousands of groups' URIs)
+        todo = listing.map_batches(groups_to_do, fn_kwargs={"plans_ref": ray.put(state.plans())},
+                                   batch_format="pyarrow", batch_size=None) \
+            .repartition(target_num_rows_per_block=GROUPS_PER_BLOCK).materialize()
         todo_groups, todo_rows = todo.count(), (todo.sum("group_rows") or 0) if todo.count() else 0
         _log(f"{summary['groups']} groups, {summary['images']} images in "
              f"{redact_url(cfg.manifest or cfg.input)}; to do: {todo_groups} groups, {todo_rows} images "
@@ -244,10 +246,8 @@ def run_inference(cfg: InferConfig) -> dict:
             if todo_groups else []
         data_seconds = time.monotonic() - t_data
         lease.check()
-        state = _settle(out)
-        listed = set(listing.select_columns(["group_key"]).to_pandas()["group_key"])  # one short string a group
-        counts = state.counts(groups=listed)
-        counts["rows_of_groups_no_longer_listed"] = state.counts()["rows"] - counts["rows"]
+        state = _settle(out, listed)
+        counts = state.counts()
         manifest = {
             "config": redact(asdict(cfg)),
             "settings": settings,
@@ -282,14 +282,17 @@ def run_inference(cfg: InferConfig) -> dict:
         return manifest
 
 
-def _settle(out: Storage) -> OutputState:
-    """The output's records, after removing half-written shards and compacting superseded rows."""
+def _settle(out: Storage, listed: set[str]) -> OutputState:
+    """The output's records, after removing half-written shards and compacting superseded rows and the rows of
+    groups no longer in the input (``listed``; their mask files stay)."""
     out.fs.invalidate_cache()
     state = OutputState.load(out)
     removed = remove_orphans(out, state)
-    if state.superseded():
-        dropped = state.compact(out)
-        _log(f"compacted {dropped} superseded rows")
+    if state.superseded(listed):
+        gone = len(set(state.effective) - listed)
+        dropped = state.compact(out, listed)
+        _log(f"compacted {dropped} superseded rows" + (f", of them the rows of {gone} groups no longer in the "
+                                                       "input" if gone else ""))
         out.fs.invalidate_cache()
         state = OutputState.load(out)
     if removed:

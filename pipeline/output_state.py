@@ -101,23 +101,25 @@ class OutputState:
         return out
 
     # -- superseded rows ---------------------------------------------------------------------------------------
-    def superseded(self) -> dict[str, set[tuple[str, int]]]:
-        """shard -> the (group key, index) rows it holds that a later row supersedes."""
+    def superseded(self, listed: set[str] | None = None) -> dict[str, set[tuple[str, int]]]:
+        """shard -> the (group key, index) rows it holds that a later row supersedes, or whose group is no
+        longer in the input (``listed``: the input's group keys; None: keep every group)."""
         out: dict[str, set] = defaultdict(set)
         for r in self.records:
             for key, g in r["groups"].items():
-                rows = self.effective.get(key, {})
+                rows = self.effective.get(key, {}) if listed is None or key in listed else {}
                 for i in from_ranges(g["indices"]):
                     if rows.get(i, (None,))[0] != r["shard"]:
                         out[r["shard"]].add((key, i))
         return dict(out)
 
-    def compact(self, out: Storage) -> int:
+    def compact(self, out: Storage, listed: set[str] | None = None) -> int:
         """Rewrites every shard that holds superseded rows without them (new shard and record first, then the
-        old ones go), so readers of predictions/ see each image once. Returns the rows dropped."""
+        old ones go), so readers of predictions/ see each input image once and no other. Returns the rows
+        dropped."""
         dropped = 0
         by_shard = {r["shard"]: r for r in self.records}
-        for shard, rows in self.superseded().items():
+        for shard, rows in self.superseded(listed).items():
             record = by_shard[shard]
             table = pq.read_table(io.BytesIO(out.fs.cat_file(out.path(shard))))
             keys = pa.array([f"{k}/{i}" for k, i in rows])
@@ -138,13 +140,11 @@ class OutputState:
         return dropped
 
     # -- counts ------------------------------------------------------------------------------------------------
-    def counts(self, groups: set[str] | None = None) -> dict:
+    def counts(self) -> dict:
         """Rows, ok, errors (permanent / transient) and errors by kind over the effective rows."""
         rows = ok = transient = 0
         kinds: Counter = Counter()
-        for key, effective in self.effective.items():
-            if groups is not None and key not in groups:
-                continue
+        for effective in self.effective.values():
             rows += len(effective)
             for _, error in effective.values():
                 if error is None:

@@ -100,6 +100,7 @@ class Stage1Actor:
     def __call__(self, batch: dict) -> Iterator[dict]:
         self.calls += 1
         self._maybe_die()
+        time.sleep(float((self.settings.fault or {}).get("delay_s", 0)))  # fault injection: a slow stage 1
         rows = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["group"]))]
         key = "|".join(str(r["group_key"]) for r in rows)
         deaths = self._begin(key)
@@ -216,9 +217,8 @@ class Stage1Actor:
             for part in self.engine.run_passes(len(ok), load, crf=s.crf, crf_backend=s.crf_backend,
                                                chunk=s.chunk_size, progress=tick):
                 part_idx = ok[part.start:part.start + len(part)]
-                crf = np.zeros((len(row["image_uris"]), *VIEW), np.uint8)
-                crf[part_idx] = loaded["crf"]
-                yield self._chunks({**row, "crf": crf}, part, start, indices=part_idx)
+                yield self._chunks({**row, "crf": loaded["crf"], "crf_indices": part_idx}, part, start,
+                                   indices=part_idx)
         except Exception as exc:  # noqa: BLE001 - the rows not yet out become errors
             if poisons_cuda(exc):
                 self._exit(exc)
@@ -246,7 +246,6 @@ class Stage1Actor:
         ok_idx = np.flatnonzero(ok)
         if indices is None:
             indices = np.arange(n)
-        final = np.zeros((n, 224, 224), np.uint8) if result is not None and not isinstance(result, BaseException) else None
         per_ok = {}
         if isinstance(result, BaseException):
             info = classify(result, "Stage1")
@@ -255,7 +254,6 @@ class Stage1Actor:
                 errors[0][i], errors[1][i], errors[2][i] = info.text, info.kind, info.error_class
         elif result is not None:
             targets = ok_idx[result.start:result.start + len(result)]
-            final[targets] = result.final
             per_ok = {int(i): j for j, i in enumerate(targets)}
         only = {int(i) for i in row.get("only", ())}
         emit = [int(i) for i in indices if not only or int(i) in only]
@@ -264,6 +262,8 @@ class Stage1Actor:
         seconds = (time.perf_counter() - start) / max(len(ok_idx), 1)
         deferred = result is not None and not isinstance(result, BaseException) and not result.crf_applied
         crf_views = np.asarray(row["crf"]) if deferred and len(row.get("crf", ())) else None
+        # a passes group brings the colour views of its output images only: memory per chunk, not per group
+        crf_at = {int(i): k for k, i in enumerate(row["crf_indices"])} if "crf_indices" in row else None
         out = []
         size = self.settings.chunk_size
         for c in range(0, len(emit), size):
@@ -271,6 +271,10 @@ class Stage1Actor:
             j = [per_ok.get(i) for i in idx]
             good = [jj is not None for jj in j]
             pick = lambda arr, dtype: np.array([arr[jj] if jj is not None else 0 for jj in j], dtype)  # noqa: E731
+            final = np.zeros((len(idx), 224, 224), np.uint8)
+            for k, jj in enumerate(j):
+                if jj is not None:
+                    final[k] = result.final[jj]
             out.append({
                 "group": row["group"], "group_key": row["group_key"], "group_size": n,
                 "group_hash": row["group_hash"], "group_rows": int(row["group_rows"]), "index": idx,
@@ -285,8 +289,9 @@ class Stage1Actor:
                 "regions_kept": pick(result.regions_kept, np.int32) if per_ok else np.zeros(len(idx), np.int32),
                 "fallback": [bool(result.fallback[jj]) if jj is not None else False for jj in j] if per_ok
                 else [False] * len(idx),
-                "final": final[idx] if final is not None else np.zeros((len(idx), 224, 224), np.uint8),
-                "crf": crf_views[idx] if crf_views is not None else np.zeros((0, *VIEW), np.uint8),
+                "final": final,
+                "crf": (crf_views[[crf_at[i] for i in idx] if crf_at is not None else idx] if crf_views is not None
+                        else np.zeros((0, *VIEW), np.uint8)),
                 "crf_pending": deferred and any(good),
                 "confidence": float(result.confidence) if per_ok else float("nan"),
                 "threshold": float(result.threshold) if per_ok else float("nan"),
@@ -322,7 +327,7 @@ class Stage1Actor:
 
     def _maybe_die(self) -> None:
         """Fault injection (tests): ``{"kill_after_groups": n, "marker": path}`` kills the process (SIGKILL) once,
-        at the start of its n-th call."""
+        at the start of its n-th call; ``{"delay_s": s}`` makes every call s seconds slower."""
         fault = self.settings.fault or {}
         if "kill_after_groups" not in fault or self.calls < int(fault["kill_after_groups"]):
             return

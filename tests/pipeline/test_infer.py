@@ -62,7 +62,6 @@ def test_one_row_per_image_and_an_error_row_for_the_corrupt_file(first_run, samp
     assert len(good) == 6 and good["mask_uri"].notna().all() and good["mae"].notna().all()
     assert good["precision"].map(len).eq(256).all() and good["error_class"].isna().all()
     assert manifest["output"] == {"rows": 7, "ok": 6, "errors": 1, "transient_errors": 0, "permanent_errors": 1,
-                                  "rows_of_groups_no_longer_listed": 0,
                                   "errors_by_kind": {"CorruptImage": 1}}
     assert (out / "_SUCCESS").exists() and json.loads((out / "_manifest.json").read_text())["input"]["images"] == 7
     # one shard (7 rows < rows_per_shard) and its commit record, which says what it holds

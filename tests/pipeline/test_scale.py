@@ -135,9 +135,6 @@ def test_the_settings_above_take_the_passes_and_the_engine_matches_one_pass(acto
     assert {t for t in out["threshold"] if t == t} == {t for t in ref["threshold"] if t == t}
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/stage1.py Stage1Actor._chunks: a chunk without ok images gets "
-                   "float64 zeros for image_confidence where others get float32, so Ray Data cannot concatenate "
-                   "the blocks (ArrowTypeError) and a passes group with one bad image fails the job")
 def test_every_chunk_has_the_same_column_types(actor_outputs):
     out, _ = actor_outputs["passes"]
     for column in ("image_confidence", "regions_found", "regions_kept", "final"):

@@ -41,10 +41,6 @@ class BlamedForAnotherBatch(Exception):
     """A batch's rows blame a GPU fault that another batch caused."""
 
 
-@pytest.mark.xfail(strict=True, raises=BlamedForAnotherBatch,
-                   reason="stage1.Stage1Actor counts how often a batch *started* (JobState.attempt), not how often it "
-                          "ended the actor: a batch that ran on an actor before a poisoned batch ended it is run "
-                          "again and, after 3 such exits, becomes 'this batch ended its stage-1 actor 3 times' rows")
 def test_groups_failing_whole_in_stage1_become_rows_and_the_transient_ones_are_redone(ray_local, tiny_weights,
                                                                                      tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
@@ -86,10 +82,6 @@ def test_groups_failing_whole_in_stage1_become_rows_and_the_transient_ones_are_r
         raise BlamedForAnotherBatch(errors)
 
 
-@pytest.mark.xfail(strict=True, raises=JobFailed,
-                   reason="stage1.Stage1Actor._chunks gives image_confidence float64 zeros to a group without a "
-                          "stage-1 result and float32 to the others; Ray Data cannot concatenate the two in one "
-                          "block or batch (ArrowTypeError / ArrowConversionError), and the whole job fails")
 def test_a_group_of_broken_files_beside_a_good_group(ray_local, tiny_weights, tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
     write_sample(str(data), {"horse": 2})

@@ -1,8 +1,10 @@
 """A job interrupted with Ctrl-C (SIGINT to ``jobs/infer.py``) while a second job tries the same output, then re-run.
 
 Groups stream through the job one by one, and their rows are committed a few groups at a time (with
-``--rows-per-shard 1``; by default a shard waits for 10,000 rows). With one stage-1 actor, the groups after the
-first committed ones still need their stage 1 (seconds): the job is interrupted at the first commit. While it runs,
+``--rows-per-shard 1``; by default a shard waits for 10,000 rows). Stage 1 is made slow (an injected second per
+group, set on the job's config by a wrapper that then runs ``jobs/infer.py`` as ``__main__``), and its rows leave
+it a block of groups at a time, so at the first commit a whole block still needs seconds: the job is interrupted
+then. While it runs,
 the same job started again is refused with the holder named; the re-run afterwards skips every finished group (the
 manifest's ``processed`` counts and the run number in each shard's name say so) and does only the rest.
 """
@@ -24,7 +26,16 @@ from pipeline.lease import LeaseHeld
 from pipeline.sample import write_sample
 
 ROOT = Path(__file__).resolve().parents[2]
-GROUPS = {f"{kind}{i}": 6 for i in range(1, 5) for kind in ("horse", "disc")}
+GROUPS = {f"{kind}{i}": 2 for i in range(1, 9) for kind in ("horse", "disc")}  # two blocks of 8 groups
+# jobs/infer.py run as the command line does, with the injected delay on the config it builds
+WRAPPER = """import runpy, sys
+sys.path.insert(0, {root!r})
+import pipeline.infer as infer
+run = infer.run_inference
+infer.run_inference = lambda cfg: run(cfg.replace(fault={{"delay_s": 1.0}}))
+sys.argv = [{script!r}, *sys.argv[1:]]
+runpy.run_path({script!r}, run_name="__main__")
+"""
 
 
 def wait_for(condition, timeout: float, what: str, job, log: Path):
@@ -45,14 +56,15 @@ def test_an_interrupted_job_is_rerun_skipping_its_finished_groups(ray_local, tin
     (out / "_SUCCESS").write_bytes(b"")  # left by an earlier run: a run in progress is no success
     backbone, head = tiny_weights
     cfg = InferConfig(input=str(data), output=str(out), backbone=backbone, head=head, crf="none", rows_per_shard=1,
-                      chunk_size=3, backbone_name="vit_base_patch8_224", backbone_kwargs=dict(TINY_VIT),
+                      chunk_size=2, backbone_name="vit_base_patch8_224", backbone_kwargs=dict(TINY_VIT),
                       progress_interval=2)
     args = ["--input", str(data), "--output", str(out), "--backbone", backbone, "--head", head, *TINY_ARGS,
-            "--crf", "none", "--rows-per-shard", "1", "--chunk-size", "3", "--progress-interval", "2"]
+            "--crf", "none", "--rows-per-shard", "1", "--chunk-size", "2", "--progress-interval", "2"]
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     log = tmp_path / "job.log"  # a file, not a pipe: a full pipe would stall the job
     with open(log, "w") as printed:
-        job = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "infer.py"), *args], env=env, stdout=printed,
+        wrapper = WRAPPER.format(root=str(ROOT), script=str(ROOT / "jobs" / "infer.py"))
+        job = subprocess.Popen([sys.executable, "-c", wrapper, *args], env=env, stdout=printed,
                                stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: (out / "_lease.json").exists(), 180, "lease", job, log)

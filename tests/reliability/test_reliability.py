@@ -191,6 +191,11 @@ def config(proxy: FaultProxy, **kw) -> InferConfig:
         chunk_size=8, progress_interval=5, **kw)
 
 
+def oom_logged() -> int:
+    """Out-of-memory retries the stage-1 actors logged so far (their stderr lands in the session's logs)."""
+    return sum(p.read_bytes().count(b"out of memory on a batch") for p in session_logs() if p.suffix == ".err")
+
+
 @contextlib.contextmanager
 def driver_output():
     """What the job prints on this process (its log lines, the lease's warnings), as one growing text."""
@@ -219,12 +224,13 @@ def first_run(ray_local, bucket, tmp_path_factory):
     proxy.add(Fault("CoCA/image/vanish/gone.jpg", None, None, ("GET",), delay=2.0, name="latency:gone.jpg"))
     proxy.add(Fault(f"{OUT}/masks/", None, None, ("PUT",), delay=0.1, name="latency:masks"))
     fault = {"kill_after_groups": 3, "marker": str(marker), "oom": {"oomonce": 1}}
+    oom_before = oom_logged()
     with driver_output() as printed, Saboteur(fs, proxy) as saboteur:
         manifest = run_inference(config(proxy, fault=fault))
     rows = output_rows(fs, OUT)
     fs.invalidate_cache()
     return {"manifest": manifest, "rows": rows, "printed": printed.getvalue(), "saboteur": saboteur,
-            "stage1_killed": marker.read_text() if marker.exists() else None,
+            "stage1_killed": marker.read_text() if marker.exists() else None, "oom": oom_logged() - oom_before,
             "injected": dict(proxy.injected), "success": fs.exists(f"{OUT}/_SUCCESS"),
             "images": len(cases) + sum(len(v) for v in groups.values())}
 
@@ -328,19 +334,17 @@ def test_storage_faults_survived(first_run):
 
 def test_a_stage1_out_of_memory_and_killed_actors_lose_nothing(first_run):
     rows = by_key(first_run["rows"])
-    oom_logged = sum(p.read_bytes().count(b"out of memory on a batch") for p in session_logs()
-                     if p.suffix in (".err", ".out", ".log"))
     killed = first_run["saboteur"].killed
     complete = first_run["manifest"]["output"]["rows"] == len(rows) == first_run["images"] and rows.index.is_unique
     checks = {
         "stage-1 out-of-memory once, job (smaller micro-batches)": (
-            min(oom_logged, 1), (rows[rows["group"] == "oomonce"]["status"] == "ok").all()),
+            first_run["oom"], (rows[rows["group"] == "oomonce"]["status"] == "ok").all()),
         "stage-1 actor killed (SIGKILL)": (int(first_run["stage1_killed"] is not None), complete),
         "refine (CRF) actor killed (SIGKILL)": (int(killed is not None), complete),
     }
     for name, (n, survived) in checks.items():
         record_fault(name, n, bool(survived))
-    assert oom_logged >= 1, "the stage-1 actor never logged an out-of-memory retry"
+    assert first_run["oom"] >= 1, "the stage-1 actor never logged an out-of-memory retry"
     assert killed is not None and "RefineActor" in killed[1], workers("RefineActor")
     assert first_run["saboteur"].masks_at_kill < int((rows["status"] == "ok").sum())  # killed mid-job
     assert {k: bool(v[1]) and v[0] > 0 for k, v in checks.items()} == {k: True for k in checks}

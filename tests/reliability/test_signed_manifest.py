@@ -169,8 +169,6 @@ def test_overwrite_removes_what_the_job_wrote_and_keeps_files_beside_it(signed_j
         "_lease.json.lock", "notes.txt", "other-tool", "other-tool/result.parquet"]
 
 
-@pytest.mark.xfail(strict=True, reason="output_state.clear_output removes the masks/ and predictions/ folders whole, "
-                                       "with files in them that no run of the job wrote")
 def test_overwrite_keeps_files_it_did_not_write_inside_its_folders(signed_job, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(signed_job["out"], out)
@@ -180,8 +178,6 @@ def test_overwrite_keeps_files_it_did_not_write_inside_its_folders(signed_job, t
     assert (out / "masks" / "README.txt").exists() and (out / "predictions" / "reviewed.csv").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="storage.fs_options hands the S3 options (client_kwargs, key, secret) to "
-                                       "fsspec's HTTP filesystem, whose aiohttp session rejects them (TypeError)")
 def test_signed_https_urls_are_read_when_the_output_needs_s3_options(signed_job, s3_server):
     opts = storage_options(s3_server, extra={"key": "testing", "secret": "testing"}, retries=2)
     url = signed(signed_job["proxy"].url, "signed/img/disc/d0.jpg")

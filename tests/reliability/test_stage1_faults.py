@@ -61,8 +61,6 @@ def test_an_out_of_memory_is_retried_smaller_then_becomes_transient_error_rows(t
     assert failed, always["error"]
 
 
-@pytest.mark.xfail(strict=True, reason="stage1._retry_smaller returns None when the engine's micro-batch is already "
-                                       "1, and _chunks turns a None result into ok rows with empty masks")
 def test_an_out_of_memory_at_micro_batch_1_is_a_transient_error_not_an_empty_ok_mask(tiny_weights, disc_batch):
     once = run_actor(tiny_weights, disc_batch, 1, {"oom": {"disc": 1}})
     # no smaller micro-batch to try: the rows must say out-of-memory (transient), so that a re-run redoes them
