@@ -12,7 +12,6 @@ Writes JSON (benchmarks/results/engine-<device>.json by default).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import threading
@@ -25,6 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from results_file import write_result  # noqa: E402
 VIT_B8_GFLOP = 156.0
 
 
@@ -152,12 +152,7 @@ def main(argv=None) -> dict:
         del engine
         if cuda:
             torch.cuda.empty_cache()
-    out = Path(a.out or ROOT / "benchmarks" / "results" / f"engine-{'cuda' if cuda else 'cpu'}.json")
-    if out.suffix != ".json":
-        out = out / f"engine-{'cuda' if cuda else 'cpu'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result(result, a.out, f"engine-{'cuda' if cuda else 'cpu'}.json")
     return result
 
 

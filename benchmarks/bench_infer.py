@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import multiprocessing
 import os
 import sys
@@ -26,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_file import write_result  # noqa: E402
 
 
 def _write(args) -> None:
@@ -123,11 +123,7 @@ def main(argv=None) -> dict:
               f"{100 * (run['steady_ratio_to_backbone'] or float('nan')):.0f}% of the backbone; whole execution "
               f"{run['whole_run_images_per_s']:.1f} img/s ({run['dataset_s']:.1f}s), command {command:.1f}s, "
               f"rows {run['rows']} errors {run['errors']}", flush=True)
-    out = Path(a.out or ROOT / "benchmarks" / "results")
-    out = out if out.suffix == ".json" else out / f"infer-{'cuda' if cuda else 'cpu'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result(result, a.out, f"infer-{'cuda' if cuda else 'cpu'}.json")
     return result
 
 

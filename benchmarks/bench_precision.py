@@ -12,7 +12,6 @@ speed per format comes from the same run. The fastest format with mean IoU >= 0.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -23,6 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from results_file import write_result  # noqa: E402
 MEAN_IOU, MIN_IOU = 0.995, 0.98
 
 
@@ -103,11 +103,7 @@ def main(argv=None) -> dict:
     print(f"fastest format that keeps the masks (mean IoU >= {MEAN_IOU}, min >= {MIN_IOU}): {choice}")
     result = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
               "photos": n, "tiny": a.tiny, "rows": rows, "auto_choice": choice}
-    out = Path(a.out or ROOT / "benchmarks" / "results")
-    out = out if out.suffix == ".json" else out / "precision.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result(result, a.out, "precision.json")
     return result
 
 

@@ -33,7 +33,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_file import code_version, write_result  # noqa: E402
 
 BUCKET = "bench-scale"
 KEYS = {"key": "testing", "secret": "testing"}
@@ -189,12 +189,15 @@ class ProcessPeaks(threading.Thread):
 
         for p in me.children(recursive=True):
             try:
-                title = " ".join(p.cmdline())[:120]
+                argv = " ".join(p.cmdline()).split()
                 st = _status(p.pid)
             except (psutil.Error, OSError, ValueError):
                 continue
             rec = self.procs.setdefault(p.pid, {"pid": p.pid, "titles": [], "peak_rss": 0, "peak_anon": 0})
-            short = title.split(" ")[0] if title.startswith("ray::") else os.path.basename(title.split(" ")[0])
+            if not argv or argv[0].startswith("ray::"):
+                short = argv[0] if argv else "?"
+            else:  # a program, or python and its script (Ray's dashboard, log monitor ...)
+                short = " ".join(os.path.basename(a) for a in argv[:2 if "python" in argv[0] else 1])
             if short not in rec["titles"]:
                 rec["titles"].append(short)
             rec["peak_rss"] = max(rec["peak_rss"], st.get("VmHWM", 0))
@@ -209,11 +212,11 @@ class ProcessPeaks(threading.Thread):
 def _config(spec: dict):
     from pipeline.infer import InferConfig
 
+    sizes = {k: spec[k] for k in ("row_images", "one_pass_images") if spec.get(k)}  # else the job's defaults
     return InferConfig(input=spec["input"], output=spec["output"], random_init=True,
                        backbone_name="vit_base_patch8_224", backbone_kwargs=dict(TINY_VIT), crf="none", device="cpu",
                        storage_options=spec["storage_options"], mask_format=spec["mask_format"],
-                       row_images=spec["row_images"], one_pass_images=spec["one_pass_images"],
-                       progress_interval=30.0)
+                       progress_interval=30.0, **sizes)
 
 
 def drive(mode: str, spec: dict) -> dict:
@@ -248,7 +251,9 @@ def drive(mode: str, spec: dict) -> dict:
         result["run_inference_s"] = time.perf_counter() - t1
     finally:
         result["processes"] = peaks.stop()
-    result["driver_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # the kernel's high-water mark of this process's memory: ru_maxrss would also count the parent's RSS at the
+    # spawn (Linux keeps the old mm's peak across exec)
+    result["driver_peak_rss"] = _status(os.getpid())["VmHWM"]
     keep = ("seconds", "dataset_seconds", "images_per_s", "processed", "output", "plan", "input")
     result["manifest"] = {k: manifest.get(k) for k in keep}
     return result
@@ -263,6 +268,81 @@ def run_driver(mode: str, spec: dict, log: Path) -> dict:
         raise RuntimeError(f"the {mode} driver failed ({out.returncode}); its log {log}:\n"
                            + log.read_text()[-6000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --- the output state alone (what a resume reads, at sizes the job cannot reach here) ----------------------
+
+def write_records(folder: Path, n: int, groups: int, rows_per_shard: int) -> int:
+    """Commit records as the sink writes them for n rows in ``groups`` groups of n / groups images, shards of
+    ``rows_per_shard`` consecutive rows (a group may span two shards); no errors. Returns the records written."""
+    from pipeline.predictions import COMMITS, ranges
+
+    sizes = [n // groups + (g < n % groups) for g in range(groups)]
+    (folder / COMMITS).mkdir(parents=True, exist_ok=True)
+    shard, rows, record_groups, written = 0, 0, {}, 0
+
+    def flush():
+        nonlocal shard, rows, record_groups, written
+        name = f"part-r0001-{shard:016x}"
+        record = {"shard": f"predictions/{name}.parquet", "tar": None, "run": 1, "rows": rows, "groups": record_groups}
+        (folder / COMMITS / f"{name}.json").write_text(json.dumps(record))
+        shard, rows, record_groups, written = shard + 1, 0, {}, written + 1
+
+    for g, size in enumerate(sizes):
+        start = 0
+        while start < size:
+            take = min(size - start, rows_per_shard - rows)
+            record_groups[f"g{g:07d}"] = {"n": size, "hash": f"{g:016x}", "indices": ranges(range(start, start + take)),
+                                          "errors": {}}
+            start, rows = start + take, rows + take
+            if rows == rows_per_shard:
+                flush()
+    if rows:
+        flush()
+    return written
+
+
+def state_cost(folder: str) -> dict:
+    """One process: OutputState.load over the records (as _settle does at the start and end of every run),
+    then plans(), counts() and superseded(); seconds of each and the peak RSS above the start."""
+    from pipeline.output_state import OutputState
+    from pipeline.storage import Storage
+
+    out = Storage(folder, {})
+    before = _status(os.getpid())["VmRSS"]
+    times = {}
+    t0 = time.perf_counter()
+    state = OutputState.load(out)
+    times["load_s"] = time.perf_counter() - t0
+    for step in ("plans", "counts", "superseded"):
+        t0 = time.perf_counter()
+        value = getattr(state, step)()
+        times[f"{step}_s"] = time.perf_counter() - t0
+        if step == "counts":
+            times["rows"] = value["rows"]
+    peak = _status(os.getpid())["VmHWM"]
+    return {**times, "records": len(state.records), "rss_before": before, "peak_rss": peak,
+            "peak_over_start": peak - before}
+
+
+def state_scaling(sizes: list[tuple[int, int]], rows_per_shard: int, work: Path) -> list[dict]:
+    rows = []
+    for n, groups in sizes:
+        folder = work / f"state-{n}x{groups}"
+        records = write_records(folder, n, groups, rows_per_shard)
+        out = subprocess.run([sys.executable, __file__, "--state-child", str(folder)], capture_output=True, text=True,
+                             cwd=ROOT)
+        if out.returncode:
+            raise RuntimeError(out.stderr[-4000:])
+        row = {"n_images": n, "groups": groups, "records_written": records,
+               **json.loads(out.stdout.strip().splitlines()[-1])}
+        assert row["rows"] == n, row
+        rows.append(row)
+        print(f"[bench] output state of {n:,} rows in {groups:,} groups ({records:,} records): load "
+              f"{row['load_s']:.1f} s, plans {row['plans_s']:.1f} s, counts {row['counts_s']:.1f} s, superseded "
+              f"{row['superseded_s']:.1f} s; peak RSS {row['peak_rss'] / 2**20:.0f} MiB "
+              f"({row['peak_over_start'] / 2**20:.0f} over the start)", flush=True)
+    return rows
 
 
 # --- the comparison ------------------------------------------------------------------------------------------
@@ -305,7 +385,12 @@ def main(argv=None) -> dict | None:
     ap.add_argument("--no-resume", action="store_true", help="skip the resume run")
     ap.add_argument("--work", help="folder for local data, outputs and logs (default: a temporary one)")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/scale-...json)")
+    ap.add_argument("--rows-per-shard", type=int, help="--state-only: rows per shard (default: the job's)")
+    ap.add_argument("--state-only", nargs="+", metavar="NxG",
+                    help="only the output state a resume reads, from synthetic commit records of N rows in G groups "
+                         "(e.g. 100000x4000 1000000x40000 10000000x400000)")
     ap.add_argument("--drive", nargs=2, metavar=("MODE", "SPEC"), help=argparse.SUPPRESS)
+    ap.add_argument("--state-child", help=argparse.SUPPRESS)
     ap.add_argument("--serve-s3", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.serve_s3:
@@ -313,12 +398,22 @@ def main(argv=None) -> dict | None:
     if a.drive:
         print(json.dumps(drive(a.drive[0], json.loads(a.drive[1]))))
         return None
+    if a.state_child:
+        print(json.dumps(state_cost(a.state_child)))
+        return None
+    if a.state_only:
+        from pipeline.infer import InferConfig
 
-    from pipeline.infer import InferConfig
+        per_shard = a.rows_per_shard or InferConfig.rows_per_shard
+        work = Path(a.work or tempfile.mkdtemp(prefix="bench-scale-state-"))
+        sizes = [tuple(int(x) for x in s.split("x")) for s in a.state_only]
+        result = {"rows_per_shard": per_shard, "code": code_version(), "load": os.getloadavg(),
+                  "rows": state_scaling(sizes, per_shard, work)}
+        write_result(result, a.out, "scale-output-state.json")
+        return result
 
     n, groups = (a.one_group, 1) if a.one_group else (a.n, a.groups)
     name = f"scale-{a.where}-" + (f"one-group-{n}" if a.one_group else f"{n}x{groups}")
-    out_json = Path(a.out or ROOT / "benchmarks" / "results" / f"{name}.json")
     work = Path(a.work or tempfile.mkdtemp(prefix="bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     keys = layout(n, groups)
@@ -326,6 +421,7 @@ def main(argv=None) -> dict | None:
     server = None
     result: dict = {"n_images": n, "groups": groups, "where": a.where, "size": a.size, "mask_format": a.mask_format,
                     "cpus": os.cpu_count(), "load_before": os.getloadavg()}
+    result["code"] = code_version()
     try:
         t0 = time.perf_counter()
         if a.where == "local":
@@ -343,8 +439,7 @@ def main(argv=None) -> dict | None:
         print(f"[bench] {n:,} images of {a.size}x{a.size} in {groups:,} groups on {a.where} in "
               f"{result['input_ready_s']:.0f} s", flush=True)
         spec = {"input": input_url, "output": output_url, "storage_options": options, "mask_format": a.mask_format,
-                "row_images": a.row_images or InferConfig.row_images,
-                "one_pass_images": a.one_pass_images or InferConfig.one_pass_images}
+                "row_images": a.row_images, "one_pass_images": a.one_pass_images}
         result["settings"] = {k: v for k, v in spec.items() if k != "storage_options"}
         result["run"] = run_driver("run", spec, work / "run.log")
         m = result["run"]["manifest"]
@@ -369,9 +464,7 @@ def main(argv=None) -> dict | None:
             server.wait(timeout=120)
     result["load_after"] = os.getloadavg()
     report(result, a)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out_json}")
+    write_result(result, a.out, f"{name}.json")
     return result
 
 
