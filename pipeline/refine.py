@@ -20,6 +20,7 @@ from scosparc_core.metrics import image_metrics
 
 from .decode import read_gt, read_many
 from .errors import classify
+from .memory import keep_large_blocks_out_of_the_heap
 from .predictions import ROW_SCHEMA
 from .storage import Storage, redact_url
 
@@ -41,6 +42,7 @@ class RefineActor:
     shards as they come instead of waiting for a shard's worth of input before any CRF or PNG is done."""
 
     def __init__(self, settings: RefineSettings, state=None):
+        keep_large_blocks_out_of_the_heap()
         self.settings, self.state = settings, state
 
     def __call__(self, batch: dict) -> pa.Table:

@@ -25,6 +25,7 @@ import numpy as np
 
 from .decode import VIEW, DecodeSettings, decode_images
 from .errors import TRANSIENT, classify, is_out_of_memory, poisons_cuda
+from .memory import keep_large_blocks_out_of_the_heap
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ def build_model(settings: Stage1Settings):
 
 class Stage1Actor:
     def __init__(self, settings: Stage1Settings, state=None):
+        keep_large_blocks_out_of_the_heap()
         self.settings = settings
         self.engine = build_model(settings).engine
         self.state = state
