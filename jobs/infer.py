@@ -77,6 +77,9 @@ def parse_args(argv=None) -> tuple[InferConfig, bool]:
     run.add_argument("--one-pass-images", type=int, default=d.one_pass_images,
                      help="groups with more images run stage 1 in passes (memory bounded by the micro-batch)")
     run.add_argument("--progress-interval", type=float, default=d.progress_interval, help="seconds")
+    run.add_argument("--stall-timeout", type=float, default=d.stall_timeout,
+                     help="seconds without a row out before the job stops (-1: never); default: 1800 plus 4 s "
+                          "(CPU) or 0.1 s (CUDA) per image of the largest group")
     add_storage_args(ap)
     a = ap.parse_args(argv)
     if a.sample == bool(a.input or a.manifest):
@@ -89,7 +92,7 @@ def parse_args(argv=None) -> tuple[InferConfig, bool]:
         gpu_wait=a.gpu_wait, max_pixels=a.max_pixels, fast_decode=a.fast_decode, row_images=a.row_images,
         one_pass_images=a.one_pass_images, mask_format=a.mask_format, rows_per_shard=a.rows_per_shard,
         storage_options=storage_from(a), overwrite=a.overwrite, accept_transient_errors=a.accept_transient_errors,
-        dry_run=a.dry_run, progress_interval=a.progress_interval,
+        dry_run=a.dry_run, progress_interval=a.progress_interval, stall_timeout=a.stall_timeout,
     )
     return cfg, a.sample
 

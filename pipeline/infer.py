@@ -72,6 +72,9 @@ class InferConfig:
     accept_transient_errors: bool = False
     dry_run: bool = False
     progress_interval: float = 30.0
+    # seconds with no row out of the dataset before Ray Data stops it (-1: never); None: 30 min plus the time
+    # stage 1 may take on the largest group, which gives no row before its whole stage 1 is done
+    stall_timeout: float | None = None
     lease_ttl: float = 120.0
     fault: dict | None = None  # fault injection for tests (see Stage1Actor); not on the command line
 
@@ -242,7 +245,9 @@ def run_inference(cfg: InferConfig) -> dict:
              f"(the rest is done in {redact_url(cfg.output)}); stage 1 on {device} ({precision}), CRF "
              f"{cfg.crf} ({crf_backend}); {'; '.join(plan.notes)}")
         t_data = time.monotonic()
-        history = _run_dataset(cfg, plan, todo, todo_groups, todo_rows, run, device, precision, micro_batch) \
+        largest = (summary.get("largest_group") or {}).get("images", 0)
+        history = _run_dataset(cfg, plan, todo, todo_groups, todo_rows, run, device, precision, micro_batch,
+                               largest) \
             if todo_groups else []
         data_seconds = time.monotonic() - t_data
         lease.check()
@@ -320,8 +325,18 @@ def _dry_run(cfg: InferConfig, view) -> dict:
     return report
 
 
+SECONDS_PER_IMAGE = {"cpu": 4.0, "cuda": 0.1}  # stage 1's three passes and the CRF, generously
+
+
+def stall_timeout(cfg: InferConfig, device: str, largest_group: int) -> float:
+    """Ray Data's no-progress timeout for the job (its default, 30 min, stopped a 10,000-image group on CPUs)."""
+    if cfg.stall_timeout is not None:
+        return cfg.stall_timeout
+    return 1800.0 + SECONDS_PER_IMAGE.get(device, 4.0) * largest_group
+
+
 def _run_dataset(cfg: InferConfig, plan: Plan, todo, groups: int, images: int, run: int, device: str,
-                 precision: str, micro_batch: int) -> list:
+                 precision: str, micro_batch: int, largest_group: int) -> list:
     import ray
 
     model = ModelSettings(backbone=cfg.backbone, head=cfg.head, random_init=cfg.random_init,
@@ -351,6 +366,7 @@ def _run_dataset(cfg: InferConfig, plan: Plan, todo, groups: int, images: int, r
     lo, hi = plan.refine_actors
     ds = ds.map_batches(RefineActor, fn_constructor_kwargs={"settings": refine, "state": state}, batch_size=4,
                         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), **plan.refine_args)
+    ds.context.execution_no_progress_timeout_s = stall_timeout(cfg, device, largest_group)
     with warnings.catch_warnings(), Printer(state, cfg.progress_interval) as printer:
         warnings.simplefilter("ignore", UserWarning)
         ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})  # writing waits on storage, not a core

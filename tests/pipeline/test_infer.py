@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import TINY_VIT
-from pipeline.infer import InferConfig, run_inference
+from pipeline.infer import InferConfig, run_inference, stall_timeout
 from pipeline.resources import ClusterView, plan_resources
 from pipeline.sample import write_sample
 from scosparc_core import SCoSPARC
@@ -254,3 +255,17 @@ def test_mask_formats_for_many_small_objects(ray_local, tiny_weights, sample, tm
         assert sorted(members) == sorted(f"{g}/{Path(n).stem}.png" for g, n in zip(ok["group"], ok["name"]))
     for png, (h, w) in zip(pngs, zip(ok["height"], ok["width"])):
         assert np.asarray(Image.open(io.BytesIO(png))).shape == (h, w)
+
+
+def test_a_job_without_output_for_its_stall_timeout_stops_and_the_default_allows_for_the_largest_group(
+        ray_local, tiny_weights, sample, tmp_path):
+    # a group gives no row before its whole stage 1: Ray Data's fixed 30 min stopped a 10,000-image group
+    assert stall_timeout(InferConfig(), "cpu", 10_000) > stall_timeout(InferConfig(), "cpu", 100) > 1800
+    assert stall_timeout(InferConfig(), "cpu", 10_000) > stall_timeout(InferConfig(), "cuda", 10_000) > 1800
+    assert stall_timeout(InferConfig(stall_timeout=-1), "cpu", 10_000) == -1  # never
+    cfg = config(tiny_weights, sample, tmp_path / "out", crf="none", stall_timeout=5, fault={"delay_s": 120})
+    start = time.monotonic()
+    with pytest.raises(Exception, match="no progress for at least 5"):
+        run_inference(cfg)
+    assert time.monotonic() - start < 100  # stopped by the timeout, not after the stalled stage 1
+    assert not (tmp_path / "out" / "_SUCCESS").exists() and not (tmp_path / "out" / "_lease.json").exists()
