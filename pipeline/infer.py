@@ -293,9 +293,10 @@ def _settle(out: Storage, listed: set[str]) -> OutputState:
     out.fs.invalidate_cache()
     state = OutputState.load(out)
     removed = remove_orphans(out, state)
-    if state.superseded(listed):
+    doomed = state.superseded(listed)
+    if doomed:
         gone = len(set(state.effective) - listed)
-        dropped = state.compact(out, listed)
+        dropped = state.compact(out, doomed)
         _log(f"compacted {dropped} superseded rows" + (f", of them the rows of {gone} groups no longer in the "
                                                        "input" if gone else ""))
         out.fs.invalidate_cache()

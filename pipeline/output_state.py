@@ -113,13 +113,13 @@ class OutputState:
                         out[r["shard"]].add((key, i))
         return dict(out)
 
-    def compact(self, out: Storage, listed: set[str] | None = None) -> int:
-        """Rewrites every shard that holds superseded rows without them (new shard and record first, then the
-        old ones go), so readers of predictions/ see each input image once and no other. Returns the rows
-        dropped."""
+    def compact(self, out: Storage, doomed: dict[str, set[tuple[str, int]]]) -> int:
+        """Rewrites every shard in ``doomed`` (``superseded()``) without those rows (new shard and record first,
+        then the old ones go), so readers of predictions/ see each input image once and no other. Returns the
+        rows dropped."""
         dropped = 0
         by_shard = {r["shard"]: r for r in self.records}
-        for shard, rows in self.superseded(listed).items():
+        for shard, rows in doomed.items():
             record = by_shard[shard]
             table = pq.read_table(io.BytesIO(out.fs.cat_file(out.path(shard))))
             keys = pa.array([f"{k}/{i}" for k, i in rows])

@@ -102,7 +102,6 @@ class Stage1Actor:
     def __call__(self, batch: dict) -> Iterator[dict]:
         self.calls += 1
         self._maybe_die()
-        time.sleep(float((self.settings.fault or {}).get("delay_s", 0)))  # fault injection: a slow stage 1
         rows = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["group"]))]
         key = "|".join(str(r["group_key"]) for r in rows)
         deaths = self._begin(key)
@@ -273,6 +272,7 @@ class Stage1Actor:
             j = [per_ok.get(i) for i in idx]
             good = [jj is not None for jj in j]
             pick = lambda arr, dtype: np.array([arr[jj] if jj is not None else 0 for jj in j], dtype)  # noqa: E731
+            crf_rows = [crf_at[i] for i in idx] if crf_at is not None else idx
             final = np.zeros((len(idx), 224, 224), np.uint8)
             for k, jj in enumerate(j):
                 if jj is not None:
@@ -292,8 +292,7 @@ class Stage1Actor:
                 "fallback": [bool(result.fallback[jj]) if jj is not None else False for jj in j] if per_ok
                 else [False] * len(idx),
                 "final": final,
-                "crf": (crf_views[[crf_at[i] for i in idx] if crf_at is not None else idx] if crf_views is not None
-                        else np.zeros((0, *VIEW), np.uint8)),
+                "crf": crf_views[crf_rows] if crf_views is not None else np.zeros((0, *VIEW), np.uint8),
                 "crf_pending": deferred and any(good),
                 "confidence": float(result.confidence) if per_ok else float("nan"),
                 "threshold": float(result.threshold) if per_ok else float("nan"),
@@ -331,6 +330,7 @@ class Stage1Actor:
         """Fault injection (tests): ``{"kill_after_groups": n, "marker": path}`` kills the process (SIGKILL) once,
         at the start of its n-th call; ``{"delay_s": s}`` makes every call s seconds slower."""
         fault = self.settings.fault or {}
+        time.sleep(float(fault.get("delay_s", 0)))
         if "kill_after_groups" not in fault or self.calls < int(fault["kill_after_groups"]):
             return
         marker = fault["marker"]

@@ -26,7 +26,8 @@ CURVES = ("precision", "recall", "fm_curve", "em_curve")
 def gt_to_mask(gt: np.ndarray, height: int | None = None, width: int | None = None) -> np.ndarray:
     """Any ground-truth array (gray, RGB, RGBA, palette indices already expanded) -> (H, W) uint8 0/255.
 
-    >128 is object (DESIGN.md §2). With a target size that differs, nearest-neighbour resize keeps it binary.
+    >128 is object, as the paper code binarises ground truth. With a target size that differs, nearest-neighbour
+    resize keeps it binary.
     """
     gt = np.asarray(gt)
     if gt.ndim == 3:
