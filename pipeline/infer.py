@@ -295,7 +295,7 @@ def _settle(out: Storage, listed: set[str]) -> OutputState:
     removed = remove_orphans(out, state)
     doomed = state.superseded(listed)
     if doomed:
-        gone = len(set(state.effective) - listed)
+        gone = len(set(state.groups) - listed)
         dropped = state.compact(out, doomed)
         _log(f"compacted {dropped} superseded rows" + (f", of them the rows of {gone} groups no longer in the "
                                                        "input" if gone else ""))

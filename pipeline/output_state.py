@@ -11,10 +11,11 @@ A re-run of the same job reads the records (never the shards) to decide, per gro
 
 Rows are never rewritten in place: a later run's row for an image supersedes the earlier one, and ``compact``
 rewrites the few shards that hold superseded rows (at the start and the end of every run, so nothing is ever
-counted twice). Everything here runs on the driver and is O(records + groups with errors), not O(images).
+counted twice). Everything here runs on the driver and holds O(records + groups + error rows), not O(images).
 """
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import os
@@ -66,38 +67,32 @@ class OutputState:
             return cls(list(pool.map(lambda p: json.loads(out.fs.cat_file(p)), paths)))
 
     def _resolve(self) -> None:
-        """Per group: the latest run's size and hash, and for each index the (run, shard) whose row counts."""
+        """Per group: the latest run's size and hash, and which shard holds the row that counts for each index."""
         entries: dict[str, list] = defaultdict(list)
         for r in self.records:
             for key, g in r["groups"].items():
-                entries[key].append((r["run"], r["shard"], g))
-        self.effective: dict[str, dict[int, tuple[str, list | None]]] = {}
-        self.latest: dict[str, tuple[int, str]] = {}
+                entries[key].append((r["shard"], g))
+        self.groups: dict[str, GroupRows] = {}
         for key, items in entries.items():
-            n, h = items[-1][2]["n"], items[-1][2]["hash"]
-            self.latest[key] = (n, h)
-            rows: dict[int, tuple[str, list | None]] = {}
-            for _, shard, g in items:  # sorted by run: later rows overwrite earlier ones
-                if g["hash"] != h or g["n"] != n:
-                    continue  # the group's files changed since: those rows are superseded
-                errors = g["errors"]
-                for i in from_ranges(g["indices"]):
-                    rows[i] = (shard, errors.get(str(i)))
-            self.effective[key] = rows
+            n, h = items[-1][1]["n"], items[-1][1]["hash"]
+            rows = GroupRows(n, h)
+            for shard, g in items:  # sorted by run: later rows overwrite earlier ones
+                if g["hash"] == h and g["n"] == n:  # else the group's files changed since: superseded
+                    rows.put(shard, g["indices"], g["errors"])
+            self.groups[key] = rows
 
     # -- what is left to do ------------------------------------------------------------------------------------
     def plans(self) -> dict[str, GroupPlan]:
         """group key -> GroupPlan, for every group that has rows; groups without an entry are done in full."""
         out = {}
-        for key, rows in self.effective.items():
-            n, h = self.latest[key]
-            complete = len(rows) == n and set(rows) == set(range(n))
-            if not complete:
-                out[key] = GroupPlan(n, h, False, None)
+        for key, rows in self.groups.items():
+            if not rows.complete():
+                out[key] = GroupPlan(rows.n, rows.hash, False, None)
                 continue
-            transient = tuple(sorted(i for i, (_, e) in rows.items() if e and e[1] == TRANSIENT))
-            permanent = tuple(sorted((i, e[2]) for i, (_, e) in rows.items() if e and e[1] != TRANSIENT))
-            out[key] = GroupPlan(n, h, True, transient, permanent)
+            errors = sorted(rows.errors.items())
+            transient = tuple(i for i, (_, e) in errors if e[1] == TRANSIENT)
+            permanent = tuple((i, e[2]) for i, (_, e) in errors if e[1] != TRANSIENT)
+            out[key] = GroupPlan(rows.n, rows.hash, True, transient, permanent)
         return out
 
     # -- superseded rows ---------------------------------------------------------------------------------------
@@ -107,10 +102,10 @@ class OutputState:
         out: dict[str, set] = defaultdict(set)
         for r in self.records:
             for key, g in r["groups"].items():
-                rows = self.effective.get(key, {}) if listed is None or key in listed else {}
-                for i in from_ranges(g["indices"]):
-                    if rows.get(i, (None,))[0] != r["shard"]:
-                        out[r["shard"]].add((key, i))
+                rows = self.groups.get(key) if listed is None or key in listed else None
+                owned = rows.spans_of(r["shard"]) if rows else []
+                for a, b in _minus(g["indices"], owned):
+                    out[r["shard"]].update((key, i) for i in range(a, b))
         return dict(out)
 
     def compact(self, out: Storage, doomed: dict[str, set[tuple[str, int]]]) -> int:
@@ -142,19 +137,75 @@ class OutputState:
     # -- counts ------------------------------------------------------------------------------------------------
     def counts(self) -> dict:
         """Rows, ok, errors (permanent / transient) and errors by kind over the effective rows."""
-        rows = ok = transient = 0
+        rows = transient = 0
         kinds: Counter = Counter()
-        for effective in self.effective.values():
-            rows += len(effective)
-            for _, error in effective.values():
-                if error is None:
-                    ok += 1
-                else:
-                    kinds[error[0]] += 1
-                    transient += error[1] == TRANSIENT
-        errors = rows - ok
-        return {"rows": rows, "ok": ok, "errors": errors, "transient_errors": transient,
+        for group in self.groups.values():
+            rows += group.rows()
+            for _, error in group.errors.values():
+                kinds[error[0]] += 1
+                transient += error[1] == TRANSIENT
+        errors = sum(kinds.values())
+        return {"rows": rows, "ok": rows - errors, "errors": errors, "transient_errors": transient,
                 "permanent_errors": errors - transient, "errors_by_kind": dict(sorted(kinds.items()))}
+
+
+class GroupRows:
+    """The rows that count for one group, as spans of indices per shard, and its error rows: O(shards and errors
+    of the group), not O(images), so a 10M-image output's state fits a driver."""
+
+    __slots__ = ("n", "hash", "spans", "errors")
+
+    def __init__(self, n: int, group_hash: str):
+        self.n, self.hash = n, group_hash
+        self.spans: list[tuple[int, int, str]] = []  # sorted, disjoint [start, stop) -> shard
+        self.errors: dict[int, tuple[str, list]] = {}  # index -> (shard, [kind, class, input bytes])
+
+    def put(self, shard: str, indices: list, errors: dict) -> None:
+        """A later shard's rows (``indices``: sorted [start, stop) ranges) overwrite whatever held them before."""
+        new = [(a, b) for a, b in indices]
+        self.spans = sorted(_minus(self.spans, new) + [(a, b, shard) for a, b in new])
+        if self.errors:
+            starts = [a for a, _ in new]
+            for i in list(self.errors):
+                k = bisect.bisect_right(starts, i) - 1
+                if k >= 0 and i < new[k][1]:
+                    del self.errors[i]
+        for i, error in errors.items():
+            self.errors[int(i)] = (shard, error)
+
+    def spans_of(self, shard: str) -> list[tuple[int, int]]:
+        return [(a, b) for a, b, s in self.spans if s == shard]
+
+    def rows(self) -> int:
+        return sum(b - a for a, b, _ in self.spans)
+
+    def complete(self) -> bool:
+        """Every index 0..n-1 has a row (spans are disjoint and sorted, so they must tile [0, n))."""
+        end = 0
+        for a, b, _ in self.spans:
+            if a != end:
+                return False
+            end = b
+        return end == self.n
+
+
+def _minus(spans: list, remove: list) -> list[tuple]:
+    """The parts of ``spans`` ((start, stop, *rest)) outside ``remove`` ((start, stop)); both sorted, disjoint
+    [start, stop) ranges; one pass. Each part keeps its span's rest."""
+    out, k = [], 0
+    for a, b, *rest in spans:
+        while k < len(remove) and remove[k][1] <= a:
+            k += 1
+        j = k
+        while j < len(remove) and remove[j][0] < b:
+            x, y = remove[j]
+            if x > a:
+                out.append((a, x, *rest))
+            a = max(a, y)
+            j += 1
+        if a < b:
+            out.append((a, b, *rest))
+    return out
 
 
 def _subset_record(record: dict, shard: str, dropped: set[tuple[str, int]]) -> dict:

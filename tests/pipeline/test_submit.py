@@ -34,9 +34,12 @@ def processes_of(temp_dir: str) -> list[int]:
             continue
         try:
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
         except (OSError, ValueError, IndexError):
             continue
+        if state == "Z":
+            continue  # killed, not yet reaped by its parent: nothing left running
+        ppid = int(ppid)
         parents[int(entry.name)] = ppid
         if temp_dir in cmd:
             roots.add(int(entry.name))
@@ -50,8 +53,8 @@ def processes_of(temp_dir: str) -> list[int]:
 
 def stop_cluster(temp_dir: str) -> None:
     """Stops only the cluster this test started (never `ray stop`, which stops every cluster here)."""
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 0.0)):
-        pids = processes_of(temp_dir)
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0), (signal.SIGKILL, 10.0)):
+        pids = processes_of(temp_dir)  # again after SIGTERM: a raylet may have started workers meanwhile
         for pid in pids:
             try:
                 os.kill(pid, sig)
