@@ -485,35 +485,38 @@ def _aggregators(first: int) -> list:
     from ray.data.block import BlockAccessor
 
     class Largest(AggregateFnV2):
-        """(size, name) of the largest group; ties go to the first name."""
+        """{"images", "group"} of the largest group; ties go to the first name. Dicts, not tuples: Arrow stores
+        them as structs (a tuple of int and str makes Ray Data warn and fall back to pickling)."""
 
         def __init__(self):
-            super().__init__("largest_group", zero_factory=lambda: (-1, ""), on=None, ignore_nulls=False)
+            super().__init__("largest_group", zero_factory=lambda: {"images": -1, "group": ""}, on=None,
+                             ignore_nulls=False)
 
         def aggregate_block(self, block):
             t = BlockAccessor.for_block(block).to_arrow()
             if t.num_rows == 0:
-                return (-1, "")
+                return {"images": -1, "group": ""}
             size = pc.max(t.column("n_images")).as_py()
             names = t.filter(pc.equal(t.column("n_images"), size)).column("group")
-            return (size, pc.min(names).as_py())
+            return {"images": size, "group": pc.min(names).as_py()}
 
         def combine(self, a, b):
-            return min(a, b, key=lambda x: (-x[0], x[1]))
+            return min(a, b, key=lambda x: (-x["images"], x["group"]))
 
     class EmptyGroups(AggregateFnV2):
-        """How many groups have no image, and the first few of their names (sorted)."""
+        """{"count", "first"}: how many groups have no image, and the first few of their names (sorted)."""
 
         def __init__(self):
-            super().__init__("empty_groups", zero_factory=lambda: (0, ()), on=None, ignore_nulls=False)
+            super().__init__("empty_groups", zero_factory=lambda: {"count": 0, "first": []}, on=None,
+                             ignore_nulls=False)
 
         def aggregate_block(self, block):
             t = BlockAccessor.for_block(block).to_arrow()
             names = t.filter(pc.equal(t.column("n_images"), 0)).column("group").to_pylist()
-            return (len(names), tuple(sorted(names)[:first]))
+            return {"count": len(names), "first": sorted(names)[:first]}
 
         def combine(self, a, b):
-            return (a[0] + b[0], tuple(sorted(a[1] + b[1])[:first]))
+            return {"count": a["count"] + b["count"], "first": sorted(list(a["first"]) + list(b["first"]))[:first]}
 
     return [Largest(), EmptyGroups()]
 
@@ -538,8 +541,8 @@ def summarize(ds, first: int = 5) -> dict:
         value = out.get(key)
         return 0 if value is None or value != value else int(value)
 
-    largest = out.get("largest_group") or (-1, "")
-    empty = out.get("empty_groups") or (0, ())
+    largest = out.get("largest_group") or {"images": -1, "group": ""}
+    empty = out.get("empty_groups") or {"count": 0, "first": []}
     percentiles = {"min": number("min")} if groups else {}
     if groups:
         percentiles.update({f"p{round(q * 100)}": float(out[f"p{round(q * 100)}"]) for q in PERCENTILES})
@@ -550,8 +553,8 @@ def summarize(ds, first: int = 5) -> dict:
         "images_with_gt": number("images_with_gt"),
         "bytes": number("bytes"),
         "images_of_unknown_size": number("images_of_unknown_size"),
-        "empty_groups": {"count": int(empty[0]), "first": list(empty[1])},
-        "largest_group": {"group": largest[1], "images": int(largest[0])} if groups else None,
+        "empty_groups": {"count": int(empty["count"]), "first": list(empty["first"])},
+        "largest_group": {"group": largest["group"], "images": int(largest["images"])} if groups else None,
         "group_size_percentiles": percentiles,
     }
 
