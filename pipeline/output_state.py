@@ -214,7 +214,7 @@ def _subset_record(record: dict, shard: str, dropped: set[tuple[str, int]]) -> d
         keep = [i for i in from_ranges(g["indices"]) if (key, i) not in dropped]
         if keep:
             groups[key] = {**g, "indices": ranges(keep),
-                           "errors": {k: v for k, v in g["errors"].items() if int(k) in set(keep)}}
+                           "errors": {k: v for k, v in g["errors"].items() if (key, int(k)) not in dropped}}
     return {**record, "shard": shard, "rows": sum(len(from_ranges(g["indices"])) for g in groups.values()),
             "groups": groups, "replaces": record["shard"]}
 

@@ -113,3 +113,35 @@ def test_minus_keeps_the_parts_outside():
         [(0, 2, "a"), (4, 9, "a"), (13, 19, "b")]
     assert _minus([[0, 5]], []) == [(0, 5)]
     assert _minus([[3, 5]], [(0, 10)]) == []
+
+
+def test_compact_drops_superseded_rows_and_their_errors(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.predictions import write_shard
+    from pipeline.storage import Storage
+
+    def rows(indices, errors):
+        n = len(indices)
+        return pa.table({"group_key": ["g"] * n, "index": pa.array(indices, pa.int32()),
+                         "status": ["error" if i in errors else "ok" for i in indices],
+                         "error_kind": ["Read:OSError" if i in errors else None for i in indices],
+                         "error_class": [errors.get(i) for i in indices],
+                         "image_bytes": pa.array([100] * n, pa.int64()), "group_size": pa.array([6] * n, pa.int32()),
+                         "group_hash": ["h"] * n, "mask_key": [None] * n})
+
+    out = Storage(str(tmp_path), {})
+    first = write_shard(out, 1, rows(list(range(6)), {1: TRANSIENT, 4: PERMANENT}), "png")
+    second = write_shard(out, 2, rows([1], {}), "png")  # the transient error, redone
+    state = OutputState.load(out)
+    doomed = state.superseded()
+    assert doomed == {first["shard"]: {("g", 1)}}
+    assert state.compact(out, doomed) == 1
+    after = OutputState.load(out)
+    kept = next(r for r in after.records if r["shard"] != second["shard"])
+    assert kept["shard"] != first["shard"] and kept["replaces"] == first["shard"]  # rewritten under a new name
+    assert kept["groups"]["g"]["indices"] == [[0, 1], [2, 6]] and set(kept["groups"]["g"]["errors"]) == {"4"}
+    assert pq.read_table(tmp_path / kept["shard"]).column("index").to_pylist() == [0, 2, 3, 4, 5]
+    assert not (tmp_path / first["shard"]).exists() and after.superseded() == {}
+    assert after.counts()["rows"] == 6 and after.plans()["g"].permanent == ((4, 100),)
