@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_scale.py [--n 100000] [--groups 4000] [--where s3|local] [--size 64]
     .venv/bin/python benchmarks/bench_scale.py --one-group 10000 [--where local]
-    .venv/bin/python benchmarks/bench_scale.py --resume-only [--n 100000] [--groups 4000] [--where s3|local]
+    .venv/bin/python benchmarks/bench_scale.py --resume-only [--manifest] [--n 100000] [--groups 4000] [--where s3|local]
 
 The job is ``pipeline.infer.run_inference`` with a tiny ViT (``vit_base_patch8_224``, embed_dim 96, depth 2,
 3 heads, random weights), ``--crf none`` and stage 1 on the CPU, so that the figures are those of the system
@@ -111,6 +111,19 @@ def upload_s3(endpoint: str, keys: list[tuple[str, int]], pics: list[bytes], thr
                       chunksize=64))
 
 
+def write_manifest(root_url: str, options: dict, keys: list[tuple[str, int]]) -> str:
+    """``<root>/manifest.parquet``: group, image_uri (relative to the manifest) for every image. Returns its URL."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"group": [k.split("/")[1] for k, _ in keys], "image_uri": [k for k, _ in keys]})
+    url = f"{root_url}/manifest.parquet"
+    with fsspec.open(url, "wb", **options) as f:
+        pq.write_table(table, f)
+    return url
+
+
 # --- the S3 server (its own process) -------------------------------------------------------------------------
 
 def serve_s3() -> None:
@@ -217,7 +230,7 @@ def _config(spec: dict):
     from pipeline.infer import InferConfig
 
     sizes = {k: spec[k] for k in ("row_images", "one_pass_images") if spec.get(k)}  # else the job's defaults
-    return InferConfig(input=spec["input"], output=spec["output"], random_init=True,
+    return InferConfig(input=spec["input"], manifest=spec.get("manifest"), output=spec["output"], random_init=True,
                        backbone_name="vit_base_patch8_224", backbone_kwargs=dict(TINY_VIT), crf="none", device="cpu",
                        storage_options=spec["storage_options"], mask_format=spec["mask_format"],
                        progress_interval=30.0, **sizes)
@@ -438,6 +451,8 @@ def main(argv=None) -> dict | None:
     ap.add_argument("--row-images", type=int, default=None, help="the job's row_images (default: its own)")
     ap.add_argument("--one-pass-images", type=int, default=None, help="the job's one_pass_images (default: its own)")
     ap.add_argument("--no-resume", action="store_true", help="skip the resume run")
+    ap.add_argument("--manifest", action="store_true",
+                    help="the job reads a Parquet manifest of the images (group, image_uri) instead of listing them")
     ap.add_argument("--resume-only", action="store_true",
                     help="instead of the first run, write the output a finished run leaves (its settings, shards "
                          "and commit records, rows without predictions), then time the real resume")
@@ -498,6 +513,9 @@ def main(argv=None) -> dict | None:
               f"{result['input_ready_s']:.0f} s", flush=True)
         spec = {"input": input_url, "output": output_url, "storage_options": options, "mask_format": a.mask_format,
                 "row_images": a.row_images, "one_pass_images": a.one_pass_images}
+        if a.manifest:  # the same images, named by a Parquet manifest beside them instead of listed
+            spec["manifest"], spec["input"] = write_manifest(input_url, options, keys), None
+            name += "-manifest"
         result["settings"] = {k: v for k, v in spec.items() if k != "storage_options"}
         if a.resume_only:
             return resume_only(result, spec, work, a, name)
@@ -546,7 +564,8 @@ def resume_only(result: dict, spec: dict, work: Path, a, name: str) -> dict:
                                       "met": r["run_inference_s"] <= TARGETS["resume_s"]}}
     result["load_after"] = os.getloadavg()
     f = result["figures"]
-    print(f"\nresume with everything done, {a.n:,} images in {a.groups:,} groups on {a.where}: "
+    print(f"\nresume with everything done, {a.n:,} images in {a.groups:,} groups on {a.where}"
+          f"{' (manifest)' if a.manifest else ''}: "
           f"{f['resume_s']:.1f} s from the call ({f['resume_job_s']:.1f} s in the job), driver peak RSS "
           f"{f['resume_driver_peak_rss_gib']:.2f} GiB, largest worker {f['resume_worker_peak_rss_gib']:.2f} GiB; "
           f"{f['records_shards']} shards; load average {result['load_before'][0]:.1f} before / "
