@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_scale.py [--n 100000] [--groups 4000] [--where s3|local] [--size 64]
     .venv/bin/python benchmarks/bench_scale.py --one-group 10000 [--where local]
-    .venv/bin/python benchmarks/bench_scale.py --resume-only [--manifest] [--n 100000] [--groups 4000] [--where s3|local]
+    .venv/bin/python benchmarks/bench_scale.py --resume-only [--manifest] [--n 100000] [--groups 4000]
 
 The job is ``pipeline.infer.run_inference`` with a tiny ViT (``vit_base_patch8_224``, embed_dim 96, depth 2,
 3 heads, random weights), ``--crf none`` and stage 1 on the CPU, so that the figures are those of the system
@@ -26,8 +26,8 @@ Processes, each measured on its own:
 Then the output is counted (Parquet shards, commit records, mask files). ``--resume-only`` replaces the first run
 (hours at N = 100,000 on 2 cores) by the output a finished run leaves, written with the job's own functions
 (``_run.json`` with its settings fingerprint, shards of rows without predictions and their commit records), and
-times the real resume, which must find nothing to do (``scale-<where>-<n>x<groups>-resume-only.json``). Prints a table and writes
-``benchmarks/results/scale-<where>-<n>x<groups>.json`` (``scale-<where>-one-group-<n>.json``).
+times the real resume, which must find nothing to do (``scale-<where>-<n>x<groups>-resume-only.json``). Prints
+a table and writes ``benchmarks/results/scale-<where>-<n>x<groups>.json`` (``scale-<where>-one-group-<n>.json``).
 Targets (issue 11, N = 100,000 in 4,000 groups): driver peak RSS <= 1.5 GB, Parquet files <= 20, a resume with
 everything done <= 60 s; one group of 10,000 images: every worker's peak RSS <= 3 GB.
 """
@@ -287,7 +287,7 @@ def record_finished_run(cfg, listed) -> dict:
     import pyarrow as pa
 
     from pipeline.infer import RUN_FILE, check_weights, fingerprint
-    from pipeline.predictions import group_hash, write_shard
+    from pipeline.predictions import ROW_SCHEMA, group_hash, write_shard
     from pipeline.storage import Storage
     from scosparc_core.precision import resolve
 
@@ -295,35 +295,24 @@ def record_finished_run(cfg, listed) -> dict:
     out = Storage(cfg.output, cfg.storage_options)
     settings = fingerprint(cfg, check_weights(cfg), resolve(cfg.dtype, "cpu"), "none")
     out.write_json(RUN_FILE, {"settings": settings, "run": 1, "started": "record_finished_run"})
-    columns = {k: [] for k in ("group_key", "index", "group_size", "group_hash", "image_bytes")}
+    schema = pa.schema([ROW_SCHEMA.field(c) for c in ("group_key", "index", "group_size", "group_hash",
+                                                      "image_bytes", "status", "error_kind", "error_class",
+                                                      "mask_key")])
+    rows: list[dict] = []
     shards = 0
-
-    def flush(rows: int) -> None:
-        nonlocal shards, columns
-        table = pa.table({**columns, "status": ["ok"] * rows, "error_kind": [None] * rows,
-                          "error_class": [None] * rows, "mask_key": [None] * rows},
-                         schema=pa.schema([("group_key", pa.string()), ("index", pa.int32()),
-                                           ("group_size", pa.int32()), ("group_hash", pa.string()),
-                                           ("image_bytes", pa.int64()), ("status", pa.string()),
-                                           ("error_kind", pa.string()), ("error_class", pa.string()),
-                                           ("mask_key", pa.string())]))
-        write_shard(out, 1, table, cfg.mask_format)
-        columns = {k: [] for k in columns}
-        shards += 1
-
     for batch in listed.iter_batches(batch_format="pyarrow", batch_size=256):
-        for row in batch.to_pylist():
-            names = list(row["names"])
-            if not names:
-                continue
-            h, n = group_hash(names), len(names)
-            for i, size in enumerate(row["image_bytes"]):
-                for k, v in zip(columns, (row["group_key"], i, n, h, size)):
-                    columns[k].append(v)
-                if len(columns["index"]) == cfg.rows_per_shard:
-                    flush(cfg.rows_per_shard)
-    if columns["index"]:
-        flush(len(columns["index"]))
+        for group in batch.to_pylist():
+            names = list(group["names"])
+            h = group_hash(names)
+            for i, size in enumerate(group["image_bytes"]):
+                rows.append({"group_key": group["group_key"], "index": i, "group_size": len(names),
+                             "group_hash": h, "image_bytes": size, "status": "ok"})
+                if len(rows) == cfg.rows_per_shard:
+                    write_shard(out, 1, pa.Table.from_pylist(rows, schema), cfg.mask_format)
+                    rows, shards = [], shards + 1
+    if rows:
+        write_shard(out, 1, pa.Table.from_pylist(rows, schema), cfg.mask_format)
+        shards += 1
     return {"recorded": {"shards": shards, "seconds": time.perf_counter() - t0}}
 
 

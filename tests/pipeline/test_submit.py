@@ -15,6 +15,7 @@ import pytest
 from conftest import TINY_ARGS, make_bucket
 from pipeline.sample import write_sample
 from pipeline.storage import storage_options
+from reliability.ray_session import children, title
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -27,27 +28,15 @@ def free_port() -> int:
 
 
 def processes_of(temp_dir: str) -> list[int]:
-    """PIDs whose command line names our cluster's temp dir, and all their descendants."""
-    parents, roots = {}, set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
-        except (OSError, ValueError, IndexError):
-            continue
-        if state == "Z":
-            continue  # killed, not yet reaped by its parent: nothing left running
-        ppid = int(ppid)
-        parents[int(entry.name)] = ppid
-        if temp_dir in cmd:
-            roots.add(int(entry.name))
-    found, grew = set(roots), True
-    while grew:
-        kids = {pid for pid, ppid in parents.items() if ppid in found} - found
-        found |= kids
-        grew = bool(kids)
+    """Running PIDs whose command line names our cluster's temp dir, and all their descendants."""
+    kids = children()
+    found = {pid for pids in kids.values() for pid in pids if temp_dir in title(pid)}
+    todo = list(found)
+    while todo:
+        for child in kids.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
     return sorted(found)
 
 

@@ -8,7 +8,8 @@ import signal
 from pathlib import Path
 
 
-def _children() -> dict[int, list[int]]:
+def children() -> dict[int, list[int]]:
+    """pid -> the pids of its running children (zombies, killed but not yet reaped, are left out)."""
     kids: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -17,8 +18,9 @@ def _children() -> dict[int, list[int]]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name field may hold spaces and parentheses
-        kids.setdefault(ppid, []).append(int(entry))
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]  # the name field may hold spaces and parentheses
+        if state != "Z":
+            kids.setdefault(int(ppid), []).append(int(entry))
     return kids
 
 
@@ -33,7 +35,7 @@ def title(pid: int) -> str:
 def workers(part: str, root: int | None = None) -> list[tuple[int, str]]:
     """(pid, title) of the processes under ``root`` (default: this one, which started the local cluster) whose
     title contains ``part``: never a process of another Ray cluster on the same machine."""
-    kids, found, todo = _children(), [], [root or os.getpid()]
+    kids, found, todo = children(), [], [root or os.getpid()]
     while todo:
         for child in kids.get(todo.pop(), []):
             todo.append(child)
