@@ -19,8 +19,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jobs.arguments import Formatter, KeyValues, add_storage_args, key_value, storage_from  # noqa: E402
 from pipeline.infer import DEVICES, InferConfig, run_inference  # noqa: E402
+from pipeline.lease import LeaseHeld  # noqa: E402
+from pipeline.output_state import OtherSettingsError  # noqa: E402
 from pipeline.predictions import MASK_FORMATS  # noqa: E402
-from pipeline.storage import redact_url  # noqa: E402
+from pipeline.resources import NoGPUError  # noqa: E402
+from pipeline.storage import redact_text, redact_url  # noqa: E402
 from scosparc_core.crf import CRF_PRESETS  # noqa: E402
 from scosparc_core.precision import PRECISIONS  # noqa: E402
 
@@ -104,7 +107,12 @@ def main(argv=None) -> int:
 
         cfg = cfg.replace(input=os.path.join(os.path.dirname(cfg.output.rstrip("/")) or ".", "sample-input"))
         write_sample(cfg.input)
-    result = run_inference(cfg)
+    try:
+        result = run_inference(cfg)
+    except (ValueError, FileNotFoundError, LeaseHeld, OtherSettingsError, NoGPUError) as exc:
+        # the input, weights, output or cluster do not allow the job (checked before any work): say why
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr, flush=True)
+        return 2
     if cfg.dry_run:
         return 0
     out = result["output"]

@@ -35,6 +35,10 @@ from .storage import Storage, redact
 RUN_FILE = "_run.json"
 
 
+class OtherSettingsError(RuntimeError):
+    """The output holds a run with other settings: resuming would mix results (nothing was written)."""
+
+
 @dataclass(frozen=True)
 class GroupPlan:
     """What a re-run does with one group: ``redo`` None = everything; otherwise only those image indices (their
@@ -244,7 +248,7 @@ def check_settings(out: Storage, fingerprint: dict, output_url: str) -> int:
     diff = sorted(k for k in set(settings) | set(now) if settings.get(k) != now.get(k))
     if diff:
         detail = "; ".join(f"{k}: {settings.get(k)!r} -> {now.get(k)!r}" for k in diff[:6])
-        raise RuntimeError(
+        raise OtherSettingsError(
             f"{output_url} holds a run with other settings ({detail}); resuming would mix results. "
             "Use --overwrite, or another --output."
         )

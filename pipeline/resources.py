@@ -25,6 +25,10 @@ CRF_CPU_S = 0.11  # pydensecrf, 224 x 224, 10 iterations
 GIB = 1024**3
 
 
+class NoGPUError(RuntimeError):
+    """Stage 1 was planned on GPUs and none appeared within the wait (nothing was started)."""
+
+
 @dataclass(frozen=True)
 class ClusterView:
     """What the cluster has now (``ray.cluster_resources()``) and, on an autoscaling cluster, the node types
@@ -121,7 +125,7 @@ def wait_for_gpus(view: ClusterView, want: int, wait_s: float, poll_s: float = 2
         time.sleep(poll_s)
     request_resources(bundles=[])
     declared = view.declared("GPU")
-    raise RuntimeError(
+    raise NoGPUError(
         f"no GPU appeared within {wait_s:.0f}s"
         + (f" (the cluster config declares up to {declared:.0f})" if declared else "")
         + ". Check the GPU node type's quota, instance type and image in cluster.yaml and `ray status`; "

@@ -7,6 +7,9 @@ import torch
 
 # Keep tests off the network and single-threaded enough to share 2 cores with Ray.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray Train's controller polls its workers every 2 s, and a report (so each epoch's checkpoint) waits for a poll;
+# the tests' epochs take 0.1 s. Polling faster changes no behaviour, only the waits (~10 s per training run).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 GOLDEN = Path(__file__).parent / "golden"

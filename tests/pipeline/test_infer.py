@@ -12,7 +12,7 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
-from conftest import TINY_VIT
+from conftest import TINY_ARGS, TINY_VIT
 from pipeline.infer import InferConfig, run_inference, stall_timeout
 from pipeline.resources import ClusterView, plan_resources
 from pipeline.sample import write_sample
@@ -157,31 +157,27 @@ def test_plan_for_a_laptop_a_gpu_cluster_and_an_autoscaling_one():
 
 
 def test_our_cluster_without_gpus_fails_clearly_within_the_wait(tmp_path, tiny_weights, sample):
-    """A head that advertises the cluster.yaml marker and no GPU: the job asks, waits --gpu-wait, then fails."""
+    """A head that advertises the cluster.yaml marker and no GPU: the job asks, waits --gpu-wait, then fails with
+    exit code 2 and a one-line reason; with --device cpu the same job runs on that head's CPU."""
     backbone, head = tiny_weights
+    args = ["--input", str(sample), "--output", str(tmp_path / "out"), "--backbone", backbone, "--head", head,
+            *TINY_ARGS]
     script = textwrap.dedent(f"""
         import sys, time
-        sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'tests')!r})
+        sys.path.insert(0, {str(ROOT)!r})
         import ray
-        from conftest import TINY_VIT
-        from pipeline.infer import InferConfig, run_inference
+        from jobs.infer import main
         ray.init(address="local", num_cpus=1, resources={{"scosparc_head": 1}}, include_dashboard=False)
-        cfg = InferConfig(input={str(sample)!r}, output={str(tmp_path / 'out')!r}, backbone={backbone!r},
-                          head={head!r}, backbone_name="vit_base_patch8_224", backbone_kwargs=dict(TINY_VIT),
-                          gpu_wait=3)
         start = time.monotonic()
-        try:
-            run_inference(cfg)
-        except RuntimeError as exc:
-            print("ERROR", round(time.monotonic() - start), exc)
-        cpu = run_inference(cfg.replace(device="cpu", crf="none"))
-        print("CPU", cpu["output"]["rows"])
+        code = main({args!r} + ["--gpu-wait", "3"])
+        print("GPU", code, round(time.monotonic() - start), flush=True)
+        print("CPU", main({args!r} + ["--device", "cpu", "--crf", "none"]), flush=True)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    out = done.stdout
-    assert "ERROR" in out and "no GPU appeared within 3s" in out and "--device cpu" in out, done.stderr[-3000:]
-    assert int(out.split("ERROR ")[1].split()[0]) < 60
-    assert "CPU 7" in out  # --device cpu runs on CPUs on purpose
+    out, err = done.stdout, done.stderr
+    assert "GPU 2 " in out and "error: no GPU appeared within 3s" in err and "--device cpu" in err, err[-3000:]
+    assert int(out.split("GPU 2 ")[1].split()[0]) < 60
+    assert "CPU 0" in out and "rows 7 (ok 6, errors 1" in out  # --device cpu runs on CPUs on purpose
 
 
 def test_dry_run_lists_and_plans_without_writing(ray_local, tiny_weights, sample, tmp_path):

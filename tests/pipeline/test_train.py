@@ -235,14 +235,6 @@ def test_a_rerun_with_other_data_weights_or_settings_is_refused(trained, tiny_we
     assert open(record).read() == open(f"{cfg.run_url()}/train_config.json").read()  # the run's record is kept
 
 
-def test_without_the_feature_cache_the_backbone_runs_every_step(ray_local, tiny_weights, data, tmp_path):
-    cfg = config(tiny_weights, data, tmp_path, "nocache", epochs=2, feature_cache=False)
-    cfg = replace(cfg, val=None)
-    run_training(cfg)
-    h = history(cfg.run_url())
-    assert list(h["epoch"]) == [0, 1] and h["loss"].notna().all()
-
-
 def test_two_gloo_workers_end_with_identical_parameters_on_s3(ray_local, tiny_weights, data, s3_server):
     fs = make_bucket(s3_server, "train")
     opts = storage_options(s3_server, extra={"key": "testing", "secret": "testing"})  # workers get no env creds
