@@ -218,15 +218,16 @@ def decode_group_row(row: dict, storage_options: dict) -> dict:
 class FeatureActor:
     """Ray Data actor: decoded group rows -> their features written to the cache; returns a summary row each."""
 
-    def __init__(self, settings: BackboneSettings, cache_url: str, cpu_threads: int = 0):
+    def __init__(self, settings: BackboneSettings, cpu_threads: int = 0):
         if cpu_threads and not settings.gpu:
             torch.set_num_threads(cpu_threads)
         self.backbone, self.device, self.dtype = build_backbone(settings)
-        self.cache = FeatureCache(cache_url, settings.storage_options)
+        self.storage_options = settings.storage_options
+        self.caches: dict[str, FeatureCache] = {}  # by folder: one pass fills the training and validation caches
         self.micro_batch = settings.micro_batch
 
     def __call__(self, batch: dict) -> dict:
-        out = {"key": [], "images": [], "errors": [], "seconds": []}
+        out = {"cache": [], "key": [], "images": [], "errors": [], "seconds": []}
         for i in range(len(batch["key"])):
             start = time.perf_counter()
             row = {k: v[i] for k, v in batch.items()}
@@ -235,9 +236,13 @@ class FeatureActor:
             uris = [str(u) for u, flag in zip(row["image_uris"], ok) if flag]
             if names:
                 tokens, attention = features(self.backbone, row["net"], self.device, self.dtype, self.micro_batch)
-                self.cache.write(str(row["key"]), names, uris, tokens, attention,
+                folder = str(row["cache"])
+                if folder not in self.caches:
+                    self.caches[folder] = FeatureCache(folder, self.storage_options)
+                self.caches[folder].write(str(row["key"]), names, uris, tokens, attention,
                                  listed_uris=[str(u) for u in row["image_uris"]],
                                  sizes=[int(s) for s in row["sizes"]])
+            out["cache"].append(str(row["cache"]))
             out["key"].append(str(row["key"]))
             out["images"].append(len(names))
             out["errors"].append(len(ok) - len(names))
@@ -245,10 +250,12 @@ class FeatureActor:
         return out
 
 
-def build_cache(groups: list[GroupSpec], cache_url: str, settings: BackboneSettings, plan: CachePlan,
-                start_timeout: float = 180.0) -> dict:
-    """Computes the features of every group not yet (validly) in the cache, as a Ray Data job. Returns counts,
-    the pass's images/s (wall clock, start-up included) and the actors' busy seconds. The file sizes the listing
+def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings, plan: CachePlan,
+                start_timeout: float = 180.0) -> dict[str, dict]:
+    """Computes the features of every group not yet (validly) in its cache folder (``folders``: cache URL -> the
+    groups it holds, e.g. the training data's and the validation data's), in one Ray Data job: one actor pool
+    start for all of them. Returns per folder: counts, the actors' busy seconds, and the pass's wall-clock
+    seconds and images/s (start-up included; shared by the folders of the pass). The file sizes the listing
     gives make a cached group stale when they change.
 
     The pool's actors must be able to start within ``start_timeout`` seconds (Ray Data's
@@ -258,28 +265,29 @@ def build_cache(groups: list[GroupSpec], cache_url: str, settings: BackboneSetti
     """
     import ray
 
-    cache = FeatureCache(cache_url, settings.storage_options)
-
     def listed(g: GroupSpec) -> tuple[list[str], list[int]]:
         return [im.image_uri for im in g.images], [int(im.size) for im in g.images]
 
-    todo = [g for g in groups if g.images and not cache.has(g.key, *listed(g))]
-    summary = {"groups": len(groups), "cached_before": len(groups) - len(todo), "computed": len(todo),
-               "images": 0, "errors": 0, "seconds": 0.0, "images_per_s": None, "actor_seconds": 0.0}
-    if not todo:
-        return summary
+    rows, summaries = [], {}
+    for url, groups in folders.items():
+        cache = FeatureCache(url, settings.storage_options)
+        todo = [g for g in groups if g.images and not cache.has(g.key, *listed(g))]
+        summaries[url] = {"groups": len(groups), "cached_before": len(groups) - len(todo), "computed": len(todo),
+                          "images": 0, "errors": 0, "seconds": 0.0, "images_per_s": None, "actor_seconds": 0.0}
+        rows += [{"cache": url, "key": g.key, "names": [im.name for im in g.images], "image_uris": listed(g)[0],
+                  "sizes": listed(g)[1]} for g in todo]
+    if not rows:
+        return summaries
     start = time.perf_counter()
-    rows = [{"key": g.key, "names": [im.name for im in g.images], "image_uris": listed(g)[0], "sizes": listed(g)[1]}
-            for g in todo]
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 10_000))
     ds.context.wait_for_min_actors_s = max(1, int(start_timeout))
     ds = ds.map(decode_group_row, fn_kwargs={"storage_options": settings.storage_options}, num_cpus=0.25)
-    ds = ds.map_batches(FeatureActor, fn_constructor_kwargs={"settings": settings, "cache_url": cache_url,
-                                                              "cpu_threads": plan.cpu_threads},
+    ds = ds.map_batches(FeatureActor, fn_constructor_kwargs={"settings": settings, "cpu_threads": plan.cpu_threads},
                         batch_size=plan.batch_size, compute=ray.data.ActorPoolStrategy(size=plan.actors),
                         **plan.ray_args)
     try:
         for row in ds.iter_rows():
+            summary = summaries[str(row["cache"])]
             summary["images"] += int(row["images"])
             summary["errors"] += int(row["errors"])
             summary["actor_seconds"] += float(row["seconds"])
@@ -291,6 +299,9 @@ def build_cache(groups: list[GroupSpec], cache_url: str, settings: BackboneSetti
     finally:
         del ds
         gc.collect()
-    summary["seconds"] = time.perf_counter() - start
-    summary["images_per_s"] = summary["images"] / summary["seconds"] if summary["seconds"] else None
-    return summary
+    seconds = time.perf_counter() - start
+    images = sum(s["images"] for s in summaries.values())
+    for summary in summaries.values():
+        if summary["computed"]:
+            summary["seconds"], summary["images_per_s"] = seconds, images / seconds if seconds else None
+    return summaries

@@ -655,15 +655,17 @@ def run_training(cfg: TrainConfig):
             plan = plan_cache(cfg.gpu, ray.cluster_resources())
             cache_root = cfg.cache_url or f"{cfg.storage.rstrip('/')}/feature-cache"
             model = backbone_id(settings, weights)
+            cache_folders = {root: cache_folder(cache_root, root, model) for root in roots}
+            summaries = build_cache({cache_folders[root]: listed[root] for root in roots}, settings, plan,
+                                    cfg.placement_timeout)
             record["feature_cache"] = {}
-            for root in roots:
-                folder = cache_folder(cache_root, root, model)
-                summary = build_cache(listed[root], folder, settings, plan, cfg.placement_timeout)
+            for root, folder in cache_folders.items():
+                summary = summaries[folder]
                 rate = f", {summary['images_per_s']:.1f} img/s" if summary["images_per_s"] else ""
                 print(f"[train] feature cache {redact(folder)}: {summary['computed']} groups computed "
-                      f"({summary['images']} images, {summary['errors']} unreadable) in {summary['seconds']:.1f}s"
-                      f"{rate}, {summary['cached_before']} reused", file=sys.stderr, flush=True)
-                cache_folders[root] = folder
+                      f"({summary['images']} images, {summary['errors']} unreadable) in a pass of "
+                      f"{summary['seconds']:.1f}s{rate}, {summary['cached_before']} reused", file=sys.stderr,
+                      flush=True)
                 record["feature_cache"][redact(root)] = {"folder": redact(folder), **summary}
             run.write_json(RUN_RECORD, record)
             if cfg.gpu:  # the pass's actors must have handed their GPUs back before the workers can start
