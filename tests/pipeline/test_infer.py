@@ -109,7 +109,12 @@ def test_a_rerun_resumes_from_the_records(ray_local, first_run, tiny_weights, sa
     assert not (two / lost["shard"]).exists() or any(r["shard"] == lost["shard"] for r in records(two))
 
 
-def test_rerun_with_other_settings_is_refused_unless_overwrite(ray_local, first_run, tiny_weights, sample):
+def test_rerun_with_other_settings_or_weights_is_refused_unless_overwrite(ray_local, first_run, tiny_weights, sample,
+                                                                        tmp_path):
+    import shutil
+
+    from scosparc_core import Stage1Head, save_head_checkpoint
+
     out, _ = first_run
     with pytest.raises(RuntimeError, match="other settings.*crf"):
         run_inference(config(tiny_weights, sample, out, crf="none"))
@@ -120,21 +125,14 @@ def test_rerun_with_other_settings_is_refused_unless_overwrite(ray_local, first_
     assert manifest["processed"]["images"] == 7 and len(rows(out)) == 7
     assert (out / "unrelated.txt").read_text() == "mine"  # --overwrite clears only what the job writes
 
-
-def test_other_weights_are_refused_by_content_not_path(ray_local, tiny_weights, sample, tmp_path):
-    import shutil
-
-    out = tmp_path / "out"
-    run_inference(config(tiny_weights, sample, out, crf="none"))
+    # weights are compared by content, not path: a copy of the head is the same head, another head is not
     head = tmp_path / "head.pt"
     shutil.copy(tiny_weights[1], head)
-    same = run_inference(config((tiny_weights[0], str(head)), sample, out, crf="none"))
-    assert same["processed"]["images"] == 0  # a copy is the same head
-    from scosparc_core import Stage1Head, save_head_checkpoint
-
+    same = run_inference(config((tiny_weights[0], str(head)), sample, out, crf="none", chunk_size=32))
+    assert same["processed"]["images"] == 0
     save_head_checkpoint(Stage1Head(TINY_VIT["embed_dim"]), head)
     with pytest.raises(RuntimeError, match="other settings.*head"):
-        run_inference(config((tiny_weights[0], str(head)), sample, out, crf="none"))
+        run_inference(config((tiny_weights[0], str(head)), sample, out, crf="none", chunk_size=32))
 
 
 def test_plan_for_a_laptop_a_gpu_cluster_and_an_autoscaling_one():

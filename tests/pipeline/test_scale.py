@@ -18,10 +18,10 @@ from pipeline.predictions import from_ranges
 from pipeline.sample import write_sample
 from pipeline.stage1 import ModelSettings, Stage1Actor, Stage1Settings
 from pipeline.storage import Storage
+from scosparc_core import SCoSPARC
 
 BIG, SMALL = 24, 3  # one group larger than one pass below, one small enough to be decoded in a row
 PASSES = dict(row_images=8, one_pass_images=10)
-TIMINGS = ["decode_s", "stage1_s", "crf_s", "write_s"]
 
 
 def config(tiny_weights, input, output, **kw):
@@ -56,31 +56,26 @@ def big_group_with_error(big_group, tmp_path_factory):
     return root
 
 
-def _comparable(table: pd.DataFrame) -> pd.DataFrame:
-    """Rows in (group, index) order without the per-stage seconds; mask URIs relative to their output; curves
-    as tuples so that frames compare element by element."""
-    t = table.sort_values(["group", "index"]).reset_index(drop=True).drop(columns=TIMINGS)
-    t["mask_uri"] = t["mask_uri"].map(lambda u: u.split("/masks/", 1)[1] if isinstance(u, str) else u)
-    for c in ("precision", "recall", "fm_curve", "em_curve"):
-        t[c] = t[c].map(lambda v: tuple(v) if v is not None else None)
-    return t
-
-
-def test_a_group_in_passes_gives_the_one_pass_rows_and_masks(ray_local, tiny_weights, big_group, tmp_path):
-    passes, one_pass = tmp_path / "passes", tmp_path / "one-pass"
-    m_passes = run_inference(config(tiny_weights, big_group, passes, crf="coca", **PASSES))
-    m_one = run_inference(config(tiny_weights, big_group, one_pass, crf="coca"))
-    assert m_passes["config"]["one_pass_images"] == 10 and m_one["config"]["one_pass_images"] > BIG
-    assert m_passes["output"] == m_one["output"]
-    assert m_passes["output"]["rows"] == BIG + SMALL and m_passes["output"]["errors_by_kind"] == {"CorruptImage": 1}
-    a, b = _comparable(rows(passes)), _comparable(rows(one_pass))
-    pd.testing.assert_frame_equal(a, b)
-    ok = a[a["status"] == "ok"]
+def test_a_group_in_passes_gives_the_masks_of_predict_group(ray_local, tiny_weights, big_group, tmp_path):
+    """The job with settings that read the big group in the stage-1 actor and run it in passes writes the masks
+    and the threshold that ``predict_group`` (one pass, in-process) gives for the same images."""
+    out = tmp_path / "passes"
+    manifest = run_inference(config(tiny_weights, big_group, out, crf="coca", **PASSES))
+    assert manifest["config"]["one_pass_images"] == 10 < BIG
+    assert manifest["output"]["rows"] == BIG + SMALL and manifest["output"]["errors_by_kind"] == {"CorruptImage": 1}
+    table = rows(out)
+    ok = table[table["status"] == "ok"]
     assert len(ok) == BIG + SMALL - 1 and ok["mae"].notna().all()
-    assert ok.loc[ok["group"] == "horse", "threshold"].nunique() == 1  # one tau for the whole group
-    for key in ok["mask_uri"]:
-        np.testing.assert_array_equal(np.asarray(Image.open(passes / "masks" / key)),
-                                      np.asarray(Image.open(one_pass / "masks" / key)))
+    backbone, head = tiny_weights
+    model = SCoSPARC.from_checkpoints(backbone=backbone, head=head, backbone_name="vit_base_patch8_224",
+                                      micro_batch=8, **TINY_VIT)
+    for group in ("horse", "disc"):
+        mine = ok[ok["group"] == group].sort_values("index")
+        pred = model.predict_group([Image.open(big_group / "image" / group / n) for n in mine["name"]], crf="coca")
+        assert mine["threshold"].tolist() == pytest.approx([pred.threshold] * len(mine))  # one tau per group
+        for uri, expected in zip(mine["mask_uri"], pred.masks):
+            written = out / "masks" / uri.split("/masks/", 1)[1]
+            np.testing.assert_array_equal(np.asarray(Image.open(written)), expected, err_msg=uri)
 
 
 def _actor_output(settings: Stage1Settings, row: dict, spy: list) -> dict:
