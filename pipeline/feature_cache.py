@@ -234,15 +234,15 @@ class FeatureActor:
             ok = [bool(x) for x in row["ok"]]
             names = [str(n) for n, flag in zip(row["names"], ok) if flag]
             uris = [str(u) for u, flag in zip(row["image_uris"], ok) if flag]
+            folder = str(row["cache"])
             if names:
-                tokens, attention = features(self.backbone, row["net"], self.device, self.dtype, self.micro_batch)
-                folder = str(row["cache"])
                 if folder not in self.caches:
                     self.caches[folder] = FeatureCache(folder, self.storage_options)
+                tokens, attention = features(self.backbone, row["net"], self.device, self.dtype, self.micro_batch)
                 self.caches[folder].write(str(row["key"]), names, uris, tokens, attention,
-                                 listed_uris=[str(u) for u in row["image_uris"]],
-                                 sizes=[int(s) for s in row["sizes"]])
-            out["cache"].append(str(row["cache"]))
+                                          listed_uris=[str(u) for u in row["image_uris"]],
+                                          sizes=[int(s) for s in row["sizes"]])
+            out["cache"].append(folder)
             out["key"].append(str(row["key"]))
             out["images"].append(len(names))
             out["errors"].append(len(ok) - len(names))
@@ -265,17 +265,15 @@ def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings,
     """
     import ray
 
-    def listed(g: GroupSpec) -> tuple[list[str], list[int]]:
-        return [im.image_uri for im in g.images], [int(im.size) for im in g.images]
-
     rows, summaries = [], {}
     for url, groups in folders.items():
         cache = FeatureCache(url, settings.storage_options)
-        todo = [g for g in groups if g.images and not cache.has(g.key, *listed(g))]
+        listed = [(g, [im.image_uri for im in g.images], [int(im.size) for im in g.images]) for g in groups]
+        todo = [(g, uris, sizes) for g, uris, sizes in listed if g.images and not cache.has(g.key, uris, sizes)]
         summaries[url] = {"groups": len(groups), "cached_before": len(groups) - len(todo), "computed": len(todo),
                           "images": 0, "errors": 0, "seconds": 0.0, "images_per_s": None, "actor_seconds": 0.0}
-        rows += [{"cache": url, "key": g.key, "names": [im.name for im in g.images], "image_uris": listed(g)[0],
-                  "sizes": listed(g)[1]} for g in todo]
+        rows += [{"cache": url, "key": g.key, "names": [im.name for im in g.images], "image_uris": uris,
+                  "sizes": sizes} for g, uris, sizes in todo]
     if not rows:
         return summaries
     start = time.perf_counter()
