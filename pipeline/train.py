@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -309,11 +310,10 @@ def load_val_gts(groups: tuple[TrainGroup, ...], options: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def train_loop_per_worker(config: dict) -> None:
+def train_loop_per_worker(s: LoopSettings) -> None:
     import ray.train
     import ray.train.torch
 
-    s: LoopSettings = config["settings"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if s.backbone.gpu:
@@ -686,8 +686,9 @@ def run_training(cfg: TrainConfig):
             fail_at_epoch=cfg.fail_at_epoch)
         storage = Storage(cfg.storage, cfg.storage_options)
         trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"settings": loop},
+            # the settings are bound into the function, not passed as train_loop_config: Ray Train's controller
+            # unpickles that config, and with it this module and timm (seconds before any worker can start)
+            functools.partial(train_loop_per_worker, loop),
             torch_config=TorchConfig(backend=cfg.backend),
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
                                                    resources_per_worker=cfg.worker_resources),
