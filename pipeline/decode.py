@@ -10,6 +10,7 @@ micro-batches (a decoded row of thousands of images would be gigabytes).
 from __future__ import annotations
 
 import io
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -199,3 +200,22 @@ def decode_group(row: dict, settings: DecodeSettings) -> dict:
         "crf": d.crf if d else np.zeros((0, *VIEW), np.uint8),
         "decode_s": time.perf_counter() - start,
     }
+
+
+def decode_for_cache(row: dict, storage_options: dict) -> dict:
+    """The feature cache's Ray Data ``map``: a group row (key, names, image_uris, sizes) -> plus ``ok`` per image
+    and ``net``, the (n_ok, 224, 224, 3) uint8 network pixels of the images that decoded. A bad file only loses
+    its row (training has no error rows). Here, not in ``feature_cache``, so the tasks skip torch and timm."""
+    uris = [str(u) for u in row["image_uris"]]
+    ok, nets = [], []
+    for uri, data in zip(uris, read_many(uris, storage_options)):
+        try:
+            if isinstance(data, BaseException):
+                raise data
+            nets.append(decode_image(data)[0])
+            ok.append(True)
+        except Exception as exc:  # noqa: BLE001 - training has no error rows: the image is left out, loudly
+            print(f"[feature-cache] skipping {uri}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            ok.append(False)
+    empty = np.zeros((0, *VIEW), np.uint8)
+    return {**row, "ok": ok, "net": np.stack(nets) if nets else empty}

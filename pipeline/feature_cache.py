@@ -7,8 +7,8 @@ resampled CLS attention map training uses) and ``<key>.json`` (image names, URIs
 last, so a group whose index exists is complete). Rows are read with ranged reads, so a step fetches only the
 images it samples. A group is computed again when its listing (URIs or file sizes) no longer matches its index.
 
-The pass that fills the cache is a Ray Data job: group rows -> decode (CPU tasks: ``read_many`` +
-``decode_image``) -> ``FeatureActor`` (one per GPU, or one using the cores on a CPU cluster).
+The pass that fills the cache is a Ray Data job: group rows -> decode (CPU tasks: ``decode.decode_for_cache``)
+-> ``FeatureActor`` (one per GPU, or one using the cores on a CPU cluster).
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import hashlib
 import io
 import json
 import posixpath
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -25,11 +24,10 @@ import numpy as np
 import torch
 
 from scosparc_core import DinoBackbone
-from scosparc_core.image import INPUT_SIZE
 from scosparc_core.modeling import DEFAULT_BACKBONE, cls_attention_maps
 from scosparc_core.precision import resolve
 
-from .decode import decode_image, read_many
+from .decode import decode_for_cache
 from .listing import GroupSpec
 from .storage import Storage, safe_component
 
@@ -197,24 +195,6 @@ def plan_cache(gpu: bool, cluster: dict) -> CachePlan:
     return CachePlan(actors=1, num_cpus=min(1.0, cpus / 2), num_gpus=0.0, cpu_threads=max(1, int(cpus)))
 
 
-def decode_group_row(row: dict, storage_options: dict) -> dict:
-    """Ray Data ``map``: a group row (key, names, image_uris, sizes) -> plus ``ok`` per image and ``net``, the
-    (n_ok, 224, 224, 3) uint8 network pixels of the images that decoded. A bad file only loses its row."""
-    uris = [str(u) for u in row["image_uris"]]
-    ok, nets = [], []
-    for uri, data in zip(uris, read_many(uris, storage_options)):
-        try:
-            if isinstance(data, BaseException):
-                raise data
-            nets.append(decode_image(data)[0])
-            ok.append(True)
-        except Exception as exc:  # noqa: BLE001 - training has no error rows: the image is left out, loudly
-            print(f"[feature-cache] skipping {uri}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            ok.append(False)
-    empty = np.zeros((0, INPUT_SIZE, INPUT_SIZE, 3), np.uint8)
-    return {**row, "ok": ok, "net": np.stack(nets) if nets else empty}
-
-
 class FeatureActor:
     """Ray Data actor: decoded group rows -> their features written to the cache; returns a summary row each."""
 
@@ -279,7 +259,7 @@ def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings,
     start = time.perf_counter()
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 10_000))
     ds.context.wait_for_min_actors_s = max(1, int(start_timeout))
-    ds = ds.map(decode_group_row, fn_kwargs={"storage_options": settings.storage_options}, num_cpus=0.25)
+    ds = ds.map(decode_for_cache, fn_kwargs={"storage_options": settings.storage_options}, num_cpus=0.25)
     ds = ds.map_batches(FeatureActor, fn_constructor_kwargs={"settings": settings, "cpu_threads": plan.cpu_threads},
                         batch_size=plan.batch_size, compute=ray.data.ActorPoolStrategy(size=plan.actors),
                         **plan.ray_args)

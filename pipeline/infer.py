@@ -27,8 +27,8 @@ from scosparc_core.precision import PRECISIONS, resolve
 from .decode import DEFAULT_MAX_PIXELS, DecodeSettings, decode_group
 from .lease import Lease
 from .listing import InputSpec, check_input, group_dataset, summarize
-from .output_state import RUN_FILE, OutputState, check_settings, clear_output, remove_orphans
-from .predictions import MASK_FORMATS, PredictionsSink, group_hash
+from .output_state import RUN_FILE, OutputState, check_settings, clear_output, groups_to_do, remove_orphans
+from .predictions import MASK_FORMATS, PredictionsSink
 from .progress import JobState, Printer
 from .refine import RefineActor, RefineSettings
 from .resources import Plan, choose_device, cluster_view, plan_resources, release_requests
@@ -158,41 +158,7 @@ def _log(text: str) -> None:
     print(f"[infer] {text}", file=sys.stderr, flush=True)
 
 
-_PLANS: dict = {}
 GROUPS_PER_BLOCK = 8  # groups per block of the to-do list (see run_inference)
-
-
-def mark_todo(row: dict, plans_ref) -> list[dict]:
-    """One listed group -> [the row to process] (with its name digest, the images to emit rows for: ``only``,
-    empty = all, and how many rows that is), or [] when it is done."""
-    import ray
-
-    key = plans_ref.hex() if plans_ref is not None else None
-    if key not in _PLANS:
-        _PLANS.clear()
-        _PLANS[key] = ray.get(plans_ref) if plans_ref is not None else {}
-    names = list(row["names"])
-    n = len(names)
-    if n == 0:
-        return []
-    h = group_hash(names)
-    plan = _PLANS[key].get(str(row["group_key"]))
-    only: list[int] = []
-    if plan is not None and plan.complete and plan.n == n and plan.hash == h:
-        sizes = list(row["image_bytes"])
-        redo = set(plan.redo or ())
-        redo |= {i for i, size in plan.permanent if i < n and size >= 0 and sizes[i] >= 0 and sizes[i] != size}
-        if not redo:
-            return []
-        only = sorted(redo)
-    return [{**row, "group_hash": h, "only": only, "group_rows": len(only) or n}]
-
-
-def groups_to_do(batch, plans_ref):
-    """Ray Data ``map_batches`` over listed groups: the groups left to do."""
-    import pyarrow as pa
-
-    return pa.Table.from_pylist([r for row in batch.to_pylist() for r in mark_todo(row, plans_ref)])
 
 
 def run_inference(cfg: InferConfig) -> dict:

@@ -11,7 +11,9 @@ A re-run of the same job reads the records (never the shards) to decide, per gro
 
 Rows are never rewritten in place: a later run's row for an image supersedes the earlier one, and ``compact``
 rewrites the few shards that hold superseded rows (at the start and the end of every run, so nothing is ever
-counted twice). Everything here runs on the driver and holds O(records + groups + error rows), not O(images).
+counted twice). The state is read on the driver and holds O(records + groups + error rows), not O(images);
+``groups_to_do`` applies its plans to the listing in Ray Data tasks (a light module: those tasks' workers import
+this one, not the model's torch and timm).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import TRANSIENT
-from .predictions import COMMITS, from_ranges, ranges
+from .predictions import COMMITS, from_ranges, group_hash, ranges
 from .storage import Storage, redact
 
 RUN_FILE = "_run.json"
@@ -287,3 +289,39 @@ def clear_output(out: Storage) -> None:
                     pass  # not empty: something else lives there
     for key in ("_manifest.json", "_SUCCESS", RUN_FILE):
         out.remove(key)
+
+
+_PLANS: dict = {}  # a task worker's copy of the plans, fetched once per job (keyed by the object ref)
+
+
+def mark_todo(row: dict, plans_ref) -> list[dict]:
+    """One listed group -> [the row to process] (with its name digest, the images to emit rows for: ``only``,
+    empty = all, and how many rows that is), or [] when it is done."""
+    import ray
+
+    key = plans_ref.hex() if plans_ref is not None else None
+    if key not in _PLANS:
+        _PLANS.clear()
+        _PLANS[key] = ray.get(plans_ref) if plans_ref is not None else {}
+    names = list(row["names"])
+    n = len(names)
+    if n == 0:
+        return []
+    h = group_hash(names)
+    plan = _PLANS[key].get(str(row["group_key"]))
+    only: list[int] = []
+    if plan is not None and plan.complete and plan.n == n and plan.hash == h:
+        sizes = list(row["image_bytes"])
+        redo = set(plan.redo or ())
+        redo |= {i for i, size in plan.permanent if i < n and size >= 0 and sizes[i] >= 0 and sizes[i] != size}
+        if not redo:
+            return []
+        only = sorted(redo)
+    return [{**row, "group_hash": h, "only": only, "group_rows": len(only) or n}]
+
+
+def groups_to_do(batch, plans_ref):
+    """Ray Data ``map_batches`` over listed groups: the groups left to do."""
+    import pyarrow as pa
+
+    return pa.Table.from_pylist([r for row in batch.to_pylist() for r in mark_todo(row, plans_ref)])

@@ -14,10 +14,6 @@ from collections.abc import Iterable, Mapping
 import cv2
 import numpy as np
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # Fmeasure announces its future removal on import of the package
-    from py_sod_metrics import MAE, Emeasure, Fmeasure, Smeasure, WeightedFmeasure
-
 CURVE_POINTS = 256  # pysodmetrics' thresholds 0..255
 SCALARS = ("mae", "sm", "wfm", "adp_fm", "adp_em")
 CURVES = ("precision", "recall", "fm_curve", "em_curve")
@@ -50,7 +46,10 @@ def image_metrics(pred: np.ndarray, gt: np.ndarray) -> dict:
     if pred.shape != gt.shape:
         pred = cv2.resize(pred, (gt.shape[1], gt.shape[0]), interpolation=cv2.INTER_LINEAR)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # Fmeasure announces its future removal on import of the package
+        # imported here: modules that only need the constants below (the predictions schema, the report) are
+        # loaded by Ray tasks that would otherwise import scikit-learn with it (~2.5 s per worker)
+        from py_sod_metrics import MAE, Emeasure, Fmeasure, Smeasure, WeightedFmeasure
         fm, em, sm, wfm, mae = Fmeasure(), Emeasure(), Smeasure(), WeightedFmeasure(), MAE()
     for metric in (fm, em, sm, wfm, mae):
         metric.step(pred=pred, gt=gt)

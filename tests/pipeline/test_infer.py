@@ -187,11 +187,10 @@ def test_dry_run_lists_and_plans_without_writing(ray_local, tiny_weights, sample
 def test_a_stage1_failure_turns_its_group_into_error_rows(tiny_weights, sample):
     """The actor's work on a batch, called directly: a failing engine must not crash the job or lose rows."""
     from pipeline.decode import DecodeSettings, decode_group
-    from pipeline.infer import mark_todo
-    from pipeline.listing import list_layout, group_row
+    from pipeline.listing import group_row, list_layout
+    from pipeline.output_state import mark_todo
     from pipeline.stage1 import ModelSettings, Stage1Actor, Stage1Settings
     from pipeline.storage import Storage
-    import ray
 
     backbone, head = tiny_weights
     settings = Stage1Settings(model=ModelSettings(backbone=backbone, head=head, backbone_name="vit_base_patch8_224",

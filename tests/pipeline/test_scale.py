@@ -12,8 +12,9 @@ from PIL import Image
 
 from conftest import TINY_VIT
 from pipeline.decode import DecodeSettings, decode_group
-from pipeline.infer import InferConfig, mark_todo, run_inference
+from pipeline.infer import InferConfig, run_inference
 from pipeline.listing import group_row, list_layout
+from pipeline.output_state import mark_todo
 from pipeline.predictions import from_ranges
 from pipeline.sample import write_sample
 from pipeline.stage1 import ModelSettings, Stage1Actor, Stage1Settings

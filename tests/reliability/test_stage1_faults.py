@@ -6,7 +6,7 @@ import pytest
 from conftest import TINY_VIT, record_fault
 from pipeline.decode import DecodeSettings, decode_group
 from pipeline.errors import TRANSIENT
-from pipeline.infer import mark_todo
+from pipeline.output_state import mark_todo
 from pipeline.listing import group_row, list_layout
 from pipeline.sample import write_sample
 from pipeline.stage1 import ModelSettings, Stage1Actor, Stage1Settings
