@@ -2,7 +2,6 @@ import gzip
 import posixpath
 
 import pandas as pd
-import pyarrow as pa
 import pytest
 from conftest import make_bucket
 

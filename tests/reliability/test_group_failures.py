@@ -3,7 +3,6 @@ to micro-batch 1), a CUDA error that poisons the context and ends the actor ever
 costs an actor restart). Each becomes its group's error rows - permanent, transient, transient after
 ``max_attempts`` - and a re-run without the faults redoes exactly the transient ones. Beside a good group in the
 same job, the same failures must not take the job down."""
-import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 from audit import Rerun, by_key, output_rows

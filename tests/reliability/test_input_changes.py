@@ -2,7 +2,6 @@
 the re-run must account for the input as it is now."""
 import shutil
 
-import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 from audit import output_rows
