@@ -4,7 +4,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -116,6 +115,8 @@ class DinoBackbone(nn.Module):
         ``storage_options`` go to fsspec for URLs. ``model_kwargs`` override the architecture
         (``embed_dim``, ``depth``, ``num_heads`` ...).
         """
+        import timm  # here, not at the top: drivers and tasks that only plan or read use no ViT (timm ~3 s)
+
         from ..checkpoints import load_backbone_checkpoint
 
         kwargs = dict(num_classes=0, **model_kwargs)
