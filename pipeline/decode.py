@@ -202,20 +202,19 @@ def decode_group(row: dict, settings: DecodeSettings) -> dict:
     }
 
 
+def decode_network_views(uris: list[str], storage_options: dict, who: str) -> tuple[np.ndarray, np.ndarray]:
+    """Training's decode: (ok (n,) bool, the network views (n_ok, 224, 224, 3) uint8 of the images that decoded).
+    Training has no error rows, so a bad file is logged and left out."""
+    d = decode_images(uris, DecodeSettings(storage_options=storage_options))
+    for uri, error in zip(uris, d.errors):
+        if error:
+            print(f"[{who}] skipping {redact_url(uri)}: {error[0]}: {error[2]}", file=sys.stderr, flush=True)
+    return d.ok, d.net[d.ok]
+
+
 def decode_for_cache(row: dict, storage_options: dict) -> dict:
     """The feature cache's Ray Data ``map``: a group row (key, names, image_uris, sizes) -> plus ``ok`` per image
-    and ``net``, the (n_ok, 224, 224, 3) uint8 network pixels of the images that decoded. A bad file only loses
-    its row (training has no error rows). Here, not in ``feature_cache``, so the tasks skip torch and timm."""
-    uris = [str(u) for u in row["image_uris"]]
-    ok, nets = [], []
-    for uri, data in zip(uris, read_many(uris, storage_options)):
-        try:
-            if isinstance(data, BaseException):
-                raise data
-            nets.append(decode_image(data)[0])
-            ok.append(True)
-        except Exception as exc:  # noqa: BLE001 - training has no error rows: the image is left out, loudly
-            print(f"[feature-cache] skipping {uri}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-            ok.append(False)
-    empty = np.zeros((0, *VIEW), np.uint8)
-    return {**row, "ok": ok, "net": np.stack(nets) if nets else empty}
+    and ``net``, the (n_ok, 224, 224, 3) uint8 network pixels of the images that decoded. Here, not in
+    ``feature_cache``, so the tasks skip torch and timm."""
+    ok, net = decode_network_views([str(u) for u in row["image_uris"]], storage_options, "feature-cache")
+    return {**row, "ok": ok.tolist(), "net": net}

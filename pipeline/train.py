@@ -51,7 +51,7 @@ from scosparc_core.modeling import DEFAULT_BACKBONE
 from scosparc_core.precision import PRECISIONS, resolve
 from scosparc_core.threshold import adaptive_threshold, image_confidences, stage1_map
 
-from .decode import decode_image, read_gt, read_many
+from .decode import decode_network_views, read_gt, read_many
 from .feature_cache import (BackboneSettings, FeatureCache, backbone_id, build_backbone, build_cache, cache_folder,
                             check_cuda, features, plan_cache)
 from .listing import GroupSpec, list_layout
@@ -190,19 +190,12 @@ class GroupFeatures:
         if self._backbone is None:
             self._backbone = build_backbone(self.settings.backbone)
         uris = [group.image_uris[r] for r in rows]
-        pixels, kept = [], []
-        for uri, data in zip(uris, read_many(uris, self.settings.storage_options)):
-            try:  # a bad file is skipped here: training has no rows to report it in
-                if isinstance(data, BaseException):
-                    raise data
-                pixels.append(decode_image(data)[0])
-                kept.append(uri)
-            except Exception as exc:  # noqa: BLE001
-                print(f"[train] skipping {uri}: {exc}", file=sys.stderr)
-        if not pixels:
+        ok, pixels = decode_network_views(uris, self.settings.storage_options, "train")
+        kept = [u for u, good in zip(uris, ok) if good]
+        if not kept:
             return torch.zeros(0), torch.zeros(0), []
         backbone, device, dtype = self._backbone
-        tokens, attention = features(backbone, np.stack(pixels), device, dtype, self.settings.backbone.micro_batch)
+        tokens, attention = features(backbone, pixels, device, dtype, self.settings.backbone.micro_batch)
         # clone: the backbone ran in inference mode, and autograd may not save such tensors for the head's backward
         return tokens.clone(), attention.clone(), kept
 

@@ -35,3 +35,4 @@ def test_the_model_does_import_them():
     build = ("from scosparc_core import DinoBackbone\n"
              "DinoBackbone.create('vit_base_patch8_224', random_init=True, embed_dim=24, depth=1, num_heads=1)")
     assert {"torch", "timm"} <= set(imported_by(build))
+    assert "timm" not in imported_by("import jobs.infer")
