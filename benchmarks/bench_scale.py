@@ -24,9 +24,9 @@ Processes, each measured on its own:
   * the resume (another fresh driver process, as a user re-running the command): ``run_inference`` on the same
     output with everything done, timed from the call, Ray's start-up included.
 Then the output is counted (Parquet shards, commit records, mask files). ``--resume-only`` replaces the first run
-(hours at N = 100,000 on 2 cores) by the output a finished run leaves, written with the job's own functions
-(``_run.json`` with its settings fingerprint, shards of rows without predictions and their commit records), and
-times the real resume, which must find nothing to do (``scale-<where>-<n>x<groups>-resume-only.json``). Prints
+(29 minutes at N = 100,000 on local disk with 2 cores, hours on moto) by the output a finished run leaves, written
+with the job's own functions (``_run.json`` with its settings fingerprint, shards of rows without predictions and
+their commit records), and times the real resume, which must find nothing to do (``scale-<where>-<n>x<groups>-resume-only.json``). Prints
 a table and writes ``benchmarks/results/scale-<where>-<n>x<groups>.json`` (``scale-<where>-one-group-<n>.json``).
 Targets (issue 11, N = 100,000 in 4,000 groups): driver peak RSS <= 1.5 GB, Parquet files <= 20, a resume with
 everything done <= 60 s; one group of 10,000 images: every worker's peak RSS <= 3 GB.

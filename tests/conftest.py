@@ -68,6 +68,16 @@ def tiny_weights(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def weights_model(tiny_weights):
+    """``SCoSPARC`` loaded from ``tiny_weights``' files, in-process: what the jobs' masks are compared with."""
+    from scosparc_core import SCoSPARC
+
+    backbone, head = tiny_weights
+    return SCoSPARC.from_checkpoints(backbone=backbone, head=head, backbone_name="vit_base_patch8_224",
+                                     micro_batch=8, **TINY_VIT)
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the session (address='local': never an existing cluster); shut down only if started here."""
     import ray

@@ -16,7 +16,6 @@ from conftest import TINY_ARGS, TINY_VIT
 from pipeline.infer import InferConfig, run_inference, stall_timeout
 from pipeline.resources import ClusterView, plan_resources
 from pipeline.sample import write_sample
-from scosparc_core import SCoSPARC
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,15 +73,12 @@ def test_one_row_per_image_and_an_error_row_for_the_corrupt_file(first_run, samp
     assert not (out / "_lease.json").exists()  # released
 
 
-def test_masks_equal_predict_group_on_the_same_images(first_run, tiny_weights, sample):
+def test_masks_equal_predict_group_on_the_same_images(first_run, weights_model, sample):
     out, _ = first_run
-    backbone, head = tiny_weights
-    model = SCoSPARC.from_checkpoints(backbone=backbone, head=head, backbone_name="vit_base_patch8_224",
-                                      micro_batch=16, **TINY_VIT)
     table = rows(out).set_index("name")
     for group, names in {"horse": ["horse_000", "horse_001", "horse_002"], "disc": ["disc_000", "disc_001", "disc_002"]}.items():
         images = [Image.open(sample / "image" / group / f"{n}.jpg") for n in names]
-        pred = model.predict_group(images, crf="coca")
+        pred = weights_model.predict_group(images, crf="coca")
         for name, expected in zip(names, pred.masks):
             written = np.asarray(Image.open(out / "masks" / group / f"{name}.png"))
             np.testing.assert_array_equal(written, expected)

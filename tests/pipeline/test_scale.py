@@ -19,7 +19,6 @@ from pipeline.predictions import from_ranges
 from pipeline.sample import write_sample
 from pipeline.stage1 import ModelSettings, Stage1Actor, Stage1Settings
 from pipeline.storage import Storage
-from scosparc_core import SCoSPARC
 
 BIG, SMALL = 24, 3  # one group larger than one pass below, one small enough to be decoded in a row
 PASSES = dict(row_images=8, one_pass_images=10)
@@ -57,7 +56,8 @@ def big_group_with_error(big_group, tmp_path_factory):
     return root
 
 
-def test_a_group_in_passes_gives_the_masks_of_predict_group(ray_local, tiny_weights, big_group, tmp_path):
+def test_a_group_in_passes_gives_the_masks_of_predict_group(ray_local, tiny_weights, weights_model, big_group,
+                                                           tmp_path):
     """The job with settings that read the big group in the stage-1 actor and run it in passes writes the masks
     and the threshold that ``predict_group`` (one pass, in-process) gives for the same images."""
     out = tmp_path / "passes"
@@ -67,12 +67,9 @@ def test_a_group_in_passes_gives_the_masks_of_predict_group(ray_local, tiny_weig
     table = rows(out)
     ok = table[table["status"] == "ok"]
     assert len(ok) == BIG + SMALL - 1 and ok["mae"].notna().all()
-    backbone, head = tiny_weights
-    model = SCoSPARC.from_checkpoints(backbone=backbone, head=head, backbone_name="vit_base_patch8_224",
-                                      micro_batch=8, **TINY_VIT)
     for group in ("horse", "disc"):
         mine = ok[ok["group"] == group].sort_values("index")
-        pred = model.predict_group([Image.open(big_group / "image" / group / n) for n in mine["name"]], crf="coca")
+        pred = weights_model.predict_group([Image.open(big_group / "image" / group / n) for n in mine["name"]], crf="coca")
         assert mine["threshold"].tolist() == pytest.approx([pred.threshold] * len(mine))  # one tau per group
         for uri, expected in zip(mine["mask_uri"], pred.masks):
             written = out / "masks" / uri.split("/masks/", 1)[1]
