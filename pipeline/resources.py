@@ -23,6 +23,7 @@ DECODE_S = 0.003  # 0.1-0.2 MP JPEG, read + both views
 WRITE_S = 0.002  # resize to the original size + PNG
 CRF_CPU_S = 0.11  # pydensecrf, 224 x 224, 10 iterations
 GIB = 1024**3
+CPU_STAGE1_MEMORY = 3 * GIB  # what a CPU stage-1 actor asks Ray for (README "Resources")
 
 
 class NoGPUError(RuntimeError):
@@ -179,6 +180,8 @@ def plan_resources(view: ClusterView, device: str, *, gpu_actors: int | None = N
     # CPU: one stage-1 actor whose torch uses the node's cores; fractional requests let a laptop run every
     # stage at once (the backbone dominates: ~1 s per image and core for ViT-B/8).
     stage1_args = {"num_gpus": 0, "num_cpus": 0.25}
+    if "memory" in res:  # ViT-B/8 at micro-batch 32 peaks at ~2.1 GiB; at most half the cluster's, so a laptop fits
+        stage1_args["memory"] = int(min(CPU_STAGE1_MEMORY, float(res["memory"]) / 2))
     decode_args = {"num_cpus": 0.25}
     refine_args = {"num_cpus": 0.25}
     threads = cpus
