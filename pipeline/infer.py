@@ -27,7 +27,8 @@ from scosparc_core.precision import PRECISIONS, resolve
 from .decode import DEFAULT_MAX_PIXELS, DecodeSettings, decode_group
 from .lease import Lease
 from .listing import InputSpec, check_input, group_dataset, summarize
-from .output_state import RUN_FILE, OutputState, check_settings, clear_output, groups_to_do, remove_orphans
+from .output_state import (RUN_FILE, OutputState, check_settings, clear_output, groups_to_do, groups_with_images,
+                           remove_orphans)
 from .predictions import MASK_FORMATS, PredictionsSink
 from .progress import JobState, Printer
 from .refine import RefineActor, RefineSettings
@@ -198,7 +199,8 @@ def run_inference(cfg: InferConfig) -> dict:
         run = check_settings(out, settings, redact_url(cfg.output))
         out.remove("_SUCCESS")  # a run in progress is not a success, whatever was there before
         out.write_json(RUN_FILE, {"settings": settings, "run": run, "started": started})
-        listed = set(listing.select_columns(["group_key"]).to_pandas()["group_key"])  # one short string a group
+        listed = set(listing.map_batches(groups_with_images, batch_format="pyarrow", batch_size=None)
+                     .to_pandas()["group_key"])  # one short string a group
         state = _settle(out, listed)
         # small blocks: a decode task and a stage-1 output per block, so rows stream on to refine and the sink
         # (Ray Data joins a task's outputs into one block up to 128 MiB: thousands of groups' URIs)

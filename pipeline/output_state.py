@@ -60,6 +60,9 @@ class OutputState:
     def __init__(self, records: list[dict]):
         self.records = sorted(records, key=lambda r: (r["run"], r["shard"]))
         replaced = {r.get("replaces") for r in self.records if r.get("replaces")}
+        # records of compacted shards that a compaction died before deleting: ``remove_orphans`` deletes them,
+        # or they would count again once the shard that replaced them is itself compacted away
+        self.stale = [r["shard"] for r in self.records if r["shard"] in replaced]
         self.records = [r for r in self.records if r["shard"] not in replaced]
         self._resolve()
 
@@ -226,7 +229,10 @@ def _subset_record(record: dict, shard: str, dropped: set[tuple[str, int]]) -> d
 
 
 def remove_orphans(out: Storage, state: OutputState) -> int:
-    """Shards and tars without a commit record (a write that died half-way) are removed."""
+    """Shards and tars without a commit record (a write that died half-way) are removed, and so are the records
+    of shards a compaction replaced (it died between writing the new record and deleting the old one)."""
+    for shard in state.stale:
+        out.remove(f"{COMMITS}/{posixpath.basename(shard).removesuffix('.parquet')}.json")
     committed = {r["shard"] for r in state.records} | {r["tar"] for r in state.records if r.get("tar")}
     removed = 0
     for folder, suffix in (("predictions", ".parquet"), ("masks", ".tar")):
@@ -318,6 +324,15 @@ def mark_todo(row: dict, plans_ref) -> list[dict]:
             return []
         only = sorted(redo)
     return [{**row, "group_hash": h, "only": only, "group_rows": len(only) or n}]
+
+
+def groups_with_images(batch):
+    """Ray Data ``map_batches`` over listed groups: the keys of those with images. A group folder emptied since
+    the last run is no longer in the input, so its old rows go, as a deleted group's do."""
+    import pyarrow.compute as pc
+
+    has_images = pc.greater(pc.list_value_length(batch.column("names")), 0)
+    return pa.table({"group_key": batch.column("group_key").filter(has_images)})
 
 
 def groups_to_do(batch, plans_ref):

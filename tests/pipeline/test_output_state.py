@@ -115,22 +115,27 @@ def test_minus_keeps_the_parts_outside():
     assert _minus([[3, 5]], [(0, 10)]) == []
 
 
-def test_compact_drops_superseded_rows_and_their_errors(tmp_path):
+def shard_rows(indices, errors=None):
+    """A shard's rows of group ``g`` (6 images): ``errors`` index -> error class."""
     import pyarrow as pa
+
+    errors = errors or {}
+    n = len(indices)
+    return pa.table({"group_key": ["g"] * n, "index": pa.array(indices, pa.int32()),
+                     "status": ["error" if i in errors else "ok" for i in indices],
+                     "error_kind": ["Read:OSError" if i in errors else None for i in indices],
+                     "error_class": [errors.get(i) for i in indices],
+                     "image_bytes": pa.array([100] * n, pa.int64()), "group_size": pa.array([6] * n, pa.int32()),
+                     "group_hash": ["h"] * n, "mask_key": [None] * n})
+
+
+def test_compact_drops_superseded_rows_and_their_errors(tmp_path):
     import pyarrow.parquet as pq
 
     from pipeline.predictions import write_shard
     from pipeline.storage import Storage
 
-    def rows(indices, errors):
-        n = len(indices)
-        return pa.table({"group_key": ["g"] * n, "index": pa.array(indices, pa.int32()),
-                         "status": ["error" if i in errors else "ok" for i in indices],
-                         "error_kind": ["Read:OSError" if i in errors else None for i in indices],
-                         "error_class": [errors.get(i) for i in indices],
-                         "image_bytes": pa.array([100] * n, pa.int64()), "group_size": pa.array([6] * n, pa.int32()),
-                         "group_hash": ["h"] * n, "mask_key": [None] * n})
-
+    rows = shard_rows
     out = Storage(str(tmp_path), {})
     first = write_shard(out, 1, rows(list(range(6)), {1: TRANSIENT, 4: PERMANENT}), "png")
     second = write_shard(out, 2, rows([1], {}), "png")  # the transient error, redone
@@ -145,3 +150,34 @@ def test_compact_drops_superseded_rows_and_their_errors(tmp_path):
     assert pq.read_table(tmp_path / kept["shard"]).column("index").to_pylist() == [0, 2, 3, 4, 5]
     assert not (tmp_path / first["shard"]).exists() and after.superseded() == {}
     assert after.counts()["rows"] == 6 and after.plans()["g"].permanent == ((4, 100),)
+
+
+def test_a_compaction_that_died_before_deleting_the_old_record(tmp_path):
+    """The new shard and record were written, the old record was not deleted yet: the old record must go with
+    its shard, or it would count again once the shard that replaced it is compacted away in turn."""
+    from pipeline.output_state import remove_orphans
+    from pipeline.predictions import COMMITS, write_shard
+    from pipeline.storage import Storage
+
+    out = Storage(str(tmp_path), {})
+    first = write_shard(out, 1, shard_rows(list(range(6))), "png")
+    write_shard(out, 2, shard_rows([1]), "png")
+    old_record = (tmp_path / COMMITS / first["shard"].split("/")[-1].replace(".parquet", ".json")).read_bytes()
+    old_shard = (tmp_path / first["shard"]).read_bytes()
+    state = OutputState.load(out)
+    state.compact(out, state.superseded())
+    (tmp_path / COMMITS / first["shard"].split("/")[-1].replace(".parquet", ".json")).write_bytes(old_record)
+    (tmp_path / first["shard"]).write_bytes(old_shard)  # the job died here
+
+    state = OutputState.load(out)
+    assert state.stale == [first["shard"]] and state.counts()["rows"] == 6
+    remove_orphans(out, state)
+    assert not (tmp_path / first["shard"]).exists()
+    assert sorted(p.name for p in (tmp_path / COMMITS).iterdir()) == sorted(
+        r["shard"].split("/")[-1].replace(".parquet", ".json") for r in state.records)
+    # a third run redoes every image: both shards left are compacted away, and nothing else comes back
+    write_shard(out, 3, shard_rows(list(range(6))), "png")
+    state = OutputState.load(out)
+    state.compact(out, state.superseded())
+    after = OutputState.load(out)
+    assert [r["run"] for r in after.records] == [3] and after.counts()["rows"] == 6 and after.stale == []

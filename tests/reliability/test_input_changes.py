@@ -2,6 +2,8 @@
 the re-run must account for the input as it is now."""
 import shutil
 
+import pytest
+
 from fsspec.implementations.local import LocalFileSystem
 
 from audit import output_rows
@@ -10,22 +12,28 @@ from pipeline.infer import InferConfig, run_inference
 from pipeline.sample import write_sample
 
 
-def test_a_group_deleted_from_the_input_after_a_run(ray_local, tiny_weights, tmp_path):
+@pytest.mark.parametrize("change", ["deleted", "emptied"])
+def test_a_group_deleted_from_the_input_after_a_run(ray_local, tiny_weights, tmp_path, change):
+    """``emptied``: the group's files go but its folder stays (a local folder, or an S3 folder marker): the
+    group is listed with no images, and its old rows must go as a deleted group's do."""
     data, out = tmp_path / "data", tmp_path / "out"
     write_sample(str(data), {"horse": 2, "disc": 1})
     backbone, head = tiny_weights
     cfg = InferConfig(input=str(data), output=str(out), backbone=backbone, head=head, crf="none",
                       backbone_name="vit_base_patch8_224", backbone_kwargs=dict(TINY_VIT), progress_interval=5)
     run_inference(cfg)
-    shutil.rmtree(data / "image" / "disc")
-    shutil.rmtree(data / "groundtruth" / "disc")
+    for folder in (data / "image" / "disc", data / "groundtruth" / "disc"):
+        shutil.rmtree(folder)
+        if change == "emptied":
+            folder.mkdir()
+    what = f"a whole group {change} in the input between runs"
     try:
         manifest = run_inference(cfg)
     except RuntimeError:
-        record_fault("a whole group deleted from the input between runs", 1, False)
+        record_fault(what, 1, False)
         raise
     rows = output_rows(LocalFileSystem(), str(out))
     survived = manifest["output"]["rows"] == manifest["input"]["images"] == 2 and (out / "_SUCCESS").exists()
-    record_fault("a whole group deleted from the input between runs", 1, survived)
+    record_fault(what, 1, survived)
     assert manifest["processed"]["images"] == 0 and survived
     assert set(rows["group"]) == {"horse"}  # readers of predictions/ see only the input's images
