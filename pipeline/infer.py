@@ -7,6 +7,7 @@ run in Ray tasks, and the counts come from the commit records.
 """
 from __future__ import annotations
 
+import _thread
 import contextlib
 import dataclasses
 import os
@@ -182,7 +183,10 @@ def run_inference(cfg: InferConfig) -> dict:
         view = cluster_view()
         if cfg.dry_run:
             return _dry_run(cfg, view)
-        lease = stack.enter_context(Lease(out, ttl=cfg.lease_ttl, holder={"job": "infer"}))
+        # a lost lease interrupts the driver (KeyboardInterrupt in this thread), which stops the dataset
+        lease = stack.enter_context(Lease(out, ttl=cfg.lease_ttl, holder={"job": "infer"},
+                                          on_lost=_thread.interrupt_main))
+        stack.enter_context(_lease_lost_is_an_error(lease))
         device, view = choose_device(cfg.device, view, cfg.gpu_wait, cfg.gpu_actors or 1)
         precision = resolve(cfg.dtype, device)
         micro_batch = cfg.micro_batch or default_micro_batch(device)
@@ -253,6 +257,16 @@ def run_inference(cfg: InferConfig) -> dict:
         _log(f"done: {counts['rows']} rows ({counts['ok']} ok, {counts['permanent_errors']} permanent and "
              f"{counts['transient_errors']} transient errors) -> {redact_url(out.url())}")
         return manifest
+
+
+@contextlib.contextmanager
+def _lease_lost_is_an_error(lease: Lease):
+    """The interrupt of a lost lease becomes LeaseLost (a user's Ctrl-C stays a KeyboardInterrupt)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        lease.check()
+        raise
 
 
 def _settle(out: Storage, listed: set[str]) -> OutputState:

@@ -50,10 +50,14 @@ class _Conflict(Exception):
 class Lease:
     """``with Lease(Storage(output)) as lease:`` takes the lease (or raises LeaseHeld), renews it in a daemon
     thread every ttl/3 and releases it on exit; ``lease.lost`` turns True when a renewal finds the lease gone or
-    taken, and ``lease.check()`` raises LeaseLost then. ``holder`` adds fields to the record (e.g. job_id)."""
+    taken, and ``lease.check()`` raises LeaseLost then. ``holder`` adds fields to the record (e.g. job_id);
+    ``on_lost`` is called from the renewal thread when the lease is lost (the job stops writing at once rather
+    than after its dataset: another job may own the output by then)."""
 
-    def __init__(self, storage: Storage, ttl: float = 120.0, key: str = "_lease.json", holder: dict | None = None):
+    def __init__(self, storage: Storage, ttl: float = 120.0, key: str = "_lease.json", holder: dict | None = None,
+                 on_lost=None):
         self.storage, self.ttl, self.key = storage, float(ttl), key
+        self.on_lost = on_lost
         self.id = uuid.uuid4().hex
         self.info = {"holder": self.id, "host": socket.gethostname(), "pid": os.getpid(), "job_id": None,
                      **redact(dict(holder or {}))}
@@ -157,14 +161,16 @@ class Lease:
                 self.renew()
             except LeaseLost as err:
                 log.error("%s", err)
-                return
+                break
             except Exception as err:  # noqa: BLE001 - a failed renewal is retried at the next tick
                 if time.time() > _expires(self._record or {}):
                     self._lost.set()
                     log.error("could not renew the lease on %s before it expired: %s", self.url,
                               redact_text(str(err)))
-                    return
+                    break
                 log.warning("renewing the lease on %s failed, trying again: %s", self.url, redact_text(str(err)))
+        if self.lost and self.on_lost is not None and not self._stop.is_set():  # not while releasing
+            self.on_lost()
 
     def _stop_renewal(self) -> None:
         self._stop.set()

@@ -181,3 +181,39 @@ def test_the_record_carries_no_credentials(output):
     for secret in ("s3cret", "u:pw", "t0k"):
         assert secret not in stored and secret not in str(refused.value)
     lease.release()
+
+
+def test_a_job_whose_lease_is_taken_stops_writing_at_once(ray_local, tiny_weights, tmp_path):
+    """Another job takes the output over while ours runs (ours was paused past its expiry, say): ours must stop
+    within a renewal period, not write and commit the rest of its dataset into an output it no longer owns."""
+    from conftest import TINY_VIT
+    from pipeline.infer import InferConfig, run_inference
+    from pipeline.predictions import COMMITS
+    from pipeline.sample import write_sample
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_sample(str(data), {f"g{i}": 1 for i in range(6)})
+    backbone, head = tiny_weights
+    cfg = InferConfig(input=str(data), output=str(out), backbone=backbone, head=head, crf="none",
+                      backbone_name="vit_base_patch8_224", backbone_kwargs=dict(TINY_VIT), lease_ttl=3.0,
+                      fault={"delay_s": 3.0})  # a stage-1 call per group: ~18 s of dataset
+    taken = {}
+
+    def take_over():
+        deadline = time.time() + 120
+        while not (out / "_run.json").exists() and time.time() < deadline:  # written just before the dataset
+            time.sleep(0.05)
+        taken["at"] = time.monotonic()
+        (out / KEY).write_text(json.dumps({"holder": "other", "host": "elsewhere", "pid": 1, "job_id": "other",
+                                           "started": "now", "expires": time.time() + 3600, "ttl": 3600.0}))
+
+    thief = threading.Thread(target=take_over)
+    thief.start()
+    with pytest.raises(LeaseLost):
+        run_inference(cfg)
+    stopped = time.monotonic()
+    thief.join()
+    records = [json.loads(p.read_text()) for p in (out / COMMITS).glob("*.json")] if (out / COMMITS).exists() else []
+    assert sum(r["rows"] for r in records) < 6 and not (out / "_SUCCESS").exists()
+    assert stopped - taken["at"] < 12  # a renewal (1 s) and the dataset's shutdown, not the 18 s left to run
+    assert json.loads((out / KEY).read_text())["holder"] == "other"  # the other job's lease is left alone
