@@ -110,7 +110,9 @@ def main(argv=None) -> int:
     try:
         result = run_inference(cfg)
     except (ValueError, FileNotFoundError, LeaseHeld, OtherSettingsError, NoGPUError) as exc:
-        # the input, weights, output or cluster do not allow the job (checked before any work): say why
+        if not getattr(exc, "before_work", False):
+            raise  # a failure during the work: its traceback is the report
+        # the settings, input, weights, output or cluster do not allow the job (checked before any work): say why
         print(f"error: {redact_text(str(exc))}", file=sys.stderr, flush=True)
         return 2
     if cfg.dry_run:

@@ -98,6 +98,17 @@ def validate(cfg: InferConfig) -> None:
         if value not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
     assert set(("auto", "torch", "pydensecrf")) <= set(CRF_BACKENDS)
+    positive = {"micro_batch": cfg.micro_batch, "chunk_size": cfg.chunk_size, "row_images": cfg.row_images,
+                "one_pass_images": cfg.one_pass_images, "rows_per_shard": cfg.rows_per_shard,
+                "max_pixels": cfg.max_pixels, "gpu_actors": cfg.gpu_actors, "gpus_per_actor": cfg.gpus_per_actor,
+                "progress_interval": cfg.progress_interval, "lease_ttl": cfg.lease_ttl}
+    for name, value in positive.items():
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be positive, not {value!r}")
+    if cfg.gpu_wait < 0:
+        raise ValueError(f"gpu_wait must be 0 or more seconds, not {cfg.gpu_wait!r}")
+    if cfg.stall_timeout is not None and not (cfg.stall_timeout > 0 or cfg.stall_timeout == -1):
+        raise ValueError(f"stall_timeout must be positive seconds or -1 (never), not {cfg.stall_timeout!r}")
     if cfg.head is None and not cfg.random_init:
         raise ValueError("no stage-1 head: pass --head model_combined.pt (README, 'Weights'), or --random-init "
                          "for a demo with random weights")
@@ -169,15 +180,15 @@ def run_inference(cfg: InferConfig) -> dict:
     import ray
 
     started, t0 = _now(), time.monotonic()
-    validate(cfg)
-    check_input(cfg.spec())
-    digests = check_weights(cfg)
-    out = Storage(cfg.output, cfg.storage_options)
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
+    refusals = _Refusals()
     with contextlib.ExitStack() as stack:
-        if started_ray:
+        stack.push(refusals)
+        validate(cfg)
+        check_input(cfg.spec())
+        digests = check_weights(cfg)
+        out = Storage(cfg.output, cfg.storage_options)
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
             stack.callback(ray.shutdown)
         stack.callback(release_requests)
         view = cluster_view()
@@ -201,6 +212,7 @@ def run_inference(cfg: InferConfig) -> dict:
         if cfg.overwrite:
             clear_output(out)
         run = check_settings(out, settings, redact_url(cfg.output))
+        refusals.working = True
         out.remove("_SUCCESS")  # a run in progress is not a success, whatever was there before
         out.write_json(RUN_FILE, {"settings": settings, "run": run, "started": started})
         listed = set(listing.map_batches(groups_with_images, batch_format="pyarrow", batch_size=None)
@@ -257,6 +269,19 @@ def run_inference(cfg: InferConfig) -> dict:
         _log(f"done: {counts['rows']} rows ({counts['ok']} ok, {counts['permanent_errors']} permanent and "
              f"{counts['transient_errors']} transient errors) -> {redact_url(out.url())}")
         return manifest
+
+
+class _Refusals:
+    """An ExitStack exit callback: an exception raised before the job starts its work (the checks of settings,
+    input, weights, lease, cluster and output settings) gets ``before_work = True``; the CLI then prints its
+    message alone and exits 2. One raised later keeps its traceback."""
+
+    working = False
+
+    def __call__(self, exc_type, exc, tb) -> bool:
+        if exc is not None and not self.working:
+            exc.before_work = True
+        return False
 
 
 @contextlib.contextmanager

@@ -66,3 +66,31 @@ def test_a_missing_head_fails_before_anything_is_written(tmp_path, monkeypatch, 
     assert code == 2 and err.startswith("error: no stage-1 head") and "Weights" in err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("setting", [("--stall-timeout", "0"), ("--chunk-size", "0"), ("--micro-batch", "-4")])
+def test_settings_that_cannot_work_are_refused_before_anything_is_written(setting, tmp_path, monkeypatch, capsys):
+    code, _, err = run_script("infer.py", "--input", str(ROOT / "tests" / "golden"), "--output",
+                              str(tmp_path / "out"), "--random-init", *setting, monkeypatch=monkeypatch, capsys=capsys)
+    name = setting[0].removeprefix("--").replace("-", "_")
+    assert code == 2 and err.startswith(f"error: {name} must be") and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_value_error_during_the_work_keeps_its_traceback(ray_local, tiny_weights, tmp_path, monkeypatch, capsys):
+    """Only refusals before any work exit 2 with a one-line message; a failure once the job has started is not
+    reported as 'refused'."""
+    from conftest import TINY_ARGS
+    from pipeline import infer
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug in the middle of the job")
+
+    monkeypatch.setattr(infer, "_run_dataset", broken)
+    backbone, head = tiny_weights
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "jobs" / "infer.py"), "--input", str(ROOT / "tests" / "golden"),
+                                      "--output", str(tmp_path / "out"), "--backbone", backbone, "--head", head,
+                                      "--crf", "none", *TINY_ARGS])
+    with pytest.raises(ValueError, match="a bug in the middle"):
+        runpy.run_path(str(ROOT / "jobs" / "infer.py"), run_name="__main__")
+    assert (tmp_path / "out" / "_run.json").exists() and not (tmp_path / "out" / "_SUCCESS").exists()
