@@ -42,7 +42,8 @@ def parse_args(argv=None) -> tuple[InferConfig, bool]:
     src.add_argument("--mask-format", default=d.mask_format, choices=MASK_FORMATS,
                      help="png: masks/<group>/<stem>.png; parquet: PNG bytes in the predictions; webdataset: tar "
                           "shards of PNGs (for millions of masks)")
-    src.add_argument("--rows-per-shard", type=int, default=d.rows_per_shard, help="rows per predictions Parquet file")
+    src.add_argument("--rows-per-shard", type=int, default=d.rows_per_shard,
+                     help="rows per predictions Parquet file (at least: whole blocks; a run's last has fewer)")
     src.add_argument("--dry-run", action="store_true", help="list the input and print the plan; run nothing")
     src.add_argument("--accept-transient-errors", action="store_true",
                      help="write _SUCCESS even when transient errors remain (a re-run would redo them)")
@@ -74,7 +75,8 @@ def parse_args(argv=None) -> tuple[InferConfig, bool]:
     run.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor, help="default: 1")
     run.add_argument("--max-pixels", type=int, default=d.max_pixels, help="larger images are error rows")
     run.add_argument("--fast-decode", action="store_true",
-                     help="JPEG draft decoding (DCT scaling) for large photos; changes masks slightly (README)")
+                     help="JPEG draft decoding (DCT scaling): much faster for large photos, but it can change "
+                          "their masks a lot (README, 'Speed')")
     run.add_argument("--row-images", type=int, default=d.row_images,
                      help="groups with more images are read by the stage-1 actor, not decode tasks")
     run.add_argument("--one-pass-images", type=int, default=d.one_pass_images,

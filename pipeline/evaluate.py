@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import posixpath
+import sys
 import zlib
 from array import array
 from collections.abc import Callable, Iterator, Mapping
@@ -45,7 +46,9 @@ from PIL import Image
 from scosparc_core.metrics import CURVE_POINTS, CURVES, SCALARS, WIDTH, MetricSums, image_metrics
 
 from .decode import error_kind, read_gt, read_many
-from .storage import Storage
+from .output_state import OutputState
+from .predictions import COMMITS
+from .storage import Storage, redact_url
 
 # Published SCoSPARC figures (trained on COCO-9213 + DUTS-Class): max-F, S-measure, max-E, MAE.
 PAPER = {
@@ -242,7 +245,15 @@ class StreamingEvaluation:
 # ---- runs -----------------------------------------------------------------------------------------------------
 
 def _run_files(source: Source) -> tuple[Storage, list[str]]:
+    """The run's prediction shards: those its commit records name (a shard a job died writing is not one), or,
+    for a folder without records, every Parquet file under ``predictions/``."""
     out = Storage(source.run, source.options)
+    if out.exists(COMMITS):
+        if not out.exists("_SUCCESS"):
+            print(f"[evaluate] {redact_url(out.url())} has no _SUCCESS: the run is unfinished or has transient "
+                  "errors; images without rows are left out, and rows a re-run superseded but has not yet "
+                  "compacted count twice. Run the job again to finish it.", file=sys.stderr, flush=True)
+        return out, sorted(out.path(r["shard"]) for r in OutputState.load(out).records)
     root = out.path("predictions")
     files = sorted(p for p in (out.fs.find(root) if out.fs.exists(root) else [])
                    if p.endswith(".parquet") and not posixpath.basename(p).startswith(("_", ".")))

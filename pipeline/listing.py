@@ -78,7 +78,7 @@ class GroupSpec:
 
     @property
     def key(self) -> str:
-        """The group's safe name under --output (masks/<key>/, predictions/<key>-...)."""
+        """The group's safe name under --output (masks/<key>/; the ``group_key`` of its rows and records)."""
         return safe_component(self.group)
 
 

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import TRANSIENT
-from .predictions import COMMITS, from_ranges, group_hash, ranges
+from .predictions import COMMITS, from_ranges, group_hash, ranges, record_key
 from .storage import Storage, redact
 
 RUN_FILE = "_run.json"
@@ -131,15 +131,15 @@ class OutputState:
                                                    pc.cast(table.column("index"), pa.string()), "/")
             kept = table.filter(pc.invert(pc.is_in(row_keys, value_set=keys)))
             dropped += table.num_rows - kept.num_rows
-            stem = posixpath.basename(shard).removesuffix(".parquet")
+            stem = posixpath.basename(shard).removesuffix(".parquet")  # the new shard's name extends it
             if kept.num_rows:
                 new_shard = f"predictions/{stem}-c{len(rows)}.parquet"
                 buf = io.BytesIO()
                 pq.write_table(kept, buf, row_group_size=2048)
                 out.write_bytes(new_shard, buf.getvalue())
                 new_record = _subset_record(record, new_shard, rows)
-                out.write_json(f"{COMMITS}/{posixpath.basename(new_shard).removesuffix('.parquet')}.json", new_record)
-            out.remove(f"{COMMITS}/{stem}.json")
+                out.write_json(record_key(new_shard), new_record)
+            out.remove(record_key(shard))
             out.remove(shard)
         return dropped
 
@@ -232,7 +232,7 @@ def remove_orphans(out: Storage, state: OutputState) -> int:
     """Shards and tars without a commit record (a write that died half-way) are removed, and so are the records
     of shards a compaction replaced (it died between writing the new record and deleting the old one)."""
     for shard in state.stale:
-        out.remove(f"{COMMITS}/{posixpath.basename(shard).removesuffix('.parquet')}.json")
+        out.remove(record_key(shard))
     committed = {r["shard"] for r in state.records} | {r["tar"] for r in state.records if r.get("tar")}
     removed = 0
     for folder, suffix in (("predictions", ".parquet"), ("masks", ".tar")):

@@ -118,7 +118,7 @@ def write_shard(out: Storage, run: int, table: pa.Table, mask_format: str) -> di
     buf = io.BytesIO()
     pq.write_table(data, buf, row_group_size=2048)  # readers hold a row group at a time
     out.write_bytes(record["shard"], buf.getvalue())
-    out.write_json(f"{COMMITS}/{name}.json", record)  # last: a shard is committed when its record exists
+    out.write_json(record_key(record["shard"]), record)  # last: a shard is committed when its record exists
     return record
 
 
@@ -174,5 +174,6 @@ class PredictionsSink(Datasink):
         return "Predictions"
 
 
-def shard_name(record: dict) -> str:
-    return posixpath.basename(record["shard"]).removesuffix(".parquet")
+def record_key(shard: str) -> str:
+    """``predictions/<stem>.parquet`` -> the key of its commit record, ``_commits/<stem>.json``."""
+    return f"{COMMITS}/{posixpath.basename(shard).removesuffix('.parquet')}.json"

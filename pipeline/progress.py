@@ -21,13 +21,9 @@ class JobState:
         self.done_images = self.errors = 0
         self.group_images: dict[str, int] = {}
         self.done_groups = 0
-        self.sizes: dict[str, int] = {}
         self.long: dict[str, str] = {}
         self.running: dict[str, set[str]] = {}  # actor id -> batch keys it is running
         self.deaths: dict[str, int] = {}  # batch key -> actor deaths while it ran
-
-    def set_sizes(self, sizes: dict[str, int]) -> None:
-        self.sizes.update(sizes)
 
     def images_done(self, group_key: str, n: int, errors: int, group_size: int) -> None:
         self.done_images += n

@@ -1,4 +1,4 @@
-"""Refine (CPU tasks): the dense CRF where it did not run on the GPU, masks at original size, metrics, rows.
+"""Refine (CPU actors): the dense CRF where it did not run on the GPU, masks at original size, metrics, rows.
 
 Each chunk of a group becomes one row per image in the predictions schema, successful or not. The mask is
 resized to the image's original size once and encoded as PNG; it is written to ``masks/<group>/<stem>.png``

@@ -75,7 +75,7 @@ def cluster_view() -> ClusterView:
 class Plan:
     """device: where stage 1 runs; *_actors: (min, max) of an actor pool; *_args: Ray resource requests;
     stage1_calls: batches one actor works on at once (two on a GPU: one's CPU steps overlap the other's GPU work);
-    crf_backend: ``torch`` (beside stage 1), ``defer`` (pydensecrf in the refine tasks) or ``none``;
+    crf_backend: ``torch`` (beside stage 1), ``defer`` (pydensecrf in the refine actors) or ``none``;
     cpu_threads: torch threads of a CPU stage-1 actor; groups_per_batch: groups per stage-1 call."""
 
     device: str

@@ -7,8 +7,8 @@ image is its uint8 mask at 224 (and, when the CRF runs on CPU workers, its colou
 one row arrive undecoded: this actor reads them itself, in micro-batches, with the engine's passes when they do
 not fit in memory. Two calls run at once on a GPU actor, so one's CPU steps overlap the other's GPU work.
 
-Faults: an out-of-memory on a batch is retried group by group with smaller micro-batches (then in passes), and
-then becomes transient error rows; a CUDA error that poisons the context ends the process (Ray starts a new
+Faults: an out-of-memory on a batch is retried group by group with halved micro-batches, and then becomes
+transient error rows; a CUDA error that poisons the context ends the process (Ray starts a new
 actor and retries the batch); a batch that keeps killing its actor becomes error rows after ``max_attempts``.
 """
 from __future__ import annotations
@@ -47,8 +47,8 @@ class ModelSettings:
 class Stage1Settings:
     """What a stage-1 actor needs: the model, where and how it runs, the CRF, and how large groups are read.
 
-    precision: resolved name (``scosparc_core.precision``); crf_backend: ``torch`` (here), ``defer`` (pydensecrf
-    on the refine tasks) or ``none``; chunk_size: images per output row; one_pass_images: larger groups run in
+    precision: resolved name (``scosparc_core.precision``); crf_backend: ``torch`` (here) or ``defer``
+    (pydensecrf on the refine actors; also what ``crf="none"`` is given, since then no CRF runs); chunk_size: images per output row; one_pass_images: larger groups run in
     passes; fault: test-only fault injection (see ``Stage1Actor._inject``)."""
 
     model: ModelSettings

@@ -79,17 +79,7 @@ def crf_image(rgb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(cv2.resize(rgb, (INPUT_SIZE, INPUT_SIZE), interpolation=cv2.INTER_LINEAR))
 
 
-def mask_png(mask224: np.ndarray) -> np.ndarray:
-    """A ``(224, 224)`` map in [0, 1] -> ``uint8``: ``np.uint8(map * 255)`` as the paper code writes it (truncates)."""
-    return np.asarray(mask224 * 255).astype(np.uint8)
-
-
 def to_original_size(png224: np.ndarray, height: int, width: int) -> np.ndarray:
     """A ``(224, 224)`` uint8 mask -> ``(height, width)`` with OpenCV bilinear, as the paper code resizes its PNGs
     (edge pixels take in-between values)."""
     return cv2.resize(png224, (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
-
-
-def mask_to_original(mask224: np.ndarray, height: int, width: int) -> np.ndarray:
-    """A ``(224, 224)`` map in [0, 1] -> ``(height, width) uint8``, as the paper code writes its PNGs."""
-    return to_original_size(mask_png(mask224), height, width)

@@ -12,7 +12,7 @@ from .checkpoints import load_head_checkpoint, save_head_checkpoint
 from .crf import CRFParams, crf_params
 from .engine import GroupEngine, default_micro_batch
 from .image import crf_image, network_pixels, to_original_size, to_rgb
-from .modeling.backbone import DEFAULT_BACKBONE, DinoBackbone, cls_attention_maps
+from .modeling.backbone import DEFAULT_BACKBONE, DinoBackbone
 from .modeling.stage1 import Stage1Head
 
 
@@ -146,13 +146,6 @@ class SCoSPARC:
         save_head_checkpoint(self.head, dest)
 
     # -- stages ---------------------------------------------------------------------------------------------
-    def features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Network pixels (N, 224, 224, 3) uint8 -> tokens (N, P, C) float32 and the resampled CLS attention
-        (N, h, w) on the device (what training uses)."""
-        inputs = self.backbone.preprocess(torch.as_tensor(pixels).to(self.device))
-        tokens, raw = self.backbone.extract(inputs, micro_batch=self.engine.micro_batch, dtype=self.engine.precision)
-        return tokens, cls_attention_maps(raw)[1]
-
     @torch.inference_mode()
     def stage1(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (N, P, C) -> stage-1 weights (N, P)."""

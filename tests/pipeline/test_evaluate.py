@@ -332,6 +332,23 @@ def test_two_inputs_give_a_comparison(report):
     assert "src=\"http" not in page and "href=\"http" not in page  # self-contained
 
 
+def test_an_unfinished_run_is_read_from_its_commit_records(report, tmp_path, capsys):
+    """A shard a job died writing (no record) is not read, and a run without _SUCCESS is named as unfinished."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(report[0].parent / "run", run)
+    (shard,) = list((run / "predictions").glob("*.parquet"))
+    shutil.copy(shard, run / "predictions" / "part-r0002-deadbeef.parquet")  # every row again, uncommitted
+    (run / "_SUCCESS").unlink()
+    metrics, _ = evaluate([Source("scosparc", run=str(run))])
+    assert "has no _SUCCESS" in capsys.readouterr().err
+    before = report[1][report[1]["label"] == "scosparc"].set_index(["scope", "group"])
+    after = metrics.set_index(["scope", "group"])
+    for key in ("images", "max_fm", "sm", "mae"):
+        assert after[key].tolist() == before[key].tolist(), key
+
+
 def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -156,25 +156,25 @@ def test_a_compaction_that_died_before_deleting_the_old_record(tmp_path):
     """The new shard and record were written, the old record was not deleted yet: the old record must go with
     its shard, or it would count again once the shard that replaced it is compacted away in turn."""
     from pipeline.output_state import remove_orphans
-    from pipeline.predictions import COMMITS, write_shard
+    from pipeline.predictions import COMMITS, record_key, write_shard
     from pipeline.storage import Storage
 
     out = Storage(str(tmp_path), {})
     first = write_shard(out, 1, shard_rows(list(range(6))), "png")
     write_shard(out, 2, shard_rows([1]), "png")
-    old_record = (tmp_path / COMMITS / first["shard"].split("/")[-1].replace(".parquet", ".json")).read_bytes()
+    old_record = (tmp_path / record_key(first["shard"])).read_bytes()
     old_shard = (tmp_path / first["shard"]).read_bytes()
     state = OutputState.load(out)
     state.compact(out, state.superseded())
-    (tmp_path / COMMITS / first["shard"].split("/")[-1].replace(".parquet", ".json")).write_bytes(old_record)
+    (tmp_path / record_key(first["shard"])).write_bytes(old_record)
     (tmp_path / first["shard"]).write_bytes(old_shard)  # the job died here
 
     state = OutputState.load(out)
     assert state.stale == [first["shard"]] and state.counts()["rows"] == 6
     remove_orphans(out, state)
     assert not (tmp_path / first["shard"]).exists()
-    assert sorted(p.name for p in (tmp_path / COMMITS).iterdir()) == sorted(
-        r["shard"].split("/")[-1].replace(".parquet", ".json") for r in state.records)
+    assert sorted(f"{COMMITS}/{p.name}" for p in (tmp_path / COMMITS).iterdir()) == sorted(
+        record_key(r["shard"]) for r in state.records)
     # a third run redoes every image: both shards left are compacted away, and nothing else comes back
     write_shard(out, 3, shard_rows(list(range(6))), "png")
     state = OutputState.load(out)
