@@ -18,8 +18,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jobs.arguments import Formatter, KeyValues, add_storage_args, key_value, storage_from  # noqa: E402
-from pipeline.infer import DEVICES, InferConfig, run_inference  # noqa: E402
+from pipeline.infer import CRF_BACKEND_CHOICES, DEVICES, InferConfig, run_inference  # noqa: E402
 from pipeline.lease import LeaseHeld  # noqa: E402
+from pipeline.listing import LAYOUTS  # noqa: E402
 from pipeline.output_state import OtherSettingsError  # noqa: E402
 from pipeline.predictions import MASK_FORMATS  # noqa: E402
 from pipeline.resources import NoGPUError  # noqa: E402
@@ -34,7 +35,7 @@ def parse_args(argv=None) -> tuple[InferConfig, bool]:
     src = ap.add_argument_group("input and output")
     src.add_argument("--input", help="URL or path: <root>/image/<group>/* (CoSOD layout) or <root>/<group>/*")
     src.add_argument("--manifest", help="Parquet, CSV or CSV.gz with columns group, image_uri [, gt_uri]")
-    src.add_argument("--layout", default=d.layout, choices=["auto", "cosod", "groups"],
+    src.add_argument("--layout", default=d.layout, choices=LAYOUTS,
                      help="how --input is read; auto refuses a root that looks like image/mask folders")
     src.add_argument("--sample", action="store_true", help="write the embedded synthetic sample and run on it")
     src.add_argument("--output", default=d.output, help="URL or path for the results")
@@ -57,7 +58,7 @@ def parse_args(argv=None) -> tuple[InferConfig, bool]:
                        metavar="KEY=VALUE", help="timm architecture override, e.g. depth=2")
     model.add_argument("--crf", default=d.crf, choices=sorted(CRF_PRESETS),
                        help="the paper's CRF preset: coca and cosod3k share one; Cosal2015 needs cosal2015")
-    model.add_argument("--crf-backend", default=d.crf_backend, choices=["auto", "torch", "pydensecrf"],
+    model.add_argument("--crf-backend", default=d.crf_backend, choices=CRF_BACKEND_CHOICES,
                        help="auto: the torch CRF beside stage 1 on GPUs, pydensecrf on CPU workers otherwise")
     model.add_argument("--dtype", default=d.dtype, choices=PRECISIONS,
                        help="the backbone's number format; auto: float32 on CPU, the measured default on CUDA")

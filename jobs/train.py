@@ -21,6 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jobs.arguments import Formatter, KeyValues, add_storage_args, key_value, storage_from  # noqa: E402
+from pipeline.listing import LAYOUTS  # noqa: E402
 from pipeline.train import PlacementError, RunMismatchError, TrainConfig, config_defaults, run_training  # noqa: E402
 from scosparc_core.precision import AUTO, PRECISIONS  # noqa: E402
 
@@ -30,7 +31,7 @@ def parse_args(argv=None) -> TrainConfig:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     ap.add_argument("--data", action="append", required=True, help="training root in the CoSOD layout (repeatable)")
     ap.add_argument("--val", help="validation root with ground truth (e.g. CoCA)")
-    ap.add_argument("--layout", default=d["layout"], choices=["auto", "cosod", "groups"],
+    ap.add_argument("--layout", default=d["layout"], choices=LAYOUTS,
                     help="how the roots are read: image/ + groundtruth/ (cosod), or group folders (groups)")
     ap.add_argument("--storage", required=True, help="URL or path for checkpoints, metrics and the feature cache")
     ap.add_argument("--name", required=True, help="run name; the same name resumes")

@@ -155,6 +155,18 @@ class Decoded:
     net: np.ndarray | None
     crf: np.ndarray | None
 
+    @classmethod
+    def undecoded(cls, n: int) -> "Decoded":
+        """A group left to the stage-1 actor: no status yet, no views."""
+        empty = np.zeros((0, *VIEW), np.uint8)
+        return cls(np.zeros(n, bool), [None] * n, np.zeros(n, np.int32), np.zeros(n, np.int32), empty, empty)
+
+    def error_columns(self) -> dict:
+        """The rows' error, error_kind and error_class columns ("" where the image decoded)."""
+        return {"error": [e[2] if e else "" for e in self.errors],
+                "error_kind": [e[0] if e else "" for e in self.errors],
+                "error_class": [e[1] if e else "" for e in self.errors]}
+
 
 def decode_images(uris: list[str], settings: DecodeSettings, keep: bool = True) -> Decoded:
     """Reads and decodes ``uris`` in order; ``keep=False`` only learns which decode and their sizes."""
@@ -184,22 +196,9 @@ def decode_group(row: dict, settings: DecodeSettings) -> dict:
     start = time.perf_counter()
     uris = list(row["image_uris"])
     small = len(uris) <= settings.row_images
-    d = decode_images(uris, settings) if small else None
-    n = len(uris)
-    errors = d.errors if d else [None] * n
-    return {
-        **row,
-        "decoded": small,
-        "ok": d.ok if d else np.zeros(n, bool),
-        "error": [e[2] if e else "" for e in errors],
-        "error_kind": [e[0] if e else "" for e in errors],
-        "error_class": [e[1] if e else "" for e in errors],
-        "height": d.height if d else np.zeros(n, np.int32),
-        "width": d.width if d else np.zeros(n, np.int32),
-        "net": d.net if d else np.zeros((0, *VIEW), np.uint8),
-        "crf": d.crf if d else np.zeros((0, *VIEW), np.uint8),
-        "decode_s": time.perf_counter() - start,
-    }
+    d = decode_images(uris, settings) if small else Decoded.undecoded(len(uris))
+    return {**row, "decoded": small, "ok": d.ok, **d.error_columns(), "height": d.height, "width": d.width,
+            "net": d.net, "crf": d.crf, "decode_s": time.perf_counter() - start}
 
 
 def decode_network_views(uris: list[str], storage_options: dict, who: str) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ from scosparc_core.precision import PRECISIONS, resolve
 
 from .decode import DEFAULT_MAX_PIXELS, DecodeSettings, decode_group
 from .lease import Lease
-from .listing import InputSpec, check_input, group_dataset, summarize
+from .listing import LAYOUTS, InputSpec, check_input, group_dataset, summarize
 from .output_state import (RUN_FILE, OutputState, check_settings, clear_output, groups_to_do, groups_with_images,
                            remove_orphans)
 from .predictions import MASK_FORMATS, PredictionsSink
@@ -38,6 +38,7 @@ from .stage1 import ModelSettings, Stage1Actor, Stage1Settings
 from .storage import Storage, redact, redact_url
 
 DEVICES = ("auto", "cuda", "cpu")
+CRF_BACKEND_CHOICES = tuple(b for b in CRF_BACKENDS if b != "defer")  # defer: the job's own choice on CPUs
 
 
 @dataclass(frozen=True)
@@ -91,13 +92,11 @@ class InferConfig:
 def validate(cfg: InferConfig) -> None:
     """Settings that cannot work fail here, before anything is read or written."""
     crf_params(cfg.crf)
-    for name, value, choices in (("crf_backend", cfg.crf_backend, ("auto", "torch", "pydensecrf")),
+    for name, value, choices in (("crf_backend", cfg.crf_backend, CRF_BACKEND_CHOICES),
                                  ("device", cfg.device, DEVICES), ("dtype", cfg.dtype, PRECISIONS),
-                                 ("mask_format", cfg.mask_format, MASK_FORMATS),
-                                 ("layout", cfg.layout, ("auto", "cosod", "groups"))):
+                                 ("mask_format", cfg.mask_format, MASK_FORMATS), ("layout", cfg.layout, LAYOUTS)):
         if value not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
-    assert set(("auto", "torch", "pydensecrf")) <= set(CRF_BACKENDS)
     positive = {"micro_batch": cfg.micro_batch, "chunk_size": cfg.chunk_size, "row_images": cfg.row_images,
                 "one_pass_images": cfg.one_pass_images, "rows_per_shard": cfg.rows_per_shard,
                 "max_pixels": cfg.max_pixels, "gpu_actors": cfg.gpu_actors, "gpus_per_actor": cfg.gpus_per_actor,
@@ -131,10 +130,7 @@ def check_weights(cfg: InferConfig) -> dict:
         digests["backbone"] = checkpoint_digest(cfg.backbone, cfg.storage_options)
     if cfg.head:
         if dim is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                dim = DinoBackbone.create(cfg.backbone_name, random_init=True, **{**cfg.backbone_kwargs, "depth": 1}
-                                          ).embed_dim
+            dim = DinoBackbone.width(cfg.backbone_name, **cfg.backbone_kwargs)
         load_head_checkpoint(Stage1Head(dim), cfg.head, cfg.storage_options)
         digests["head"] = checkpoint_digest(cfg.head, cfg.storage_options)
     return digests
@@ -200,13 +196,9 @@ def run_inference(cfg: InferConfig) -> dict:
         stack.enter_context(_lease_lost_is_an_error(lease))
         device, view = choose_device(cfg.device, view, cfg.gpu_wait, cfg.gpu_actors or 1)
         precision = resolve(cfg.dtype, device)
-        micro_batch = cfg.micro_batch or default_micro_batch(device)
         listing = group_dataset(cfg.spec()).materialize()
         summary = summarize(listing)
-        mean_group = summary["images"] / max(summary["groups"] - summary["empty_groups"]["count"], 1)
-        plan = plan_resources(view, device, gpu_actors=cfg.gpu_actors, gpus_per_actor=cfg.gpus_per_actor,
-                              crf=cfg.crf, crf_backend=cfg.crf_backend, micro_batch=micro_batch,
-                              mean_group=mean_group)
+        plan, micro_batch = _plan(cfg, view, device, summary)
         crf_backend = {"torch": "torch", "defer": "pydensecrf", "none": "none"}[plan.crf_backend]
         settings = fingerprint(cfg, digests, precision, crf_backend)
         if cfg.overwrite:
@@ -313,15 +305,20 @@ def _settle(out: Storage, listed: set[str]) -> OutputState:
     return state
 
 
-def _dry_run(cfg: InferConfig, view) -> dict:
-    """Lists the input and prints the plan; starts nothing, writes nothing, waits for no GPU."""
-    summary = summarize(group_dataset(cfg.spec()).materialize())
-    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and (view.resources.get("GPU", 0) or view.ours)) \
-        else "cpu"
+def _plan(cfg: InferConfig, view, device: str, summary: dict) -> tuple[Plan, int]:
+    """The resource plan for the listed input, and the backbone's micro-batch."""
     micro_batch = cfg.micro_batch or default_micro_batch(device)
     mean_group = summary["images"] / max(summary["groups"] - summary["empty_groups"]["count"], 1)
     plan = plan_resources(view, device, gpu_actors=cfg.gpu_actors, gpus_per_actor=cfg.gpus_per_actor, crf=cfg.crf,
                           crf_backend=cfg.crf_backend, micro_batch=micro_batch, mean_group=mean_group)
+    return plan, micro_batch
+
+
+def _dry_run(cfg: InferConfig, view) -> dict:
+    """Lists the input and prints the plan; starts nothing, writes nothing, waits for no GPU."""
+    summary = summarize(group_dataset(cfg.spec()).materialize())
+    device, _ = choose_device(cfg.device, view, cfg.gpu_wait, wait=False)
+    plan, _ = _plan(cfg, view, device, summary)
     report = {"input": summary, "device": device, "precision": resolve(cfg.dtype, device),
               "plan": asdict(plan), "cluster": view.resources}
     _log(f"dry run: {summary['groups']} groups, {summary['images']} images "

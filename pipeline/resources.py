@@ -91,16 +91,19 @@ class Plan:
     notes: tuple[str, ...] = ()
 
 
-def choose_device(requested: str, view: ClusterView, wait_s: float, want_gpus: int = 1) -> tuple[str, ClusterView]:
+def choose_device(requested: str, view: ClusterView, wait_s: float, want_gpus: int = 1,
+                  wait: bool = True) -> tuple[str, ClusterView]:
     """``auto``: CUDA when the cluster has GPUs or is one of ours (then they are asked for and waited for);
-    ``cuda``: GPUs or an error; ``cpu``: CPUs on purpose. Returns the device and the view after any wait."""
+    ``cuda``: GPUs or an error; ``cpu``: CPUs on purpose. Returns the device and the view after any wait
+    (``wait=False``, a plan only: no request, no wait)."""
     if requested == "cpu":
         return "cpu", view
     if view.resources.get("GPU", 0) >= 1:
         return "cuda", view
     if requested == "auto" and not view.ours:
         return "cpu", view
-    view = wait_for_gpus(view, max(1, want_gpus), wait_s)
+    if wait:
+        view = wait_for_gpus(view, max(1, want_gpus), wait_s)
     return "cuda", view
 
 

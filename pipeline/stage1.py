@@ -185,10 +185,7 @@ class Stage1Actor:
             yield self._error_chunks(row, exc)
             return
         row = {**row, "decoded": True, "ok": probe.ok, "height": probe.height, "width": probe.width,
-               "error": [e[2] if e else "" for e in probe.errors],
-               "error_kind": [e[0] if e else "" for e in probe.errors],
-               "error_class": [e[1] if e else "" for e in probe.errors],
-               "decode_s": time.perf_counter() - start}
+               **probe.error_columns(), "decode_s": time.perf_counter() - start}
         ok = np.flatnonzero(probe.ok)
         if one_pass:
             row = {**row, "net": probe.net, "crf": probe.crf}

@@ -47,7 +47,7 @@ from scosparc_core import Stage1Head, load_head_checkpoint, save_head_checkpoint
 from scosparc_core.checkpoints import checkpoint_digest, head_state_dict
 from scosparc_core.image import INPUT_SIZE
 from scosparc_core.metrics import aggregate, image_metrics
-from scosparc_core.modeling import DEFAULT_BACKBONE
+from scosparc_core.modeling import DEFAULT_BACKBONE, DinoBackbone
 from scosparc_core.precision import PRECISIONS, resolve
 from scosparc_core.threshold import adaptive_threshold, image_confidences, stage1_map
 
@@ -674,8 +674,8 @@ def run_training(cfg: TrainConfig):
         loop = LoopSettings(
             backbone=settings, groups=usable(list(cfg.data)), val_groups=usable([cfg.val] if cfg.val else []),
             cache_folders=cache_folders, run_url=cfg.run_url(), storage_options=cfg.storage_options,
-            dim=_embed_dim(cfg), epochs=cfg.epochs, val_every=cfg.val_every, max_images=cfg.max_images, lr=cfg.lr,
-            weight_decay=cfg.weight_decay, seed=cfg.seed, backend=cfg.backend, init_head=cfg.init_head,
+            dim=DinoBackbone.width(cfg.backbone_name, **cfg.backbone_kwargs), epochs=cfg.epochs,
+            val_every=cfg.val_every, max_images=cfg.max_images, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed, backend=cfg.backend, init_head=cfg.init_head,
             fail_at_epoch=cfg.fail_at_epoch)
         storage = Storage(cfg.storage, cfg.storage_options)
         trainer = TorchTrainer(
@@ -701,14 +701,6 @@ def run_training(cfg: TrainConfig):
     finally:
         if started_ray:
             ray.shutdown()
-
-
-def _embed_dim(cfg: TrainConfig) -> int:
-    import timm
-
-    if "embed_dim" in cfg.backbone_kwargs:
-        return int(cfg.backbone_kwargs["embed_dim"])
-    return int(timm.create_model(cfg.backbone_name, pretrained=False, num_classes=0, depth=1).embed_dim)
 
 
 def config_defaults() -> dict:

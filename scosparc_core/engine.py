@@ -31,8 +31,8 @@ from .crf import CRFParams, crf_params, dense_crf
 from .modeling.backbone import DinoBackbone
 from .modeling.stage1 import Stage1Head
 from .precision import resolve
-from .region_filter import (foreground_means, keep_regions, label_regions, patch_masks, prototype_cosines,
-                            prototype_from_means, region_embeddings, stage2_masks)
+from .region_filter import (foreground_means, group_prototype, keep_regions, label_regions, patch_masks,
+                            prototype_cosines, prototype_from_means, region_embeddings, stage2_masks)
 from .threshold import adaptive_threshold, image_confidences, stage1_map
 
 CRF_BACKENDS = ("auto", "torch", "pydensecrf", "defer")
@@ -170,7 +170,7 @@ class GroupEngine:
             maps = stage1_map(weights, self.grid)
             conf = image_confidences(maps, self.grid).cpu().numpy()
             taus = [adaptive_threshold(conf[sl]) for sl in groups]
-            prototypes = torch.stack([prototype_from_means(*foreground_means(all_tokens[sl], weights[sl], tau))
+            prototypes = torch.stack([group_prototype(all_tokens[sl], weights[sl], tau)
                                       for sl, (_, tau) in zip(groups, taus)])
         group_of = np.repeat(np.arange(len(groups)), np.diff(bounds))
         image_tau = np.array([tau for _, tau in taus], np.float32)[group_of]

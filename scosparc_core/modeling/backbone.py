@@ -142,6 +142,16 @@ class DinoBackbone(nn.Module):
                 ) from exc
         return cls(vit)
 
+    @classmethod
+    def width(cls, name: str = DEFAULT_BACKBONE, **model_kwargs) -> int:
+        """The token width C of timm ``name`` with ``model_kwargs`` (a one-block model, random weights: no
+        download), what a stage-1 head must match."""
+        if "embed_dim" in model_kwargs:
+            return int(model_kwargs["embed_dim"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the random weights' warning: only the shape is read
+            return cls.create(name, random_init=True, **{**model_kwargs, "depth": 1}).embed_dim
+
     def forward(self, images: torch.Tensor, with_attention: bool = True) -> BackboneOutput:
         """images: (B, 3, H, W) normalised -> BackboneOutput (see its docstring)."""
         vit = self.vit
