@@ -112,6 +112,7 @@ class FeatureCache:
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url = url
         self.store = Storage(url, storage_options or {})
+        self._headers: dict[str, tuple] = {}  # array path -> (shape, dtype, data offset): one read per array
 
     def has(self, key: str, image_uris: list[str] | None = None, sizes: list[int] | None = None) -> bool:
         """Whether the group is complete here (and, given its listing, was computed from the same files)."""
@@ -149,14 +150,9 @@ class FeatureCache:
         (zarr) would add a dependency and one object per chunk in the bucket, where a ``.npy`` has each row at
         an offset known from its header."""
         fs, path = self.store.fs, self.store.path(name)
-        with fs.open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            fmt = np.lib.format
-            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-            shape, fortran, dtype = read_header(f)
-            offset = f.tell()
-        if fortran:
-            raise ValueError(f"{path}: Fortran-ordered arrays are not supported")
+        if path not in self._headers:
+            self._headers[path] = _npy_header(fs, path)
+        shape, dtype, offset = self._headers[path]
         row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
         starts = [offset + r * row_bytes for r in rows]
         blobs = fs.cat_ranges([path] * len(rows), starts, [s + row_bytes for s in starts])
@@ -166,6 +162,25 @@ class FeatureCache:
                 raise ValueError(f"{path}: row {rows[i]} is truncated ({len(blob)} of {row_bytes} bytes)")
             out[i] = np.frombuffer(blob, dtype=dtype).reshape(shape[1:])
         return out
+
+
+def _npy_header(fs, path: str, guess: int = 4096) -> tuple[tuple, np.dtype, int]:
+    """(shape, dtype, offset of the data) of a stored ``.npy``, from a ranged read of its header only (opening
+    the file would read ahead a whole block: s3fs's is 50 MiB, more than a group's tokens)."""
+    fmt = np.lib.format
+    head = fs.cat_file(path, start=0, end=guess)  # by name: s3fs takes version_id second
+    version = fmt.read_magic(io.BytesIO(head))
+    size_bytes = 2 if version == (1, 0) else 4
+    end = 8 + size_bytes + int.from_bytes(head[8:8 + size_bytes], "little")
+    if end > len(head):
+        head = fs.cat_file(path, start=0, end=end)
+    f = io.BytesIO(head)
+    fmt.read_magic(f)
+    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, fortran, dtype = read_header(f)
+    if fortran:
+        raise ValueError(f"{path}: Fortran-ordered arrays are not supported")
+    return shape, dtype, f.tell()
 
 
 # ------------------------------------------------------------------------------------------ the cache pass

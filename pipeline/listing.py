@@ -92,6 +92,11 @@ def _stem(name: str) -> str:
     return base if ext else name
 
 
+def _gt_preference(path: str) -> tuple[bool, str]:
+    """Sort key of ground-truth files: of two with one stem (``a.png``, ``a.jpg``), the PNG is the mask."""
+    return posixpath.splitext(path)[1].lower() != ".png", path
+
+
 def _relative(path: str, root: str) -> str:
     # Not posixpath.relpath: it would resolve a literal ".." in an object key (legal in S3) into a parent.
     return path[len(root):].lstrip("/")
@@ -209,9 +214,9 @@ def list_group(fs, roots: LayoutRoots, group: str) -> GroupSpec:
         images = {e["name"]: e for e in fs.ls(roots.image_root, detail=True) if not _is_dir(fs, e)}
         gts = {e["name"]: e for e in fs.ls(roots.gt_root, detail=True) if not _is_dir(fs, e)} if roots.gt_root else {}
     gt_by_stem: dict[str, str] = {}
-    for path in sorted(gts):
+    for path in sorted(gts, key=_gt_preference):
         if _is_input(path, gts[path], roots.gt_root):
-            gt_by_stem.setdefault(_stem(_relative(path, roots.gt_root)), path)  # first extension wins (.png sorts early)
+            gt_by_stem.setdefault(_stem(_relative(path, roots.gt_root)), path)
     spec = GroupSpec(group)
     for path in sorted(images):
         entry = images[path]

@@ -103,7 +103,7 @@ def sequential_listing(storage):
                if e["type"] == "directory"]
     gts = {}
     if gt_root and fs.isdir(gt_root):
-        for p in fs.find(gt_root):
+        for p in sorted(fs.find(gt_root), key=lambda p: (not p.lower().endswith(".png"), p)):
             rel = _relative(p, gt_root)
             if not p.endswith("/") and not _hidden(rel):
                 gts.setdefault(_stem(rel), p)
@@ -307,4 +307,4 @@ def test_one_group_is_listed_alone(tmp_path):
     assert names == ["", "a..b", "cat", "dog", "empty"]  # "" holds the files directly in image/
     cat = list_group(roots.fs(), roots, "cat")
     assert [(im.name, im.size, (im.gt_uri or "").rsplit("/", 1)[-1]) for im in cat.images] == [
-        ("a.jpg", 3, "a.jpg"), ("b.jpg", 5, ""), ("sub/c.jpg", 2, "c.png")]  # a.jpg sorts before a.png: it wins
+        ("a.jpg", 3, "a.png"), ("b.jpg", 5, ""), ("sub/c.jpg", 2, "c.png")]  # of a.jpg and a.png, the PNG
