@@ -22,7 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jobs.arguments import Formatter, KeyValues, add_storage_args, key_value, storage_from  # noqa: E402
 from pipeline.listing import LAYOUTS  # noqa: E402
-from pipeline.train import PlacementError, RunMismatchError, TrainConfig, config_defaults, run_training  # noqa: E402
+from pipeline.train import (NoUsableGroupsError, PlacementError, RunMismatchError, TrainConfig,  # noqa: E402
+                            config_defaults, run_training)
+from scosparc_core.checkpoints import CheckpointError  # noqa: E402
 from scosparc_core.precision import AUTO, PRECISIONS  # noqa: E402
 
 
@@ -65,9 +67,16 @@ def parse_args(argv=None) -> TrainConfig:
                     help="worker failures retried from the last checkpoint")
     add_storage_args(ap)
     a = ap.parse_args(argv)
+    try:
+        return _config(a)
+    except ValueError as exc:  # settings that cannot work: usage and the reason, exit 2
+        ap.error(str(exc))
+
+
+def _config(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
-        data=tuple(a.data), val=a.val, layout=a.layout, storage=a.storage, name=a.name, epochs=a.epochs, val_every=a.val_every,
-        max_images=a.max_images, lr=a.lr, weight_decay=a.weight_decay, workers=a.workers, gpu=a.gpu,
+        data=tuple(a.data), val=a.val, layout=a.layout, storage=a.storage, name=a.name, epochs=a.epochs,
+        val_every=a.val_every, max_images=a.max_images, lr=a.lr, weight_decay=a.weight_decay, workers=a.workers, gpu=a.gpu,
         gpus_per_worker=a.gpus_per_worker, cpus_per_worker=a.cpus_per_worker, placement_timeout=a.placement_timeout,
         feature_cache=a.feature_cache, cache_url=a.cache_url, backbone=a.backbone, backbone_name=a.backbone_name,
         backbone_kwargs=dict(a.backbone_arg), random_init=a.random_init, init_head=a.init_head, dtype=a.dtype,
@@ -80,7 +89,7 @@ def main(argv=None) -> int:
     cfg = parse_args(argv)
     try:
         result = run_training(cfg)
-    except (PlacementError, RunMismatchError) as exc:
+    except (PlacementError, RunMismatchError, NoUsableGroupsError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     print(f"final metrics: {result.metrics}")

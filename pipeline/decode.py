@@ -22,7 +22,7 @@ from PIL import Image
 
 from scosparc_core.image import INPUT_SIZE, crf_image, network_pixels, to_rgb
 
-from .errors import PERMANENT, classify
+from .errors import PERMANENT, TRANSIENT, classify
 from .storage import open_url, redact_url
 
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's decompression-bomb limit
@@ -201,19 +201,29 @@ def decode_group(row: dict, settings: DecodeSettings) -> dict:
             "net": d.net, "crf": d.crf, "decode_s": time.perf_counter() - start}
 
 
-def decode_network_views(uris: list[str], storage_options: dict, who: str) -> tuple[np.ndarray, np.ndarray]:
+def decode_network_views(uris: list[str], storage_options: dict, who: str, keep_going: bool = True
+                          ) -> tuple[np.ndarray, np.ndarray]:
     """Training's decode: (ok (n,) bool, the network views (n_ok, 224, 224, 3) uint8 of the images that decoded).
-    Training has no error rows, so a bad file is logged and left out."""
+    Training has no error rows, so a bad file is logged and left out; ``keep_going=False``: a read that failed
+    after the storage client's retries (transient) raises instead."""
     d = decode_images(uris, DecodeSettings(storage_options=storage_options))
-    for uri, error in zip(uris, d.errors):
-        if error:
-            print(f"[{who}] skipping {redact_url(uri)}: {error[0]}: {error[2]}", file=sys.stderr, flush=True)
+    failed = [(uri, e) for uri, e in zip(uris, d.errors) if e]
+    transient = [(uri, e) for uri, e in failed if e[1] == TRANSIENT]
+    if transient and not keep_going:
+        exc = RuntimeError(f"{len(transient)} of the group's {len(uris)} reads failed after the storage client's "
+                           f"retries (first: {transient[0][1][2]}); run again")
+        exc.error_class = TRANSIENT
+        raise exc
+    for uri, e in failed:
+        print(f"[{who}] skipping {redact_url(uri)}: {e[0]}: {e[2]}", file=sys.stderr, flush=True)
     return d.ok, d.net[d.ok]
 
 
 def decode_for_cache(row: dict, storage_options: dict) -> dict:
     """The feature cache's Ray Data ``map``: a group row (key, names, image_uris, sizes) -> plus ``ok`` per image
-    and ``net``, the (n_ok, 224, 224, 3) uint8 network pixels of the images that decoded. Here, not in
+    and ``net``, the (n_ok, 224, 224, 3) uint8 network pixels of the images that decoded. A read that failed
+    (transient) fails the pass: the cache would keep the group without that image for good. Here, not in
     ``feature_cache``, so the tasks skip torch and timm."""
-    ok, net = decode_network_views([str(u) for u in row["image_uris"]], storage_options, "feature-cache")
+    uris = [str(u) for u in row["image_uris"]]
+    ok, net = decode_network_views(uris, storage_options, "feature-cache", keep_going=False)
     return {**row, "ok": ok.tolist(), "net": net}

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from scosparc_core import Stage1Head, load_head_checkpoint, save_head_checkpoint, training_loss
-from scosparc_core.checkpoints import checkpoint_digest, head_state_dict
+from scosparc_core.checkpoints import checkpoint_digest, head_state_dict, load_state_dict
 from scosparc_core.image import INPUT_SIZE
 from scosparc_core.metrics import aggregate, image_metrics
 from scosparc_core.modeling import DEFAULT_BACKBONE, DinoBackbone
@@ -64,6 +64,10 @@ RUN_RECORD = "train_config.json"
 
 class PlacementError(RuntimeError):
     """The cluster cannot place what the job asks for (within the bounded wait)."""
+
+
+class NoUsableGroupsError(RuntimeError):
+    """Every training group's images failed to decode (e.g. workers without access to the data)."""
 
 
 class RunMismatchError(ValueError):
@@ -109,6 +113,9 @@ class TrainConfig:
             raise ValueError(f"gpus_per_worker must be in (0, 1], got {self.gpus_per_worker}: a worker drives one GPU")
         if self.workers < 1 or self.cpus_per_worker < 0:
             raise ValueError("workers must be >= 1 and cpus_per_worker >= 0")
+        for name in ("epochs", "val_every", "max_images", "micro_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, not {getattr(self, name)!r}")
 
     def run_url(self) -> str:
         return f"{self.storage.rstrip('/')}/{self.name}"
@@ -381,14 +388,14 @@ def train_loop_per_worker(s: LoopSettings) -> None:
                     state["best_max_fm"] is None or metrics["val_max_fm"] > state["best_max_fm"])
                 if improved:
                     state["best_max_fm"], state["best_epoch"] = metrics["val_max_fm"], epoch
-                    save_head_checkpoint(module, run.url("head_best.pt"), s.storage_options)
+                    run.write_bytes("head_best.pt", _head_bytes(module))  # atomic: the only copy of that epoch
                 state["epoch"] = epoch + 1
                 state["history"].append(metrics)
                 save_head_checkpoint(module, os.path.join(folder, "head.pt"))
                 torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
                 with open(os.path.join(folder, "state.json"), "w") as f:
                     json.dump(state, f)
-                save_head_checkpoint(module, run.url("head_last.pt"), s.storage_options)
+                run.write_bytes("head_last.pt", _head_bytes(module))
                 _write_history(run, state["history"])
                 report_checkpoint = ray.train.Checkpoint.from_directory(folder)
                 _print_epoch(metrics, state, s.epochs)
@@ -430,6 +437,12 @@ def _write_history(run: Storage, history: list[dict]) -> None:
     buf = io.BytesIO()
     pd.DataFrame(history).to_parquet(buf, index=False)
     run.write_bytes(HISTORY, buf.getvalue())
+
+
+def _head_bytes(module) -> bytes:
+    buf = io.BytesIO()
+    save_head_checkpoint(module, buf)
+    return buf.getvalue()
 
 
 def _print_epoch(m: dict, state: dict, epochs: int) -> None:
@@ -625,6 +638,13 @@ def run_training(cfg: TrainConfig):
     listed = {root: list_layout(Storage(root, cfg.storage_options), cfg.layout) for root in roots}
     if not any(spec.images for r in cfg.data for spec in listed[r]):
         raise ValueError(f"no images found under {list(cfg.data)}")
+    dim = DinoBackbone.width(cfg.backbone_name, **cfg.backbone_kwargs)
+    # both read on the driver, as the inference job does: a file that carries code or a head of another width
+    # stops the job here, before anything is written (not in every worker, after the feature-cache pass)
+    if cfg.backbone:
+        load_state_dict(cfg.backbone, cfg.storage_options)
+    if cfg.init_head:
+        load_head_checkpoint(Stage1Head(dim), cfg.init_head, cfg.storage_options)
     weights = checkpoint_digest(cfg.backbone, cfg.storage_options) if cfg.backbone else None
     init_head = checkpoint_digest(cfg.init_head, cfg.storage_options) if cfg.init_head else None
     fp = fingerprint(cfg, {r: listing_digest(r, listed[r]) for r in roots}, weights, init_head)
@@ -674,9 +694,13 @@ def run_training(cfg: TrainConfig):
         loop = LoopSettings(
             backbone=settings, groups=usable(list(cfg.data)), val_groups=usable([cfg.val] if cfg.val else []),
             cache_folders=cache_folders, run_url=cfg.run_url(), storage_options=cfg.storage_options,
-            dim=DinoBackbone.width(cfg.backbone_name, **cfg.backbone_kwargs), epochs=cfg.epochs,
-            val_every=cfg.val_every, max_images=cfg.max_images, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed, backend=cfg.backend, init_head=cfg.init_head,
-            fail_at_epoch=cfg.fail_at_epoch)
+            dim=dim, epochs=cfg.epochs,
+            val_every=cfg.val_every, max_images=cfg.max_images, lr=cfg.lr, weight_decay=cfg.weight_decay,
+            seed=cfg.seed, backend=cfg.backend, init_head=cfg.init_head, fail_at_epoch=cfg.fail_at_epoch)
+        if not loop.groups:
+            raise NoUsableGroupsError(
+                f"no training group has an image that decoded ({', '.join(redact(r) for r in cfg.data)}): "
+                "nothing to train on. Check the workers' access to the data (--storage-option) and the files.")
         storage = Storage(cfg.storage, cfg.storage_options)
         trainer = TorchTrainer(
             # the settings are bound into the function, not passed as train_loop_config: Ray Train's controller

@@ -232,3 +232,24 @@ def test_retry_sleeps_within_the_jitter_bounds(monkeypatch):
     assert len(slept) == 7
     assert all(0.0 <= s <= min(4.0, 0.5 * 2 ** i) for i, s in enumerate(slept))
     assert len(set(slept)) > 1  # jittered, not a fixed schedule
+
+
+def test_the_feature_cache_keeps_no_group_whose_read_failed(monkeypatch, tmp_path):
+    """A corrupt file is left out of the cached group (permanent: the same next time); a read that failed after
+    the retries (transient) fails the group instead, or the cache would keep it without that image for good."""
+    from pipeline import decode
+    from pipeline.sample import write_sample
+
+    write_sample(str(tmp_path), {"horse": 3})
+    uris = sorted(str(p) for p in (tmp_path / "image" / "horse").iterdir())
+    (tmp_path / "image" / "horse" / uris[1].rsplit("/", 1)[1]).write_bytes(b"not an image")
+    row = {"key": "horse", "image_uris": uris}
+    out = decode.decode_for_cache(row, {})
+    assert out["ok"] == [True, False, True] and out["net"].shape == (2, 224, 224, 3)
+
+    fetch = decode._fetch
+    monkeypatch.setattr(decode, "_fetch", lambda uri, options: TimeoutError("read timed out") if uri == uris[2]
+                        else fetch(uri, options))
+    with pytest.raises(RuntimeError, match=r"1 of the group's 3 reads failed .*horse_002.jpg: read timed out") as err:
+        decode.decode_for_cache(row, {})
+    assert is_transient(err.value)

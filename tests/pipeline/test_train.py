@@ -76,8 +76,9 @@ def trained(ray_local, tiny_weights, data, tmp_path_factory):
 
 
 def test_sampling_and_assignment():
-    assert sample_rows(40, 24, 0, 3, 7) == sample_rows(40, 24, 0, 3, 7)
     rows = sample_rows(40, 24, 0, 3, 7)
+    # another epoch, group or seed draws other images (a resume relies on the same arguments drawing the same)
+    assert len({tuple(sample_rows(40, 24, *args)) for args in ((0, 3, 7), (0, 4, 7), (0, 3, 8), (1, 3, 7))}) == 4
     assert len(rows) == 24 == len(set(rows)) and rows == sorted(rows)
     assert sample_rows(5, 24, 0, 0, 0) == [0, 1, 2, 3, 4]
     a, b = epoch_assignment(5, 0, 0, 2, 0), epoch_assignment(5, 0, 1, 2, 0)
@@ -98,6 +99,44 @@ def test_help_shows_the_defaults_and_they_are_train_config_s(capsys):
         entry = text[text.index(f"{option} {field.upper() if field != 'dtype' else '{'}", text.index("options:")):]
         assert entry[entry.index("(default:"):].startswith(f"(default: {getattr(plain, field)})"), entry[:200]
     assert "--dtype {auto,float32,tf32,float16,bfloat16}" in text
+
+
+@pytest.mark.parametrize("setting", [("--val-every", "0"), ("--epochs", "0"), ("--max-images", "0")])
+def test_settings_that_cannot_train_are_refused_with_usage(setting, capsys):
+    from jobs.train import parse_args
+
+    with pytest.raises(SystemExit) as done:
+        parse_args(["--data", "d", "--storage", "s", "--name", "n", *setting])
+    name = setting[0].removeprefix("--").replace("-", "_")
+    assert done.value.code == 2 and f"error: {name} must be >= 1" in capsys.readouterr().err
+
+
+def test_data_whose_every_image_fails_is_refused_not_trained_on(ray_local, tiny_weights, tmp_path):
+    """Every image unreadable (say, workers without access): the job says so instead of writing an untrained
+    head after epochs of zero steps."""
+    from pipeline.train import NoUsableGroupsError
+
+    write_sample(str(tmp_path / "data"), {"horse": 2})
+    for image in (tmp_path / "data" / "image" / "horse").iterdir():
+        image.write_bytes(b"not an image")
+    cfg = replace(config(tiny_weights, tmp_path, tmp_path / "runs", "broken"), val=None, epochs=1)
+    with pytest.raises(NoUsableGroupsError, match="no training group has an image that decoded"):
+        run_training(cfg)
+    assert not (tmp_path / "runs" / "broken" / "head_last.pt").exists()
+
+
+def test_a_head_of_another_width_stops_training_before_anything_is_written(tiny_weights, data, tmp_path, capsys):
+    from jobs.train import main
+    from scosparc_core import save_head_checkpoint
+
+    head = tmp_path / "wide.pt"
+    save_head_checkpoint(Stage1Head(TINY_VIT["embed_dim"] * 2), head)
+    code = main(["--data", str(data / "data"), "--storage", str(tmp_path / "runs"), "--name", "wide",
+                 "--init-head", str(head), "--backbone", tiny_weights[0], "--backbone-name", "vit_base_patch8_224",
+                 *[a for k, v in TINY_VIT.items() for a in ("--backbone-arg", f"{k}={v}")]])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "wide.pt" in err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_gpu_on_a_cluster_without_gpus_fails_at_once_naming_the_gpu(ray_local, tiny_weights, data, tmp_path,
