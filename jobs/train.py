@@ -21,6 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jobs.arguments import Formatter, KeyValues, add_storage_args, key_value, storage_from  # noqa: E402
+from pipeline.lease import LeaseHeld  # noqa: E402
 from pipeline.listing import LAYOUTS  # noqa: E402
 from pipeline.train import (NoUsableGroupsError, PlacementError, RunMismatchError, TrainConfig,  # noqa: E402
                             config_defaults, run_training)
@@ -76,8 +77,9 @@ def parse_args(argv=None) -> TrainConfig:
 def _config(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         data=tuple(a.data), val=a.val, layout=a.layout, storage=a.storage, name=a.name, epochs=a.epochs,
-        val_every=a.val_every, max_images=a.max_images, lr=a.lr, weight_decay=a.weight_decay, workers=a.workers, gpu=a.gpu,
-        gpus_per_worker=a.gpus_per_worker, cpus_per_worker=a.cpus_per_worker, placement_timeout=a.placement_timeout,
+        val_every=a.val_every, max_images=a.max_images, lr=a.lr, weight_decay=a.weight_decay, workers=a.workers,
+        gpu=a.gpu, gpus_per_worker=a.gpus_per_worker, cpus_per_worker=a.cpus_per_worker,
+        placement_timeout=a.placement_timeout,
         feature_cache=a.feature_cache, cache_url=a.cache_url, backbone=a.backbone, backbone_name=a.backbone_name,
         backbone_kwargs=dict(a.backbone_arg), random_init=a.random_init, init_head=a.init_head, dtype=a.dtype,
         micro_batch=a.micro_batch, seed=a.seed, max_failures=a.max_failures,
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
     cfg = parse_args(argv)
     try:
         result = run_training(cfg)
-    except (PlacementError, RunMismatchError, NoUsableGroupsError, CheckpointError) as exc:
+    except (PlacementError, RunMismatchError, NoUsableGroupsError, CheckpointError, LeaseHeld) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     print(f"final metrics: {result.metrics}")

@@ -7,7 +7,6 @@ run in Ray tasks, and the counts come from the commit records.
 """
 from __future__ import annotations
 
-import _thread
 import contextlib
 import dataclasses
 import os
@@ -26,7 +25,7 @@ from scosparc_core.modeling import DEFAULT_BACKBONE
 from scosparc_core.precision import PRECISIONS, resolve
 
 from .decode import DEFAULT_MAX_PIXELS, DecodeSettings, decode_group
-from .lease import Lease
+from .lease import Lease, interrupt_main
 from .listing import LAYOUTS, InputSpec, check_input, group_dataset, summarize
 from .output_state import (RUN_FILE, OutputState, check_settings, clear_output, groups_to_do, groups_with_images,
                            remove_orphans)
@@ -190,10 +189,9 @@ def run_inference(cfg: InferConfig) -> dict:
         view = cluster_view()
         if cfg.dry_run:
             return _dry_run(cfg, view)
-        # a lost lease interrupts the driver (KeyboardInterrupt in this thread), which stops the dataset
+        # a lost lease interrupts the driver (SIGINT to this thread), which stops the dataset: LeaseLost
         lease = stack.enter_context(Lease(out, ttl=cfg.lease_ttl, holder={"job": "infer"},
-                                          on_lost=_thread.interrupt_main))
-        stack.enter_context(_lease_lost_is_an_error(lease))
+                                          on_lost=interrupt_main))
         device, view = choose_device(cfg.device, view, cfg.gpu_wait, cfg.gpu_actors or 1)
         precision = resolve(cfg.dtype, device)
         listing = group_dataset(cfg.spec()).materialize()
@@ -274,16 +272,6 @@ class _Refusals:
         if exc is not None and not self.working:
             exc.before_work = True
         return False
-
-
-@contextlib.contextmanager
-def _lease_lost_is_an_error(lease: Lease):
-    """The interrupt of a lost lease becomes LeaseLost (a user's Ctrl-C stays a KeyboardInterrupt)."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        lease.check()
-        raise
 
 
 def _settle(out: Storage, listed: set[str]) -> OutputState:

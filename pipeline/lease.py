@@ -14,9 +14,11 @@ Clocks: expiry compares the holder's wall clock with ours, so hosts must agree t
 """
 from __future__ import annotations
 
+import _thread
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -33,6 +35,16 @@ from .storage import S3_PROTOCOLS, Storage, redact, redact_text
 log = logging.getLogger(__name__)
 
 _CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey", "404"}
+
+
+def interrupt_main() -> None:
+    """``on_lost`` for a job's driver: KeyboardInterrupt in the main thread at once, even while it blocks on a
+    lock or a system call (SIGINT to that thread; ``_thread.interrupt_main`` waits until it next runs Python code,
+    which on a Ray Data driver can be the end of the dataset). The lease's ``__exit__`` turns it into LeaseLost."""
+    if hasattr(signal, "pthread_kill"):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    else:
+        _thread.interrupt_main()
 
 
 class LeaseHeld(RuntimeError):
@@ -147,12 +159,15 @@ class Lease:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> bool:
         try:
             self.release()
         except Exception as err:  # noqa: BLE001 - never mask the job's own outcome; the lease expires anyway
             log.warning("could not release the lease on %s (it expires in %.0f s): %s", self.url,
                         max(0.0, _expires(self._record or {}) - time.time()), redact_text(str(err)))
+        if exc_type is KeyboardInterrupt and self.lost:  # the interrupt of on_lost=interrupt_main
+            raise LeaseLost(f"lost the lease on {self.url}: another job took it over or it was deleted; "
+                            "stopped") from exc
         return False
 
     def _renew_loop(self) -> None:

@@ -48,8 +48,9 @@ class Stage1Settings:
     """What a stage-1 actor needs: the model, where and how it runs, the CRF, and how large groups are read.
 
     precision: resolved name (``scosparc_core.precision``); crf_backend: ``torch`` (here) or ``defer``
-    (pydensecrf on the refine actors; also what ``crf="none"`` is given, since then no CRF runs); chunk_size: images per output row; one_pass_images: larger groups run in
-    passes; fault: test-only fault injection (see ``Stage1Actor._inject``)."""
+    (pydensecrf on the refine actors; also what ``crf="none"`` is given, since then no CRF runs); chunk_size:
+    images per output row; one_pass_images: larger groups run in passes; fault: test-only fault injection (see
+    ``Stage1Actor._inject``)."""
 
     model: ModelSettings
     decode: DecodeSettings

@@ -54,6 +54,7 @@ from scosparc_core.threshold import adaptive_threshold, image_confidences, stage
 from .decode import decode_network_views, read_gt, read_many
 from .feature_cache import (BackboneSettings, FeatureCache, backbone_id, build_backbone, build_cache, cache_folder,
                             check_cuda, features, plan_cache)
+from .lease import Lease, interrupt_main
 from .listing import GroupSpec, list_layout
 from .storage import Storage, redact
 
@@ -649,82 +650,85 @@ def run_training(cfg: TrainConfig):
     init_head = checkpoint_digest(cfg.init_head, cfg.storage_options) if cfg.init_head else None
     fp = fingerprint(cfg, {r: listing_digest(r, listed[r]) for r in roots}, weights, init_head)
     run = Storage(cfg.run_url(), cfg.storage_options)
-    record = claim_run(run, cfg, fp)
-    print(f"[train] {'resuming' if record['resumed'] else 'new run'} {redact(cfg.run_url())}: "
-          f"{sum(len(listed[r]) for r in cfg.data)} training groups, "
-          f"{sum(len(s.images) for r in cfg.data for s in listed[r])} images; validation: "
-          f"{len(listed[cfg.val]) if cfg.val else 0} groups; {cfg.workers} worker(s) x {cfg.worker_resources}, "
-          f"{cfg.backend}", file=sys.stderr, flush=True)
+    # one job per run, as for inference: a second submit of the same --name would interleave checkpoints;
+    # a lost lease stops this one (LeaseLost) before it writes more
+    with Lease(run, holder={"job": "train"}, on_lost=interrupt_main):
+        record = claim_run(run, cfg, fp)
+        print(f"[train] {'resuming' if record['resumed'] else 'new run'} {redact(cfg.run_url())}: "
+              f"{sum(len(listed[r]) for r in cfg.data)} training groups, "
+              f"{sum(len(s.images) for r in cfg.data for s in listed[r])} images; validation: "
+              f"{len(listed[cfg.val]) if cfg.val else 0} groups; {cfg.workers} worker(s) x {cfg.worker_resources}, "
+              f"{cfg.backend}", file=sys.stderr, flush=True)
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
-    try:
-        what = f"{cfg.workers} training worker(s)"
-        check_placement(cfg.worker_resources, cfg.workers, cfg.placement_timeout, what)
-        settings = cfg.backbone_settings()
-        cache_folders: dict[str, str] = {}
-        if cfg.feature_cache:
-            plan = plan_cache(cfg.gpu, ray.cluster_resources())
-            cache_root = cfg.cache_url or f"{cfg.storage.rstrip('/')}/feature-cache"
-            model = backbone_id(settings, weights)
-            cache_folders = {root: cache_folder(cache_root, root, model) for root in roots}
-            summaries = build_cache({cache_folders[root]: listed[root] for root in roots}, settings, plan,
-                                    cfg.placement_timeout)
-            record["feature_cache"] = {}
-            for root, folder in cache_folders.items():
-                summary = summaries[folder]
-                rate = f", {summary['images_per_s']:.1f} img/s" if summary["images_per_s"] else ""
-                print(f"[train] feature cache {redact(folder)}: {summary['computed']} groups computed "
-                      f"({summary['images']} images, {summary['errors']} unreadable) in a pass of "
-                      f"{summary['seconds']:.1f}s{rate}, {summary['cached_before']} reused", file=sys.stderr,
-                      flush=True)
-                record["feature_cache"][redact(root)] = {"folder": redact(folder), **summary}
-            run.write_json(RUN_RECORD, record)
-            if cfg.gpu:  # the pass's actors must have handed their GPUs back before the workers can start
-                check_placement(cfg.worker_resources, cfg.workers, cfg.placement_timeout, what)
-
-        def usable(rs: list[str]) -> tuple[TrainGroup, ...]:
-            # with the cache, a group whose images all failed to decode has no features: leave it out
-            return tuple(TrainGroup(r, spec.key, tuple(im.image_uri for im in spec.images),
-                                    tuple(im.gt_uri for im in spec.images))
-                         for r in rs for spec in listed[r] if spec.images and (
-                             not cache_folders or FeatureCache(cache_folders[r], cfg.storage_options).has(spec.key)))
-
-        loop = LoopSettings(
-            backbone=settings, groups=usable(list(cfg.data)), val_groups=usable([cfg.val] if cfg.val else []),
-            cache_folders=cache_folders, run_url=cfg.run_url(), storage_options=cfg.storage_options,
-            dim=dim, epochs=cfg.epochs,
-            val_every=cfg.val_every, max_images=cfg.max_images, lr=cfg.lr, weight_decay=cfg.weight_decay,
-            seed=cfg.seed, backend=cfg.backend, init_head=cfg.init_head, fail_at_epoch=cfg.fail_at_epoch)
-        if not loop.groups:
-            raise NoUsableGroupsError(
-                f"no training group has an image that decoded ({', '.join(redact(r) for r in cfg.data)}): "
-                "nothing to train on. Check the workers' access to the data (--storage-option) and the files.")
-        storage = Storage(cfg.storage, cfg.storage_options)
-        trainer = TorchTrainer(
-            # the settings are bound into the function, not passed as train_loop_config: Ray Train's controller
-            # unpickles that config, and with it this module and timm (seconds before any worker can start)
-            functools.partial(train_loop_per_worker, loop),
-            torch_config=TorchConfig(backend=cfg.backend),
-            scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
-                                                   resources_per_worker=cfg.worker_resources),
-            run_config=ray.train.RunConfig(
-                name=cfg.name,
-                storage_path=storage.base,
-                storage_filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(storage.fs)),
-                # controller_failure_limit bounds Ray's retries of a worker group that could not start
-                # (unlimited by default: the run would wait for ever)
-                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures,
-                                                       controller_failure_limit=cfg.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            ),
-        )
-        with _worker_start_timeout(cfg.placement_timeout):
-            return trainer.fit()
-    finally:
+        started_ray = not ray.is_initialized()
         if started_ray:
-            ray.shutdown()
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
+        try:
+            what = f"{cfg.workers} training worker(s)"
+            check_placement(cfg.worker_resources, cfg.workers, cfg.placement_timeout, what)
+            settings = cfg.backbone_settings()
+            cache_folders: dict[str, str] = {}
+            if cfg.feature_cache:
+                plan = plan_cache(cfg.gpu, ray.cluster_resources())
+                cache_root = cfg.cache_url or f"{cfg.storage.rstrip('/')}/feature-cache"
+                model = backbone_id(settings, weights)
+                cache_folders = {root: cache_folder(cache_root, root, model) for root in roots}
+                summaries = build_cache({cache_folders[root]: listed[root] for root in roots}, settings, plan,
+                                        cfg.placement_timeout)
+                record["feature_cache"] = {}
+                for root, folder in cache_folders.items():
+                    summary = summaries[folder]
+                    rate = f", {summary['images_per_s']:.1f} img/s" if summary["images_per_s"] else ""
+                    print(f"[train] feature cache {redact(folder)}: {summary['computed']} groups computed "
+                          f"({summary['images']} images, {summary['errors']} unreadable) in a pass of "
+                          f"{summary['seconds']:.1f}s{rate}, {summary['cached_before']} reused", file=sys.stderr,
+                          flush=True)
+                    record["feature_cache"][redact(root)] = {"folder": redact(folder), **summary}
+                run.write_json(RUN_RECORD, record)
+                if cfg.gpu:  # the pass's actors must have handed their GPUs back before the workers can start
+                    check_placement(cfg.worker_resources, cfg.workers, cfg.placement_timeout, what)
+
+            def usable(rs: list[str]) -> tuple[TrainGroup, ...]:
+                # with the cache, a group whose images all failed to decode has no features: leave it out
+                return tuple(TrainGroup(r, spec.key, tuple(im.image_uri for im in spec.images),
+                                        tuple(im.gt_uri for im in spec.images))
+                             for r in rs for spec in listed[r] if spec.images and (not cache_folders or FeatureCache(
+                                 cache_folders[r], cfg.storage_options).has(spec.key)))
+
+            loop = LoopSettings(
+                backbone=settings, groups=usable(list(cfg.data)), val_groups=usable([cfg.val] if cfg.val else []),
+                cache_folders=cache_folders, run_url=cfg.run_url(), storage_options=cfg.storage_options,
+                dim=dim, epochs=cfg.epochs,
+                val_every=cfg.val_every, max_images=cfg.max_images, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                seed=cfg.seed, backend=cfg.backend, init_head=cfg.init_head, fail_at_epoch=cfg.fail_at_epoch)
+            if not loop.groups:
+                raise NoUsableGroupsError(
+                    f"no training group has an image that decoded ({', '.join(redact(r) for r in cfg.data)}): "
+                    "nothing to train on. Check the workers' access to the data (--storage-option) and the files.")
+            storage = Storage(cfg.storage, cfg.storage_options)
+            trainer = TorchTrainer(
+                # the settings are bound into the function, not passed as train_loop_config: Ray Train's controller
+                # unpickles that config, and with it this module and timm (seconds before any worker can start)
+                functools.partial(train_loop_per_worker, loop),
+                torch_config=TorchConfig(backend=cfg.backend),
+                scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
+                                                       resources_per_worker=cfg.worker_resources),
+                run_config=ray.train.RunConfig(
+                    name=cfg.name,
+                    storage_path=storage.base,
+                    storage_filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(storage.fs)),
+                    # controller_failure_limit bounds Ray's retries of a worker group that could not start
+                    # (unlimited by default: the run would wait for ever)
+                    failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures,
+                                                           controller_failure_limit=cfg.max_failures),
+                    checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                ),
+            )
+            with _worker_start_timeout(cfg.placement_timeout):
+                return trainer.fit()
+        finally:
+            if started_ray:
+                ray.shutdown()
 
 
 def config_defaults() -> dict:

@@ -139,6 +139,22 @@ def test_a_head_of_another_width_stops_training_before_anything_is_written(tiny_
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_second_job_on_a_run_in_use_is_refused_naming_the_holder(tiny_weights, data, tmp_path, capsys):
+    """Two submits of the same --name would interleave checkpoints and histories: the run's lease refuses the
+    second before it writes anything."""
+    from jobs.train import main
+    from pipeline.lease import Lease
+    from pipeline.storage import Storage
+
+    with Lease(Storage(str(tmp_path / "runs" / "busy")), holder={"job_id": "first-job"}):
+        code = main(["--data", str(data / "data"), "--storage", str(tmp_path / "runs"), "--name", "busy",
+                     "--backbone", tiny_weights[0], "--backbone-name", "vit_base_patch8_224",
+                     *[a for k, v in TINY_VIT.items() for a in ("--backbone-arg", f"{k}={v}")]])
+    err = capsys.readouterr().err
+    assert code == 2 and "first-job" in err
+    assert not (tmp_path / "runs" / "busy" / "train_config.json").exists()
+
+
 def test_gpu_on_a_cluster_without_gpus_fails_at_once_naming_the_gpu(ray_local, tiny_weights, data, tmp_path,
                                                                       capsys):
     """The hang of issue 13 on a CPU machine: the cache pass's GPU actors, then Ray Train's worker group, waited
