@@ -25,7 +25,7 @@ from scosparc_core.modeling import DEFAULT_BACKBONE
 from scosparc_core.precision import PRECISIONS, resolve
 
 from .decode import DEFAULT_MAX_PIXELS, DecodeSettings, decode_group
-from .lease import Lease, interrupt_main
+from .lease import Lease
 from .listing import LAYOUTS, InputSpec, check_input, group_dataset, summarize
 from .output_state import (RUN_FILE, OutputState, check_settings, clear_output, groups_to_do, groups_with_images,
                            remove_orphans)
@@ -189,9 +189,9 @@ def run_inference(cfg: InferConfig) -> dict:
         view = cluster_view()
         if cfg.dry_run:
             return _dry_run(cfg, view)
-        # a lost lease interrupts the driver (SIGINT to this thread), which stops the dataset: LeaseLost
+        # a lost lease interrupts the driver (a signal to this thread), which stops the dataset: LeaseLost
         lease = stack.enter_context(Lease(out, ttl=cfg.lease_ttl, holder={"job": "infer"},
-                                          on_lost=interrupt_main))
+                                          stop_main=True))
         device, view = choose_device(cfg.device, view, cfg.gpu_wait, cfg.gpu_actors or 1)
         precision = resolve(cfg.dtype, device)
         listing = group_dataset(cfg.spec()).materialize()

@@ -14,7 +14,6 @@ Clocks: expiry compares the holder's wall clock with ours, so hosts must agree t
 """
 from __future__ import annotations
 
-import _thread
 import json
 import logging
 import os
@@ -37,14 +36,13 @@ log = logging.getLogger(__name__)
 _CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey", "404"}
 
 
-def interrupt_main() -> None:
-    """``on_lost`` for a job's driver: KeyboardInterrupt in the main thread at once, even while it blocks on a
-    lock or a system call (SIGINT to that thread; ``_thread.interrupt_main`` waits until it next runs Python code,
-    which on a Ray Data driver can be the end of the dataset). The lease's ``__exit__`` turns it into LeaseLost."""
-    if hasattr(signal, "pthread_kill"):
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-    else:
-        _thread.interrupt_main()
+# The signal that stops a driver whose lease is lost. Not SIGINT: a job started in the background (nohup, CI, a
+# job runner) ignores SIGINT, and then neither SIGINT nor ``_thread.interrupt_main`` does anything.
+LOST_SIGNAL = getattr(signal, "SIGUSR2", None)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt("the lease was lost")
 
 
 class LeaseHeld(RuntimeError):
@@ -63,13 +61,15 @@ class Lease:
     """``with Lease(Storage(output)) as lease:`` takes the lease (or raises LeaseHeld), renews it in a daemon
     thread every ttl/3 and releases it on exit; ``lease.lost`` turns True when a renewal finds the lease gone or
     taken, and ``lease.check()`` raises LeaseLost then. ``holder`` adds fields to the record (e.g. job_id);
-    ``on_lost`` is called from the renewal thread when the lease is lost (the job stops writing at once rather
-    than after its dataset: another job may own the output by then)."""
+    ``stop_main=True``: when the lease is lost, the main thread is interrupted at once, even while it blocks (a
+    signal handler raises KeyboardInterrupt there, which ``__exit__`` turns into LeaseLost): a job stops writing
+    then, not after its dataset, when another job may own the output."""
 
     def __init__(self, storage: Storage, ttl: float = 120.0, key: str = "_lease.json", holder: dict | None = None,
-                 on_lost=None):
+                 stop_main: bool = False):
         self.storage, self.ttl, self.key = storage, float(ttl), key
-        self.on_lost = on_lost
+        self.stop_main = stop_main
+        self._handler = None  # (previous handler,) while ours is installed
         self.id = uuid.uuid4().hex
         self.info = {"holder": self.id, "host": socket.gethostname(), "pid": os.getpid(), "job_id": None,
                      **redact(dict(holder or {}))}
@@ -154,6 +154,8 @@ class Lease:
 
     def __enter__(self) -> "Lease":
         self.acquire()
+        if self.stop_main and LOST_SIGNAL and threading.current_thread() is threading.main_thread():
+            self._handler = (signal.signal(LOST_SIGNAL, _interrupt),)
         self._stop.clear()
         self._thread = threading.Thread(target=self._renew_loop, name="lease-renewal", daemon=True)
         self._thread.start()
@@ -161,11 +163,18 @@ class Lease:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
-            self.release()
-        except Exception as err:  # noqa: BLE001 - never mask the job's own outcome; the lease expires anyway
-            log.warning("could not release the lease on %s (it expires in %.0f s): %s", self.url,
-                        max(0.0, _expires(self._record or {}) - time.time()), redact_text(str(err)))
-        if exc_type is KeyboardInterrupt and self.lost:  # the interrupt of on_lost=interrupt_main
+            try:
+                self.release()  # stops the renewal thread first: no signal comes after this
+            except KeyboardInterrupt as late:  # lost just as the job ended
+                exc_type, exc = KeyboardInterrupt, late
+            except Exception as err:  # noqa: BLE001 - never mask the job's own outcome; the lease expires anyway
+                log.warning("could not release the lease on %s (it expires in %.0f s): %s", self.url,
+                            max(0.0, _expires(self._record or {}) - time.time()), redact_text(str(err)))
+        finally:
+            if self._handler is not None:
+                signal.signal(LOST_SIGNAL, self._handler[0] if self._handler[0] is not None else signal.SIG_DFL)
+                self._handler = None
+        if exc_type is KeyboardInterrupt and self.lost:  # the interrupt of stop_main
             raise LeaseLost(f"lost the lease on {self.url}: another job took it over or it was deleted; "
                             "stopped") from exc
         return False
@@ -184,8 +193,8 @@ class Lease:
                               redact_text(str(err)))
                     break
                 log.warning("renewing the lease on %s failed, trying again: %s", self.url, redact_text(str(err)))
-        if self.lost and self.on_lost is not None and not self._stop.is_set():  # not while releasing
-            self.on_lost()
+        if self.lost and self._handler is not None and not self._stop.is_set():  # not while releasing
+            signal.pthread_kill(threading.main_thread().ident, LOST_SIGNAL)
 
     def _stop_renewal(self) -> None:
         self._stop.set()

@@ -59,8 +59,8 @@ class JobState:
 class Printer:
     """Prints ``[infer] groups a/b images c/d x img/s errors e eta`` every ``interval`` seconds from a thread."""
 
-    def __init__(self, state, interval: float, stream=sys.stderr):
-        self.state, self.interval, self.stream = state, interval, stream
+    def __init__(self, state, interval: float, stream=None):
+        self.state, self.interval, self.stream = state, interval, stream  # None: sys.stderr when printing
         self.start = time.monotonic()
         self.last: dict = {}
         self.history: list[tuple[float, int]] = []  # (seconds since start, images done): the run's rate over time
@@ -96,4 +96,4 @@ class Printer:
                 f"{rate:.2f} img/s  errors {s['errors']}  elapsed {elapsed:.0f}s  eta {eta:.0f}s")
         for key, text in s["long"].items():
             line += f"\n[infer]   group {key}: {text}"
-        print(line, file=self.stream, flush=True)
+        print(line, file=self.stream or sys.stderr, flush=True)

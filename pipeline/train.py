@@ -54,7 +54,7 @@ from scosparc_core.threshold import adaptive_threshold, image_confidences, stage
 from .decode import decode_network_views, read_gt, read_many
 from .feature_cache import (BackboneSettings, FeatureCache, backbone_id, build_backbone, build_cache, cache_folder,
                             check_cuda, features, plan_cache)
-from .lease import Lease, interrupt_main
+from .lease import Lease
 from .listing import GroupSpec, list_layout
 from .storage import Storage, redact
 
@@ -652,7 +652,7 @@ def run_training(cfg: TrainConfig):
     run = Storage(cfg.run_url(), cfg.storage_options)
     # one job per run, as for inference: a second submit of the same --name would interleave checkpoints;
     # a lost lease stops this one (LeaseLost) before it writes more
-    with Lease(run, holder={"job": "train"}, on_lost=interrupt_main):
+    with Lease(run, holder={"job": "train"}, stop_main=True):
         record = claim_run(run, cfg, fp)
         print(f"[train] {'resuming' if record['resumed'] else 'new run'} {redact(cfg.run_url())}: "
               f"{sum(len(listed[r]) for r in cfg.data)} training groups, "
