@@ -18,6 +18,7 @@ import io
 import json
 import posixpath
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,7 +96,8 @@ def features(backbone: DinoBackbone, pixels: np.ndarray, device: str, dtype: str
 
 def cache_folder(cache_root: str, data_root: str, backbone_id: str) -> str:
     """Where one dataset's features live for one backbone: <cache_root>/<backbone id>/<dataset>-<hash>."""
-    name = safe_component(posixpath.basename(data_root.rstrip("/")) or "data")
+    data_root = data_root.rstrip("/")  # s3://b/x/ and s3://b/x are one dataset
+    name = safe_component(posixpath.basename(data_root) or "data")
     digest = hashlib.sha1(data_root.encode()).hexdigest()[:8]
     return posixpath.join(cache_root.rstrip("/"), backbone_id, f"{name}-{digest}")
 
@@ -264,7 +266,9 @@ def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings,
     for url, groups in folders.items():
         cache = FeatureCache(url, settings.storage_options)
         listed = [(g, [im.image_uri for im in g.images], [int(im.size) for im in g.images]) for g in groups]
-        todo = [(g, uris, sizes) for g, uris, sizes in listed if g.images and not cache.has(g.key, uris, sizes)]
+        with ThreadPoolExecutor(32) as pool:  # one or two requests a group: in parallel, not one after another
+            cached = list(pool.map(lambda item: bool(item[0].images) and cache.has(item[0].key, *item[1:]), listed))
+        todo = [item for item, done in zip(listed, cached) if item[0].images and not done]
         summaries[url] = {"groups": len(groups), "cached_before": len(groups) - len(todo), "computed": len(todo),
                           "images": 0, "errors": 0, "seconds": 0.0, "images_per_s": None, "actor_seconds": 0.0}
         rows += [{"cache": url, "key": g.key, "names": [im.name for im in g.images], "image_uris": uris,

@@ -85,6 +85,13 @@ def test_sampling_and_assignment():
     assert len(a) == len(b) == 3 and set(a) | set(b) == set(range(5))
 
 
+def test_a_data_root_names_one_cache_folder_with_or_without_its_trailing_slash():
+    from pipeline.feature_cache import cache_folder
+
+    assert cache_folder("s3://c", "s3://b/x/", "m") == cache_folder("s3://c/", "s3://b/x", "m") != cache_folder(
+        "s3://c", "s3://b/y", "m")
+
+
 def test_help_shows_the_defaults_and_they_are_train_config_s(capsys):
     from jobs.train import parse_args
 
