@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 
-from scosparc_core.checkpoints import checkpoint_digest, load_head_checkpoint
+from scosparc_core.checkpoints import check_checkpoints
 from scosparc_core.crf import crf_params
 from scosparc_core.engine import CRF_BACKENDS, default_micro_batch
 from scosparc_core.modeling import DEFAULT_BACKBONE
@@ -113,26 +113,8 @@ def validate(cfg: InferConfig) -> None:
 
 
 def check_weights(cfg: InferConfig) -> dict:
-    """Reads both checkpoints on the driver (weights only, refusing files that carry code) and checks that the
-    head fits the backbone, before any work starts. Returns their content digests for the run's settings."""
-    import torch
-
-    from scosparc_core import DinoBackbone, Stage1Head
-    from scosparc_core.checkpoints import load_state_dict
-
-    digests = {}
-    dim = None
-    if cfg.backbone:
-        state = load_state_dict(cfg.backbone, cfg.storage_options)
-        embed = state.get("pos_embed", state.get("module.pos_embed"))
-        dim = int(embed.shape[-1]) if isinstance(embed, torch.Tensor) else None
-        digests["backbone"] = checkpoint_digest(cfg.backbone, cfg.storage_options)
-    if cfg.head:
-        if dim is None:
-            dim = DinoBackbone.width(cfg.backbone_name, **cfg.backbone_kwargs)
-        load_head_checkpoint(Stage1Head(dim), cfg.head, cfg.storage_options)
-        digests["head"] = checkpoint_digest(cfg.head, cfg.storage_options)
-    return digests
+    """Both checkpoints read and checked on the driver before any work; their digests for the run's settings."""
+    return check_checkpoints(cfg.backbone, cfg.head, cfg.backbone_name, cfg.backbone_kwargs, cfg.storage_options)
 
 
 def fingerprint(cfg: InferConfig, digests: dict, precision: str, crf_backend: str) -> dict:

@@ -329,8 +329,6 @@ def mark_todo(row: dict, plans_ref) -> list[dict]:
 def groups_with_images(batch):
     """Ray Data ``map_batches`` over listed groups: the keys of those with images. A group folder emptied since
     the last run is no longer in the input, so its old rows go, as a deleted group's do."""
-    import pyarrow.compute as pc
-
     has_images = pc.greater(pc.list_value_length(batch.column("names")), 0)
     return pa.table({"group_key": batch.column("group_key").filter(has_images)})
 

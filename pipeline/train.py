@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from scosparc_core import Stage1Head, load_head_checkpoint, save_head_checkpoint, training_loss
-from scosparc_core.checkpoints import checkpoint_digest, head_state_dict, load_state_dict
+from scosparc_core.checkpoints import check_checkpoints, head_state_dict
 from scosparc_core.image import INPUT_SIZE
 from scosparc_core.metrics import aggregate, image_metrics
 from scosparc_core.modeling import DEFAULT_BACKBONE, DinoBackbone
@@ -642,12 +642,9 @@ def run_training(cfg: TrainConfig):
     dim = DinoBackbone.width(cfg.backbone_name, **cfg.backbone_kwargs)
     # both read on the driver, as the inference job does: a file that carries code or a head of another width
     # stops the job here, before anything is written (not in every worker, after the feature-cache pass)
-    if cfg.backbone:
-        load_state_dict(cfg.backbone, cfg.storage_options)
-    if cfg.init_head:
-        load_head_checkpoint(Stage1Head(dim), cfg.init_head, cfg.storage_options)
-    weights = checkpoint_digest(cfg.backbone, cfg.storage_options) if cfg.backbone else None
-    init_head = checkpoint_digest(cfg.init_head, cfg.storage_options) if cfg.init_head else None
+    digests = check_checkpoints(cfg.backbone, cfg.init_head, cfg.backbone_name, cfg.backbone_kwargs,
+                                cfg.storage_options)
+    weights, init_head = digests.get("backbone"), digests.get("head")
     fp = fingerprint(cfg, {r: listing_digest(r, listed[r]) for r in roots}, weights, init_head)
     run = Storage(cfg.run_url(), cfg.storage_options)
     # one job per run, as for inference: a second submit of the same --name would interleave checkpoints;

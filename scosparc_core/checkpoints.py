@@ -158,3 +158,25 @@ def checkpoint_digest(source, storage_options: dict | None = None, span: int = 1
     except OSError as exc:
         raise CheckpointError(f"{name}: cannot read checkpoint ({exc})") from exc
     return f"{size}:{hashlib.sha256(head + tail).hexdigest()[:32]}"
+
+
+def check_checkpoints(backbone, head, backbone_name: str, backbone_kwargs: dict | None = None,
+                      storage_options: dict | None = None) -> dict[str, str]:
+    """What a job does before any work: reads both checkpoints (weights only, refusing files that carry code),
+    checks that the head fits the backbone's width (from the backbone file, else from the architecture), and
+    returns their content digests (``checkpoint_digest``) by role. ``None`` skips a role."""
+    from .modeling import DinoBackbone
+    from .modeling.stage1 import Stage1Head
+
+    digests, dim = {}, None
+    if backbone:
+        state = load_state_dict(backbone, storage_options)
+        embed = state.get("pos_embed", state.get("module.pos_embed"))
+        dim = int(embed.shape[-1]) if isinstance(embed, torch.Tensor) else None
+        digests["backbone"] = checkpoint_digest(backbone, storage_options)
+    if head:
+        load_head_checkpoint(Stage1Head(dim or DinoBackbone.width(backbone_name, **(backbone_kwargs or {}))), head,
+                             storage_options)
+        digests["head"] = checkpoint_digest(head, storage_options)
+    return digests
+
