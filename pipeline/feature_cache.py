@@ -171,13 +171,14 @@ def _npy_header(fs, path: str, guess: int = 4096) -> tuple[tuple, np.dtype, int]
     the file would read ahead a whole block: s3fs's is 50 MiB, more than a group's tokens)."""
     fmt = np.lib.format
     head = fs.cat_file(path, start=0, end=guess)  # by name: s3fs takes version_id second
-    version = fmt.read_magic(io.BytesIO(head))
-    size_bytes = 2 if version == (1, 0) else 4
-    end = 8 + size_bytes + int.from_bytes(head[8:8 + size_bytes], "little")
-    if end > len(head):
-        head = fs.cat_file(path, start=0, end=end)
     f = io.BytesIO(head)
-    fmt.read_magic(f)
+    version = fmt.read_magic(f)
+    size_bytes = 2 if version == (1, 0) else 4
+    end = f.tell() + size_bytes + int.from_bytes(head[f.tell():f.tell() + size_bytes], "little")
+    if end > len(head):  # a header longer than the guess: read it whole, from just after the magic
+        magic = f.tell()
+        f = io.BytesIO(fs.cat_file(path, start=0, end=end))
+        f.seek(magic)
     read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
     shape, fortran, dtype = read_header(f)
     if fortran:
@@ -265,10 +266,11 @@ def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings,
     rows, summaries = [], {}
     for url, groups in folders.items():
         cache = FeatureCache(url, settings.storage_options)
-        listed = [(g, [im.image_uri for im in g.images], [int(im.size) for im in g.images]) for g in groups]
+        listed = [(g, [im.image_uri for im in g.images], [int(im.size) for im in g.images]) for g in groups
+                  if g.images]
         with ThreadPoolExecutor(32) as pool:  # one or two requests a group: in parallel, not one after another
-            cached = list(pool.map(lambda item: bool(item[0].images) and cache.has(item[0].key, *item[1:]), listed))
-        todo = [item for item, done in zip(listed, cached) if item[0].images and not done]
+            cached = list(pool.map(lambda item: cache.has(item[0].key, *item[1:]), listed))
+        todo = [item for item, done in zip(listed, cached) if not done]
         summaries[url] = {"groups": len(groups), "cached_before": len(groups) - len(todo), "computed": len(todo),
                           "images": 0, "errors": 0, "seconds": 0.0, "images_per_s": None, "actor_seconds": 0.0}
         rows += [{"cache": url, "key": g.key, "names": [im.name for im in g.images], "image_uris": uris,
