@@ -1,4 +1,4 @@
-"""Listing an input of N images in G groups: the old sequential walk against the per-group listing.
+"""Listing an input of N images in G groups: the old sequential walk against the job's listing.
 
     .venv/bin/python benchmarks/bench_listing.py [--n 100000] [--groups 4000] [--gt-fraction 0.5]
                                                  [--stores local s3] [--latency-ms 20] [--per-key-ms 0.15]
@@ -6,7 +6,8 @@
 Three ways, each in a fresh process so that its peak RSS is its own:
   * sequential  the listing before issue 11: one recursive ``find`` of image/ and one of groundtruth/ on the
                 driver, with the filesystem's default listings cache (kept here as it was);
-  * threads     ``list_layout``: the group folders listed by a bounded thread pool on the driver;
+  * threads     ``list_layout``: the group folders listed by a bounded thread pool on the driver (on S3: runs
+                of neighbouring groups, each one walk over its range of keys);
   * ray         ``group_dataset(...).materialize()`` (Ray tasks list the groups) then ``summarize``.
 Group sizes are log-uniform between 5 and 2,000 images (a long tail, as in real collections), scaled to N.
 

@@ -308,3 +308,87 @@ def test_one_group_is_listed_alone(tmp_path):
     cat = list_group(roots.fs(), roots, "cat")
     assert [(im.name, im.size, (im.gt_uri or "").rsplit("/", 1)[-1]) for im in cat.images] == [
         ("a.jpg", 3, "a.png"), ("b.jpg", 5, ""), ("sub/c.jpg", 2, "c.png")]  # of a.jpg and a.png, the PNG
+
+
+# --- S3: runs of neighbouring groups listed as ranges of keys -------------------------------------------------
+
+# Group names whose keys interleave ("a-b/x" < "a.b/x" < "a/x" < "a0.jpg" < "ab/x"), files directly in image/
+# between them, a nested folder, an empty group (a marker only) and ground truth for some.
+RANGE_TREE = {
+    "image/a/1.jpg": b"1", "image/a/sub/2.jpg": b"22", "image/a-b/1.jpg": b"333", "image/a.b/1.jpg": b"4",
+    "image/a0.jpg": b"55", "image/ab/1.jpg": b"6", "image/ab/2.jpg": b"77", "image/a b/1.jpg": b"8",
+    "image/b/1.jpg": b"9", "image/b0/1.jpg": b"10", "image/c/1.jpg": b"11", "image/c/.hidden": b"x",
+    "groundtruth/a/1.png": b"m", "groundtruth/a-b/1.png": b"m", "groundtruth/a0.png": b"m", "groundtruth/ab/2.png": b"m",
+    "groundtruth/c/1.png": b"m",
+}
+
+
+@pytest.fixture
+def list_calls(monkeypatch):
+    """Counts the ListObjectsV2 requests s3fs sends from this process."""
+    import s3fs
+
+    calls = []
+    original, original_sync = s3fs.S3FileSystem._call_s3, s3fs.S3FileSystem.call_s3
+
+    async def counting(self, method, *args, **kwargs):
+        if method == "list_objects_v2":
+            calls.append(kwargs.get("Prefix"))
+        return await original(self, method, *args, **kwargs)
+
+    def counting_sync(self, method, *args, **kwargs):  # s3fs's sync call_s3 wraps the original coroutine
+        if method == "list_objects_v2":
+            calls.append(kwargs.get("Prefix"))
+        return original_sync(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
+    monkeypatch.setattr(s3fs.S3FileSystem, "call_s3", counting_sync)
+    return calls
+
+
+@pytest.mark.parametrize("page_keys", [1000, 2])  # 2: every walk goes on over several pages
+def test_range_listing_on_s3_matches_the_walk_and_sends_fewer_requests(s3_server, monkeypatch, list_calls, page_keys):
+    import pipeline.listing as listing
+
+    fs = make_bucket(s3_server, f"ranges{page_keys}")
+    for key, data in RANGE_TREE.items():
+        fs.pipe_file(f"ranges{page_keys}/r/{key}", data)
+    fs.pipe_file(f"ranges{page_keys}/r/image/empty/", b"")
+    url, opts = f"s3://ranges{page_keys}/r", {"client_kwargs": {"endpoint_url": s3_server}, "key": "testing",
+                                              "secret": "testing"}
+    reference = as_rows(sequential_listing(Storage(url, opts)))
+    roots, names = resolve_layout(InputSpec(input=url, storage_options=opts))
+    monkeypatch.setattr(listing, "LIST_PAGE_KEYS", page_keys)
+    monkeypatch.setattr(listing, "GROUPS_PER_RUN", 3)
+
+    groups = list_layout(Storage(url, opts))
+    assert as_rows(groups) == as_rows(listing.finish([list_group(roots.fs(), roots, g) for g in names]))  # sizes too
+    assert without_sizes(as_rows(groups)) == without_sizes(reference)
+    assert {g.group for g in groups} == {"", "a", "a-b", "a.b", "ab", "a b", "b", "b0", "c", "empty"}
+    # nine groups in three runs, each one walk of image/ and one of groundtruth/, plus the root's own files (one
+    # listing each of image/ and groundtruth/); per group it would be 18 + 2
+    list_calls.clear()
+    assert as_rows(listing.finish(listing._list_groups(roots.fs(), roots, names))) == as_rows(groups)
+    if page_keys == 1000:
+        assert len(list_calls) == 3 * 2 + 2, list_calls
+
+    # a task's groups with a gap between them (another task's groups) are listed as two runs, not one walk
+    # over the others, even where a run could hold all four
+    monkeypatch.setattr(listing, "GROUPS_PER_RUN", 4)
+    list_calls.clear()
+    ranked = sorted(names, key=listing._key_order)
+    picked = [2, 3, 7, 8]
+    specs = listing._list_groups(roots.fs(), roots, [ranked[i] for i in picked], picked)
+    assert as_rows(listing.finish(specs)) == [r for r in as_rows(groups) if r["group"] in {ranked[i] for i in picked}]
+    if page_keys == 1000:
+        assert len(list_calls) == 2 * 2, list_calls
+
+
+def test_key_runs_follow_key_order_and_end_at_gaps():
+    from pipeline.listing import key_runs
+
+    names = ["a", "a-b", "a.b", "ab", "b", "c"]  # key order: a-b/, a.b/, a/, ab/, b/, c/
+    assert key_runs(names, None, 3) == [["a-b", "a.b", "a"], ["ab", "b", "c"]]
+    assert key_runs(names, None, 4) == [["a-b", "a.b", "a", "ab"], ["b", "c"]]
+    assert key_runs(names, None, 1) == [[n] for n in ["a-b", "a.b", "a", "ab", "b", "c"]]
+    assert key_runs(["x", "y", "z", "w"], [0, 1, 5, 6], 8) == [["x", "y"], ["z", "w"]]
