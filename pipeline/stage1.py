@@ -202,7 +202,7 @@ class Stage1Actor:
             d = self._decode(ok_uris[a:b], keep=True)
             if not d.ok.all():  # it decoded in the first pass: a read that failed now is transient
                 bad = int(np.flatnonzero(~d.ok)[0])
-                exc = RuntimeError(f"image {a + bad} of the group failed on a later pass: {d.errors[bad][2]}")
+                exc = RuntimeError(f"image {ok[a + bad]} of the group failed on a later pass: {d.errors[bad][2]}")
                 exc.error_class = TRANSIENT
                 raise exc
             loaded["crf"] = d.crf  # the last pass loads each output chunk once: its colour views travel on
@@ -212,16 +212,18 @@ class Stage1Actor:
             if self.state is not None:
                 self.state.tick.remote(key, f"{step} {done}/{len(ok)} images")
 
+        out = 0  # images of ``ok`` whose rows are out
         try:
             for part in self.engine.run_passes(len(ok), load, crf=s.crf, crf_backend=s.crf_backend,
                                                chunk=s.chunk_size, progress=tick):
                 part_idx = ok[part.start:part.start + len(part)]
                 yield self._chunks({**row, "crf": loaded["crf"], "crf_indices": part_idx}, part, start,
                                    indices=part_idx)
-        except Exception as exc:  # noqa: BLE001 - the rows not yet out become errors
+                out = part.start + len(part)
+        except Exception as exc:  # noqa: BLE001 - the rows not yet out become errors (one row per image)
             if poisons_cuda(exc):
                 self._exit(exc)
-            yield self._error_chunks(row, exc, indices=ok)  # rows already out are superseded on the re-run
+            yield self._error_chunks(row, exc, indices=ok[out:])
 
     def _decode(self, uris: list[str], keep: bool):
         """decode_images over ``decode_threads`` threads (PIL and OpenCV release the GIL)."""

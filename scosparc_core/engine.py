@@ -200,6 +200,8 @@ class GroupEngine:
         with the micro-batch and n x P + R x C, not with n x P x C. The numbers are those of ``run`` on the
         same group: the head and the filter see the same micro-batches.
         """
+        if n == 0:
+            return
         params, backend = crf_params(crf), self.crf_backend(crf_backend)
         mb = micro_batch or self.micro_batch
         spans = [(s, min(s + mb, n)) for s in range(0, n, mb)]

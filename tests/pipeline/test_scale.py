@@ -128,6 +128,39 @@ def test_the_settings_above_take_the_passes_and_the_engine_matches_one_pass(acto
     assert {t for t in out["threshold"] if t == t} == {t for t in ref["threshold"] if t == t}
 
 
+def test_a_group_that_fails_after_its_first_chunk_has_one_row_per_image(tiny_weights, big_group_with_error):
+    """The rows already out stay; the images after them become error rows, each image exactly once (two rows for
+    one image would make the run's counts wrong)."""
+    backbone, head = tiny_weights
+    settings = Stage1Settings(model=ModelSettings(backbone=backbone, head=head, backbone_name="vit_base_patch8_224",
+                                                  backbone_kwargs=dict(TINY_VIT)),
+                              decode=DecodeSettings(row_images=PASSES["row_images"]), micro_batch=8, crf="none",
+                              crf_backend="defer", one_pass_images=PASSES["one_pass_images"], chunk_size=8)
+    (spec,) = [g for g in list_layout(Storage(str(big_group_with_error))) if g.group == "horse"]
+    (row,) = mark_todo(group_row(spec), None)
+    actor = Stage1Actor(settings)
+    run_passes = actor.engine.run_passes
+
+    def fails_after_one_chunk(*args, **kwargs):
+        parts = run_passes(*args, **kwargs)
+        yield next(parts)
+        raise OSError(5, "Input/output error (injected)")
+
+    actor.engine.run_passes = fails_after_one_chunk
+    row = decode_group(row, settings.decode)
+    index, ok, kind = [], [], []
+    for part in actor({k: [v] for k, v in row.items()}):
+        for idx, oks, kinds in zip(part["index"], part["ok"], part["error_kind"]):
+            index += list(idx)
+            ok += list(oks)
+            kind += list(kinds)
+    assert sorted(index) == list(range(BIG))
+    by_index = dict(zip(index, zip(ok, kind)))
+    good = [i for i in range(BIG) if i != 17]  # 17 is the corrupt image
+    assert [i for i in good if by_index[i][0]] == good[:8]  # the first chunk of 8 readable images came out
+    assert all("OSError" in by_index[i][1] for i in good[8:])
+
+
 def test_every_chunk_has_the_same_column_types(actor_outputs):
     out, _ = actor_outputs["passes"]
     for column in ("image_confidence", "regions_found", "regions_kept", "final"):
