@@ -103,6 +103,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, fast: bool =
     """
     if not data:
         raise ImageError("EmptyFile", "file is empty (0 bytes)")
+    # PIL refuses images above twice its own limit while opening them, before our check: a --max-pixels above
+    # that would not be honoured. Its limit only ever rises, to ours (images above it fail our check anyway).
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

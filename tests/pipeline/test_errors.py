@@ -112,6 +112,29 @@ def test_decode_kinds_are_permanent_even_with_an_io_looking_cause(kind, error):
     assert (info.kind, info.error_class) == (kind, PERMANENT)
 
 
+def test_max_pixels_above_pils_own_limit_is_honoured(monkeypatch):
+    """A PNG header of 20,000 x 10,000 (200 M pixels: above twice PIL's limit, where Image.open itself refuses):
+    refused at the default limit, and opened (then found truncated) when --max-pixels allows it."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from pipeline.decode import decode_image
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 10000, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    with pytest.raises(ImageError) as err:
+        decode_image(png)
+    assert err.value.kind == "DecompressionBomb"
+    with pytest.raises(ImageError) as err:
+        decode_image(png, max_pixels=10**9)
+    assert err.value.kind == "CorruptImage"  # past the size checks: only the missing pixel data is wrong
+
+
 @pytest.mark.parametrize("kind,expected", [("Read:OSError", TRANSIENT), ("Read:TimeoutError", TRANSIENT),
                                            ("Read:FileNotFoundError", PERMANENT), ("Read:PermissionError", PERMANENT),
                                            ("Read:ValueError", PERMANENT)])
