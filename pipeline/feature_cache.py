@@ -30,7 +30,7 @@ from scosparc_core.precision import resolve
 
 from .decode import decode_for_cache
 from .listing import GroupSpec
-from .storage import Storage, safe_component
+from .storage import Storage, URLOptions, safe_component
 
 FEATURE_DTYPE = np.float16
 
@@ -80,7 +80,7 @@ def build_backbone(settings: BackboneSettings) -> tuple[DinoBackbone, str, str]:
         settings.name,
         checkpoint=settings.checkpoint,
         random_init=settings.random_init and settings.checkpoint is None,
-        storage_options=settings.storage_options,
+        storage_options=URLOptions(settings.storage_options),
         **settings.kwargs,
     )
     return backbone.to(device), device, resolve(settings.precision, device)

@@ -34,7 +34,7 @@ from .progress import JobState, Printer
 from .refine import RefineActor, RefineSettings
 from .resources import Plan, choose_device, cluster_view, plan_resources, release_requests
 from .stage1 import ModelSettings, Stage1Actor, Stage1Settings
-from .storage import Storage, redact, redact_url
+from .storage import Storage, URLOptions, redact, redact_url
 
 DEVICES = ("auto", "cuda", "cpu")
 CRF_BACKEND_CHOICES = tuple(b for b in CRF_BACKENDS if b != "defer")  # defer: the job's own choice on CPUs
@@ -114,7 +114,8 @@ def validate(cfg: InferConfig) -> None:
 
 def check_weights(cfg: InferConfig) -> dict:
     """Both checkpoints read and checked on the driver before any work; their digests for the run's settings."""
-    return check_checkpoints(cfg.backbone, cfg.head, cfg.backbone_name, cfg.backbone_kwargs, cfg.storage_options)
+    return check_checkpoints(cfg.backbone, cfg.head, cfg.backbone_name, cfg.backbone_kwargs,
+                             URLOptions(cfg.storage_options))
 
 
 def fingerprint(cfg: InferConfig, digests: dict, precision: str, crf_backend: str) -> dict:

@@ -26,6 +26,7 @@ import numpy as np
 from .decode import VIEW, DecodeSettings, decode_images
 from .errors import TRANSIENT, classify, is_out_of_memory, poisons_cuda
 from .memory import keep_large_blocks_out_of_the_heap
+from .storage import URLOptions
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def build_model(settings: Stage1Settings):
     return SCoSPARC.from_checkpoints(
         backbone=m.backbone, head=m.head, device=settings.device, backbone_name=m.backbone_name,
         random_init=m.random_init, dtype=settings.precision, micro_batch=settings.micro_batch,
-        compile=settings.compile, storage_options=m.storage_options, **m.backbone_kwargs,
+        compile=settings.compile, storage_options=URLOptions(m.storage_options), **m.backbone_kwargs,
     )
 
 

@@ -103,6 +103,17 @@ def storage_options(endpoint: str | None = None, anonymous: bool = False, extra:
     return _with_retries(opts, retries)
 
 
+@dataclass(frozen=True)
+class URLOptions:
+    """``fs_options`` of each URL, as a function: what scosparc_core's checkpoint readers take as storage
+    options, so that a checkpoint on https:// or the local disk does not get the object store's."""
+
+    options: dict
+
+    def __call__(self, url: str) -> dict:
+        return fs_options(url, self.options)
+
+
 def fs_options(url: str, options: dict | None) -> dict:
     """The options for ``url``'s filesystem. S3 URLs get botocore's adaptive retry mode with DEFAULT_RETRIES
     retries unless the options set ``config_kwargs["retries"]`` themselves; other filesystems do not get

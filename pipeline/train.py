@@ -56,7 +56,7 @@ from .feature_cache import (BackboneSettings, FeatureCache, backbone_id, build_b
                             check_cuda, features, plan_cache)
 from .lease import Lease
 from .listing import GroupSpec, list_layout
-from .storage import Storage, redact
+from .storage import Storage, URLOptions, redact
 
 ADAM = {"lr": 1e-4, "weight_decay": 1e-4, "betas": (0.9, 0.99)}  # the paper's optimizer
 HISTORY = "metrics.parquet"
@@ -330,7 +330,7 @@ def train_loop_per_worker(s: LoopSettings) -> None:
     torch.manual_seed(s.seed)
     head = Stage1Head(s.dim)
     if s.init_head:
-        load_head_checkpoint(head, s.init_head, s.storage_options)
+        load_head_checkpoint(head, s.init_head, URLOptions(s.storage_options))
     state = {"epoch": 0, "best_max_fm": None, "best_epoch": None, "history": []}
     optimizer_state = None
     checkpoint = ray.train.get_checkpoint()
@@ -643,7 +643,7 @@ def run_training(cfg: TrainConfig):
     # both read on the driver, as the inference job does: a file that carries code or a head of another width
     # stops the job here, before anything is written (not in every worker, after the feature-cache pass)
     digests = check_checkpoints(cfg.backbone, cfg.init_head, cfg.backbone_name, cfg.backbone_kwargs,
-                                cfg.storage_options)
+                                URLOptions(cfg.storage_options))
     weights, init_head = digests.get("backbone"), digests.get("head")
     fp = fingerprint(cfg, {r: listing_digest(r, listed[r]) for r in roots}, weights, init_head)
     run = Storage(cfg.run_url(), cfg.storage_options)

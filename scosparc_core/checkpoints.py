@@ -25,14 +25,17 @@ def _name(source) -> str:
     return getattr(source, "name", None) or str(source)
 
 
-def _open(source, mode: str, storage_options: dict | None = None):
+def _open(source, mode: str, storage_options=None):
+    """``storage_options``: fsspec options for URLs, as a dict or as a function of the URL (a job's options are
+    for its object store; an https checkpoint must not get them)."""
     if hasattr(source, "read" if "r" in mode else "write"):
         return _Borrowed(source)
     path = os.fspath(source)
     if "://" in path and not path.startswith("file://"):
         import fsspec  # URLs only; the core needs no storage library otherwise
 
-        return fsspec.open(path, mode, **(storage_options or {})).open()
+        options = storage_options(path) if callable(storage_options) else storage_options
+        return fsspec.open(path, mode, **(options or {})).open()
     path = path.removeprefix("file://")
     if "w" in mode:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

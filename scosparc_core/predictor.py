@@ -119,7 +119,7 @@ class SCoSPARC:
         ``micro_batch``: backbone images per forward (default per device). ``compile=True``: see
         ``DinoBackbone.compile_forward``. ``crf_workers`` >= 2 runs a group's pydensecrf CRFs in that many
         spawned processes (scripts then need the ``if __name__ == "__main__":`` guard). ``storage_options`` go
-        to fsspec when a checkpoint is a URL."""
+        to fsspec when a checkpoint is a URL (a dict, or a function of the URL that returns one)."""
         if head is None and not random_init:
             raise ValueError(
                 "no stage-1 head checkpoint: pass head='model_combined.pt' (official format) or a checkpoint "

@@ -145,3 +145,51 @@ def test_redact_text_and_redact():
     assert redact(signed) == redact_url(signed)  # a URL alone: as before
     assert redact({"input": text, "secret": "x", "n": 3}) == {"input": out, "secret": "REDACTED", "n": 3}
     assert redact_text("no urls, nothing to hide") == "no urls, nothing to hide"
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """tmp_path served over HTTP on loopback (as a checkpoint on a web server would be); yields its URL."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_checkpoints_over_https_are_read_with_the_job_s_s3_options(http_folder, tiny_weights):
+    """The CLI's storage options carry botocore settings for S3 (retries), which an HTTP client refuses: a
+    checkpoint URL on a web server (the README's DINO link) must still load, on the driver and in the actors."""
+    import shutil
+
+    import torch
+
+    from conftest import TINY_VIT
+    from pipeline.decode import DecodeSettings
+    from pipeline.stage1 import ModelSettings, Stage1Settings, build_model
+    from pipeline.storage import URLOptions, storage_options
+    from scosparc_core.checkpoints import check_checkpoints
+
+    folder, url = http_folder
+    backbone, head = tiny_weights
+    shutil.copy(backbone, folder / "backbone.pth")
+    options = storage_options(endpoint="http://127.0.0.1:1")  # what jobs/ pass: S3 endpoint and retries
+    assert "config_kwargs" in options
+    digests = check_checkpoints(f"{url}/backbone.pth", head, "vit_base_patch8_224", dict(TINY_VIT),
+                                URLOptions(options))
+    assert digests == check_checkpoints(backbone, head, "vit_base_patch8_224", dict(TINY_VIT))
+    model = build_model(Stage1Settings(model=ModelSettings(backbone=f"{url}/backbone.pth", head=head,
+                                                           backbone_name="vit_base_patch8_224",
+                                                           backbone_kwargs=dict(TINY_VIT), storage_options=options),
+                                       decode=DecodeSettings(), crf="none"))
+    loaded = model.engine.backbone.state_dict()
+    local = torch.load(backbone, map_location="cpu", weights_only=True)
+    assert torch.equal(loaded["vit.pos_embed"], local["pos_embed"])
