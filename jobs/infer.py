@@ -18,12 +18,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jobs.arguments import Formatter, KeyValues, add_storage_args, key_value, storage_from  # noqa: E402
-from pipeline.infer import CRF_BACKEND_CHOICES, DEVICES, InferConfig, run_inference  # noqa: E402
-from pipeline.lease import LeaseHeld  # noqa: E402
+from pipeline.infer import CRF_BACKEND_CHOICES, DEVICES, InferConfig, run_inference, validate  # noqa: E402
 from pipeline.listing import LAYOUTS  # noqa: E402
-from pipeline.output_state import OtherSettingsError  # noqa: E402
 from pipeline.predictions import MASK_FORMATS  # noqa: E402
-from pipeline.resources import NoGPUError  # noqa: E402
 from pipeline.storage import redact_text, redact_url  # noqa: E402
 from scosparc_core.crf import CRF_PRESETS  # noqa: E402
 from scosparc_core.precision import PRECISIONS  # noqa: E402
@@ -105,14 +102,11 @@ def parse_args(argv=None) -> tuple[InferConfig, bool]:
 
 def main(argv=None) -> int:
     cfg, sample = parse_args(argv)
-    if sample:
-        from pipeline.sample import write_sample
-
-        cfg = cfg.replace(input=os.path.join(os.path.dirname(cfg.output.rstrip("/")) or ".", "sample-input"))
-        write_sample(cfg.input)
     try:
+        if sample:
+            cfg = with_sample(cfg)
         result = run_inference(cfg)
-    except (ValueError, FileNotFoundError, LeaseHeld, OtherSettingsError, NoGPUError) as exc:
+    except Exception as exc:
         if not getattr(exc, "before_work", False):
             raise  # a failure during the work: its traceback is the report
         # the settings, input, weights, output or cluster do not allow the job (checked before any work): say why
@@ -130,6 +124,21 @@ def main(argv=None) -> int:
     print(f"predictions: {base}/predictions/*.parquet")
     print(f"manifest:    {base}/_manifest.json")
     return 0
+
+
+def with_sample(cfg: InferConfig) -> InferConfig:
+    """--sample: the embedded sample is written next to the output (with the output's storage options), once the
+    settings are known to be valid; a failure here is one before any work."""
+    from pipeline.sample import write_sample
+
+    cfg = cfg.replace(input=os.path.join(os.path.dirname(cfg.output.rstrip("/")) or ".", "sample-input"))
+    try:
+        validate(cfg)
+        write_sample(cfg.input, storage_options=cfg.storage_options)
+    except Exception as exc:
+        exc.before_work = True
+        raise
+    return cfg
 
 
 if __name__ == "__main__":

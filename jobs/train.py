@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jobs.arguments import Formatter, KeyValues, add_storage_args, key_value, storage_from  # noqa: E402
 from pipeline.lease import LeaseHeld  # noqa: E402
 from pipeline.listing import LAYOUTS  # noqa: E402
+from pipeline.storage import redact_text  # noqa: E402
 from pipeline.train import (NoUsableGroupsError, PlacementError, RunMismatchError, TrainConfig,  # noqa: E402
                             config_defaults, run_training)
 from scosparc_core.checkpoints import CheckpointError  # noqa: E402
@@ -91,8 +92,11 @@ def main(argv=None) -> int:
     cfg = parse_args(argv)
     try:
         result = run_training(cfg)
-    except (PlacementError, RunMismatchError, NoUsableGroupsError, CheckpointError, LeaseHeld) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+    except Exception as exc:
+        if not (getattr(exc, "before_work", False) or
+                isinstance(exc, (PlacementError, RunMismatchError, NoUsableGroupsError, CheckpointError, LeaseHeld))):
+            raise  # a failure during the work: its traceback is the report
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr, flush=True)
         return 2
     print(f"final metrics: {result.metrics}")
     print(f"heads: {cfg.run_url()}/head_last.pt, {cfg.run_url()}/head_best.pt (with --val)")

@@ -275,3 +275,20 @@ def _by_type_name(name: str) -> str:
         if any(name in names for names in table.values()):
             return error_class
     return TRANSIENT if name in ("OSError", "IOError") else PERMANENT
+
+
+class Refusals:
+    """A job's checks before its work (settings, input, weights, lease, cluster, output settings), as a context
+    manager (or an ExitStack's exit callback): an exception raised inside while ``working`` is False gets
+    ``before_work = True``, which the CLIs print as one line (URLs redacted) and exit 2 on. One raised once the
+    work has started keeps its traceback."""
+
+    working = False
+
+    def __enter__(self) -> "Refusals":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if isinstance(exc, Exception) and not self.working:
+            exc.before_work = True
+        return False

@@ -25,6 +25,7 @@ from scosparc_core.modeling import DEFAULT_BACKBONE
 from scosparc_core.precision import PRECISIONS, resolve
 
 from .decode import DEFAULT_MAX_PIXELS, DecodeSettings, decode_group
+from .errors import Refusals
 from .lease import Lease
 from .listing import LAYOUTS, InputSpec, check_input, group_dataset, summarize
 from .output_state import (RUN_FILE, OutputState, check_settings, clear_output, groups_to_do, groups_with_images,
@@ -103,6 +104,8 @@ def validate(cfg: InferConfig) -> None:
     for name, value in positive.items():
         if value is not None and not value > 0:
             raise ValueError(f"{name} must be positive, not {value!r}")
+    if cfg.gpus_per_actor is not None and cfg.gpus_per_actor > 1 and not float(cfg.gpus_per_actor).is_integer():
+        raise ValueError(f"gpus_per_actor must be a whole number above 1 (Ray's rule), not {cfg.gpus_per_actor!r}")
     if cfg.gpu_wait < 0:
         raise ValueError(f"gpu_wait must be 0 or more seconds, not {cfg.gpu_wait!r}")
     if cfg.stall_timeout is not None and not (cfg.stall_timeout > 0 or cfg.stall_timeout == -1):
@@ -158,7 +161,7 @@ def run_inference(cfg: InferConfig) -> dict:
     import ray
 
     started, t0 = _now(), time.monotonic()
-    refusals = _Refusals()
+    refusals = Refusals()
     with contextlib.ExitStack() as stack:
         stack.push(refusals)
         validate(cfg)
@@ -242,19 +245,6 @@ def run_inference(cfg: InferConfig) -> dict:
         _log(f"done: {counts['rows']} rows ({counts['ok']} ok, {counts['permanent_errors']} permanent and "
              f"{counts['transient_errors']} transient errors) -> {redact_url(out.url())}")
         return manifest
-
-
-class _Refusals:
-    """An ExitStack exit callback: an exception raised before the job starts its work (the checks of settings,
-    input, weights, lease, cluster and output settings) gets ``before_work = True``; the CLI then prints its
-    message alone and exits 2. One raised later keeps its traceback."""
-
-    working = False
-
-    def __call__(self, exc_type, exc, tb) -> bool:
-        if exc is not None and not self.working:
-            exc.before_work = True
-        return False
 
 
 def _settle(out: Storage, listed: set[str]) -> OutputState:

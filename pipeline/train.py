@@ -52,6 +52,7 @@ from scosparc_core.precision import PRECISIONS, resolve
 from scosparc_core.threshold import adaptive_threshold, image_confidences, stage1_map
 
 from .decode import decode_network_views, read_gt, read_many
+from .errors import Refusals
 from .feature_cache import (BackboneSettings, FeatureCache, backbone_id, build_backbone, build_cache, cache_folder,
                             check_cuda, features, plan_cache)
 from .lease import Lease
@@ -636,14 +637,15 @@ def run_training(cfg: TrainConfig):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     roots = list(dict.fromkeys([*cfg.data, *([cfg.val] if cfg.val else [])]))
-    listed = {root: list_layout(Storage(root, cfg.storage_options), cfg.layout) for root in roots}
-    if not any(spec.images for r in cfg.data for spec in listed[r]):
-        raise ValueError(f"no images found under {list(cfg.data)}")
-    dim = DinoBackbone.width(cfg.backbone_name, **cfg.backbone_kwargs)
-    # both read on the driver, as the inference job does: a file that carries code or a head of another width
-    # stops the job here, before anything is written (not in every worker, after the feature-cache pass)
-    digests = check_checkpoints(cfg.backbone, cfg.init_head, cfg.backbone_name, cfg.backbone_kwargs,
-                                URLOptions(cfg.storage_options))
+    with Refusals():  # the CLI prints a failure here as one line and exits 2
+        listed = {root: list_layout(Storage(root, cfg.storage_options), cfg.layout) for root in roots}
+        if not any(spec.images for r in cfg.data for spec in listed[r]):
+            raise ValueError(f"no images found under {list(cfg.data)}")
+        dim = DinoBackbone.width(cfg.backbone_name, **cfg.backbone_kwargs)
+        # both read on the driver, as the inference job does: a file that carries code or a head of another
+        # width stops the job here, before anything is written (not in every worker, after the feature-cache pass)
+        digests = check_checkpoints(cfg.backbone, cfg.init_head, cfg.backbone_name, cfg.backbone_kwargs,
+                                    URLOptions(cfg.storage_options))
     weights, init_head = digests.get("backbone"), digests.get("head")
     fp = fingerprint(cfg, {r: listing_digest(r, listed[r]) for r in roots}, weights, init_head)
     run = Storage(cfg.run_url(), cfg.storage_options)

@@ -68,13 +68,30 @@ def test_a_missing_head_fails_before_anything_is_written(tmp_path, monkeypatch, 
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("setting", [("--stall-timeout", "0"), ("--chunk-size", "0"), ("--micro-batch", "-4")])
+@pytest.mark.parametrize("setting", [("--stall-timeout", "0"), ("--chunk-size", "0"), ("--micro-batch", "-4"),
+                                     ("--gpus-per-actor", "1.5")])
 def test_settings_that_cannot_work_are_refused_before_anything_is_written(setting, tmp_path, monkeypatch, capsys):
     code, _, err = run_script("infer.py", "--input", str(ROOT / "tests" / "golden"), "--output",
                               str(tmp_path / "out"), "--random-init", *setting, monkeypatch=monkeypatch, capsys=capsys)
     name = setting[0].removeprefix("--").replace("-", "_")
     assert code == 2 and err.startswith(f"error: {name} must be") and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_object_store_is_a_refusal_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """Any failure before the work (here botocore's, from checking the input) exits 2 with one line."""
+    code, _, err = run_script("infer.py", "--input", "s3://no-bucket/x", "--endpoint", "http://127.0.0.1:1",
+                              "--s3-retries", "0", "--output", str(tmp_path / "out"), "--random-init",
+                              monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_sample_is_written_only_for_settings_that_work(tmp_path, monkeypatch, capsys):
+    code, _, err = run_script("infer.py", "--sample", "--output", str(tmp_path / "out"), "--random-init",
+                              "--chunk-size", "0", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and err.startswith("error: chunk_size must be")
+    assert list(tmp_path.iterdir()) == []  # neither the sample nor the output
 
 
 def test_a_value_error_during_the_work_keeps_its_traceback(ray_local, tiny_weights, tmp_path, monkeypatch, capsys):

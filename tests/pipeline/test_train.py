@@ -146,6 +146,30 @@ def test_a_head_of_another_width_stops_training_before_anything_is_written(tiny_
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_refusal_does_not_print_a_signed_url_s_secrets(data, tmp_path, capsys):
+    from jobs.train import main
+
+    code = main(["--data", str(data / "data"), "--storage", str(tmp_path / "runs"), "--name", "signed",
+                 "--backbone", "http://127.0.0.1:1/b.pth?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=SECRET123",
+                 "--backbone-name", "vit_base_patch8_224",
+                 *[a for k, v in TINY_VIT.items() for a in ("--backbone-arg", f"{k}={v}")]])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "b.pth" in err
+    assert "SECRET123" not in err and "AKIAEXAMPLE" not in err
+
+
+def test_an_input_without_images_is_a_refusal_not_a_traceback(tmp_path, capsys):
+    from jobs.train import main
+
+    (tmp_path / "empty" / "image" / "g").mkdir(parents=True)
+    code = main(["--data", str(tmp_path / "empty"), "--storage", str(tmp_path / "runs"), "--name", "empty",
+                 "--random-init", "--backbone-name", "vit_base_patch8_224",
+                 *[a for k, v in TINY_VIT.items() for a in ("--backbone-arg", f"{k}={v}")]])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: no images found") and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_second_job_on_a_run_in_use_is_refused_naming_the_holder(tiny_weights, data, tmp_path, capsys):
     """Two submits of the same --name would interleave checkpoints and histories: the run's lease refuses the
     second before it writes anything."""
