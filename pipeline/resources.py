@@ -103,8 +103,21 @@ def choose_device(requested: str, view: ClusterView, wait_s: float, want_gpus: i
     if requested == "auto" and not view.ours:
         return "cpu", view
     if wait:
+        if not cluster_can_grow():  # nothing could add a GPU: waiting --gpu-wait would only delay the error
+            raise NoGPUError("no GPU in this Ray cluster, and it has no autoscaler that could add one: run on a "
+                             "machine or cluster with GPUs, or pass --device cpu to run stage 1 on CPUs on purpose.")
         view = wait_for_gpus(view, max(1, want_gpus), wait_s)
     return "cuda", view
+
+
+def cluster_can_grow() -> bool:
+    """Whether an autoscaler could add nodes (Ray Train asks the same of the cluster config)."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config() is not None
+    except Exception:  # noqa: BLE001 - unknown: assume it can, and wait the bounded time
+        return True
 
 
 def wait_for_gpus(view: ClusterView, want: int, wait_s: float, poll_s: float = 2.0) -> ClusterView:

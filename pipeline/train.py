@@ -57,6 +57,7 @@ from .feature_cache import (BackboneSettings, FeatureCache, backbone_id, build_b
                             check_cuda, features, plan_cache)
 from .lease import Lease
 from .listing import GroupSpec, list_layout
+from .resources import cluster_can_grow
 from .storage import Storage, URLOptions, redact
 
 ADAM = {"lr": 1e-4, "weight_decay": 1e-4, "betas": (0.9, 0.99)}  # the paper's optimizer
@@ -541,7 +542,7 @@ def check_placement(bundle: dict, count: int, timeout: float, what: str) -> None
 
     bundle = {k: v for k, v in bundle.items() if v}
     total = ray.cluster_resources()
-    if any(not total.get(k) for k in bundle) and not _cluster_can_grow():
+    if any(not total.get(k) for k in bundle) and not cluster_can_grow():
         raise PlacementError(placement_message(bundle, count, None, what))
     pg = placement_group([bundle] * count, strategy="PACK")
     try:
@@ -601,16 +602,6 @@ def live_actors() -> list[str]:
             return [a["ActorClassName"] for a in state.actors().values() if a["State"] == "ALIVE"]
         except Exception as exc:  # noqa: BLE001
             return [f"(unavailable: {type(exc).__name__})"]
-
-
-def _cluster_can_grow() -> bool:
-    """Whether an autoscaler could add nodes (Ray Train asks the same of the cluster config)."""
-    try:
-        from ray._private.state import state
-
-        return state.get_max_resources_from_cluster_config() is not None
-    except Exception:  # noqa: BLE001 - unknown: assume it can, and wait the bounded time
-        return True
 
 
 @contextlib.contextmanager

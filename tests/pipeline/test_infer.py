@@ -153,8 +153,10 @@ def test_plan_for_a_laptop_a_gpu_cluster_and_an_autoscaling_one():
 
 
 def test_our_cluster_without_gpus_fails_clearly_within_the_wait(tmp_path, tiny_weights, sample):
-    """A head that advertises the cluster.yaml marker and no GPU: the job asks, waits --gpu-wait, then fails with
-    exit code 2 and a one-line reason; with --device cpu the same job runs on that head's CPU."""
+    """A head that advertises the cluster.yaml marker and no GPU: the job asks, waits --gpu-wait (where an
+    autoscaler could add a GPU node: a local Ray has none, so the test says it has), then fails with exit code 2
+    and a one-line reason; with no autoscaler it fails at once; with --device cpu the same job runs on that
+    head's CPU."""
     backbone, head = tiny_weights
     args = ["--input", str(sample), "--output", str(tmp_path / "out"), "--backbone", backbone, "--head", head,
             *TINY_ARGS]
@@ -163,7 +165,11 @@ def test_our_cluster_without_gpus_fails_clearly_within_the_wait(tmp_path, tiny_w
         sys.path.insert(0, {str(ROOT)!r})
         import ray
         from jobs.infer import main
+        from pipeline import resources
         ray.init(address="local", num_cpus=1, resources={{"scosparc_head": 1}}, include_dashboard=False)
+        start = time.monotonic()
+        print("NOGROW", main({args!r} + ["--device", "cuda"]), round(time.monotonic() - start), flush=True)
+        resources.cluster_can_grow = lambda: True
         start = time.monotonic()
         code = main({args!r} + ["--gpu-wait", "3"])
         print("GPU", code, round(time.monotonic() - start), flush=True)
@@ -171,6 +177,8 @@ def test_our_cluster_without_gpus_fails_clearly_within_the_wait(tmp_path, tiny_w
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     out, err = done.stdout, done.stderr
+    assert "NOGROW 2 " in out and "error: no GPU in this Ray cluster, and it has no autoscaler" in err, err[-3000:]
+    assert int(out.split("NOGROW 2 ")[1].split()[0]) < 30  # not --gpu-wait's 600 s
     assert "GPU 2 " in out and "error: no GPU appeared within 3s" in err and "--device cpu" in err, err[-3000:]
     assert int(out.split("GPU 2 ")[1].split()[0]) < 60
     assert "CPU 0" in out and "rows 7 (ok 6, errors 1" in out  # --device cpu runs on CPUs on purpose
