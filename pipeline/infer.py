@@ -35,7 +35,7 @@ from .progress import JobState, Printer
 from .refine import RefineActor, RefineSettings
 from .resources import Plan, choose_device, cluster_view, plan_resources, release_requests
 from .stage1 import ModelSettings, Stage1Actor, Stage1Settings
-from .storage import Storage, URLOptions, redact, redact_url
+from .storage import Storage, URLOptions, canonical_location, redact, redact_url
 
 DEVICES = ("auto", "cuda", "cpu")
 CRF_BACKEND_CHOICES = tuple(b for b in CRF_BACKENDS if b != "defer")  # defer: the job's own choice on CPUs
@@ -124,7 +124,7 @@ def check_weights(cfg: InferConfig) -> dict:
 def fingerprint(cfg: InferConfig, digests: dict, precision: str, crf_backend: str) -> dict:
     """The settings that change what is written: a re-run into the same output must share them."""
     return redact({
-        "input": cfg.input, "manifest": cfg.manifest, "layout": cfg.layout,
+        "input": canonical_location(cfg.input), "manifest": canonical_location(cfg.manifest), "layout": cfg.layout,
         "backbone": digests.get("backbone") or (None if cfg.random_init else "timm-pretrained"),
         "head": digests.get("head"), "random_init": cfg.random_init, "backbone_name": cfg.backbone_name,
         "backbone_kwargs": cfg.backbone_kwargs, "crf": cfg.crf, "crf_backend": crf_backend,

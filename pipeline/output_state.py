@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from .errors import TRANSIENT
 from .predictions import COMMITS, from_ranges, group_hash, ranges, record_key
-from .storage import Storage, redact
+from .storage import Storage, canonical_location, redact
 
 RUN_FILE = "_run.json"
 
@@ -251,7 +251,10 @@ def check_settings(out: Storage, fingerprint: dict, output_url: str) -> int:
     if not out.exists(RUN_FILE):
         return 1
     before = out.read_json(RUN_FILE)
-    settings = before.get("settings", {})
+    settings = dict(before.get("settings", {}))
+    for key in ("input", "manifest"):  # runs recorded before locations were canonical: compare like for like
+        if isinstance(settings.get(key), str):
+            settings[key] = canonical_location(settings[key])
     now = json.loads(json.dumps(redact(fingerprint), default=str))
     diff = sorted(k for k in set(settings) | set(now) if settings.get(k) != now.get(k))
     if diff:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import re
 import unicodedata
@@ -151,6 +152,17 @@ def safe_component(name: str) -> str:
     if clean != name:
         clean = f"{clean[:80]}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
     return clean
+
+
+def canonical_location(url: str | None) -> str | None:
+    """One spelling per input location, for comparing a run's settings: a local path absolute and normalised
+    (``file://`` dropped), a URL without its trailing "/". ``out/in/`` and ``out/in`` are one input."""
+    if not url:
+        return url
+    if "://" not in url or url.startswith("file://"):
+        return os.path.abspath(os.path.expanduser(url.removeprefix("file://")))
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://{rest.rstrip('/')}" if rest.rstrip("/") else url
 
 
 def redact_url(url: str) -> str:

@@ -181,3 +181,20 @@ def test_a_compaction_that_died_before_deleting_the_old_record(tmp_path):
     state.compact(out, state.superseded())
     after = OutputState.load(out)
     assert [r["run"] for r in after.records] == [3] and after.counts()["rows"] == 6 and after.stale == []
+
+
+def test_another_spelling_of_the_same_input_resumes(tmp_path, monkeypatch):
+    """``in/`` then ``in`` (or the absolute path, or file://) is one input: the resume must not be refused (its
+    only remedy, --overwrite, deletes the finished work); another input still is. A run recorded before
+    locations were canonical (``input`` as typed) compares like for like."""
+    from pipeline.output_state import OtherSettingsError, check_settings
+    from pipeline.storage import Storage, canonical_location
+
+    monkeypatch.chdir(tmp_path)
+    out = Storage(str(tmp_path / "out"))
+    out.write_json("_run.json", {"settings": {"input": "data/in/", "crf": "coca"}, "run": 3})
+    for spelling in ("data/in", "./data/in/", str(tmp_path / "data" / "in"), f"file://{tmp_path}/data/in/"):
+        assert check_settings(out, {"input": canonical_location(spelling), "crf": "coca"}, "out") == 4
+    with pytest.raises(OtherSettingsError, match="input"):
+        check_settings(out, {"input": canonical_location("data/other"), "crf": "coca"}, "out")
+    assert canonical_location("s3://b/in/") == canonical_location("s3://b/in") == "s3://b/in"
