@@ -171,10 +171,10 @@ def run_inference(cfg: InferConfig) -> dict:
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
             stack.callback(ray.shutdown)
-        stack.callback(release_requests)
         view = cluster_view()
-        if cfg.dry_run:
+        if cfg.dry_run:  # asks the autoscaler for nothing, so it withdraws nothing (another job's request stays)
             return _dry_run(cfg, view)
+        stack.callback(release_requests)
         # a lost lease interrupts the driver (a signal to this thread), which stops the dataset: LeaseLost
         lease = stack.enter_context(Lease(out, ttl=cfg.lease_ttl, holder={"job": "infer"},
                                           stop_main=True))

@@ -184,10 +184,15 @@ def test_our_cluster_without_gpus_fails_clearly_within_the_wait(tmp_path, tiny_w
     assert "CPU 0" in out and "rows 7 (ok 6, errors 1" in out  # --device cpu runs on CPUs on purpose
 
 
-def test_dry_run_lists_and_plans_without_writing(ray_local, tiny_weights, sample, tmp_path):
+def test_dry_run_lists_and_plans_without_writing(ray_local, tiny_weights, sample, tmp_path, monkeypatch):
+    from pipeline import infer
+
+    withdrawn = []  # a dry run asks the autoscaler for nothing: withdrawing would drop another job's request
+    monkeypatch.setattr(infer, "release_requests", lambda: withdrawn.append(1))
     report = run_inference(config(tiny_weights, sample, tmp_path / "out", dry_run=True))
     assert report["input"]["groups"] == 2 and report["input"]["images"] == 7 and report["device"] == "cpu"
     assert not (tmp_path / "out").exists()
+    assert withdrawn == []
 
 
 def test_a_stage1_failure_turns_its_group_into_error_rows(tiny_weights, sample):
