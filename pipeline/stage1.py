@@ -85,6 +85,21 @@ def build_model(settings: Stage1Settings):
     )
 
 
+def _by_images(rows: list[dict], limit: int) -> list[list[dict]]:
+    """Consecutive rows cut into engine calls of at most ``limit`` images (a row alone may hold up to that many):
+    a batch of many small groups keeps the device memory of one one-pass group, whatever their number."""
+    parts: list[list[dict]] = []
+    held = 0
+    for row in rows:
+        n = len(row["image_uris"])
+        if not parts or held + n > limit:
+            parts.append([])
+            held = 0
+        parts[-1].append(row)
+        held += n
+    return parts
+
+
 class Stage1Actor:
     def __init__(self, settings: Stage1Settings, state=None):
         keep_large_blocks_out_of_the_heap()
@@ -121,8 +136,9 @@ class Stage1Actor:
         start = time.perf_counter()
         small = [r for r in rows if r["decoded"]]
         chunks = []
-        for row, result in zip(small, self._run_small(small)):
-            chunks += self._chunks(row, result, start)
+        for part in _by_images(small, self.settings.one_pass_images):
+            for row, result in zip(part, self._run_small(part)):
+                chunks += self._chunks(row, result, start)
         if chunks:
             yield _columns(chunks)
         for row in rows:

@@ -98,6 +98,24 @@ def test_deferred_crf_leaves_the_stage2_mask_for_cpu_workers(engine, groups):
     np.testing.assert_array_equal(none.final, deferred.final)
 
 
+def test_the_torch_crf_runs_a_large_batch_in_pieces_with_the_same_masks(engine, groups, monkeypatch):
+    """A batch of many small groups can bring thousands of images to one CRF call: it runs TORCH_CRF_IMAGES at a
+    time (bounded GPU memory, below the lattice's index limit), and each image's mask is the same."""
+    import scosparc_core.crf as crf_module
+    import scosparc_core.engine as engine_module
+
+    pixels, rgb = [p for p, _ in groups], [r for _, r in groups]
+    whole = engine.run(pixels, rgb, crf="coca", crf_backend="torch")
+    sizes = []
+    dense = crf_module.dense_crf_torch
+    monkeypatch.setattr(engine_module, "TORCH_CRF_IMAGES", 3)
+    monkeypatch.setattr(crf_module, "dense_crf_torch", lambda r, lab, p: sizes.append(len(lab)) or dense(r, lab, p))
+    pieces = engine.run(pixels, rgb, crf="coca", crf_backend="torch")
+    assert max(sizes) == 3 and len(sizes) >= 3  # 19 images, the few without a region aside
+    for a, b in zip(whole, pieces):
+        _same(a, b)
+
+
 def test_two_threads_share_the_engine(engine, groups):
     serial = [engine.run([p], [r], crf="none")[0] for p, r in groups]
     out = {}

@@ -222,6 +222,37 @@ def test_a_stage1_failure_turns_its_group_into_error_rows(tiny_weights, sample):
     assert kinds == ["Stage1:RuntimeError"] * 3 and not any(ok for c in chunks for o in c["ok"] for ok in o)
 
 
+def test_a_batch_of_groups_goes_to_the_engine_in_calls_of_at_most_one_pass_of_images(tiny_weights, sample):
+    """Batches are sized in groups from the mean group size; a batch that brings many images anyway is split, so
+    that the device holds at most --one-pass-images images' tokens at once. The masks do not change."""
+    from pipeline.decode import DecodeSettings, decode_group
+    from pipeline.listing import group_row, list_layout
+    from pipeline.output_state import mark_todo
+    from pipeline.stage1 import ModelSettings, Stage1Actor, Stage1Settings
+    from pipeline.storage import Storage
+
+    backbone, head = tiny_weights
+    model = ModelSettings(backbone=backbone, head=head, backbone_name="vit_base_patch8_224",
+                          backbone_kwargs=dict(TINY_VIT))
+    rows = [decode_group(mark_todo(group_row(g), None)[0], DecodeSettings())
+            for g in list_layout(Storage(str(sample)))]  # disc (3 images), horse (4)
+    batch = {k: [r[k] for r in rows] for k in rows[0]}
+    finals = {}
+    for limit in (2048, 4):
+        actor = Stage1Actor(Stage1Settings(model=model, decode=DecodeSettings(), crf="none", one_pass_images=limit))
+        calls = []
+        run = actor.engine.run
+        actor.engine.run = lambda pixels, *a, **k: calls.append([len(p) for p in pixels]) or run(pixels, *a, **k)
+        out = list(actor(dict(batch)))
+        finals[limit] = {(g, i): f for c in out for g, idx, fs in zip(c["group"], c["index"], c["final"])
+                         for i, f in zip(idx, fs)}
+        assert sum(map(sum, calls)) == 6  # one disc image does not decode
+        assert (len(calls) == 1) if limit == 2048 else (len(calls) == 2 and max(map(sum, calls)) <= 4)
+    assert finals[4].keys() == finals[2048].keys() and len(finals[4]) == 7
+    for key, final in finals[2048].items():
+        np.testing.assert_array_equal(np.asarray(final), np.asarray(finals[4][key]))
+
+
 def test_a_manifest_input(ray_local, tiny_weights, sample, tmp_path):
     images = sorted((sample / "image").rglob("*.jpg"))
     frame = pd.DataFrame({
