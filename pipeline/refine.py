@@ -19,7 +19,7 @@ from scosparc_core.image import to_original_size
 from scosparc_core.metrics import image_metrics
 
 from .decode import read_gt, read_many
-from .errors import classify
+from .errors import TRANSIENT, classify
 from .memory import keep_large_blocks_out_of_the_heap
 from .predictions import ROW_SCHEMA
 from .storage import Storage, redact_url
@@ -126,7 +126,10 @@ def refine_image(c: dict, i: int, gt_data, settings: RefineSettings, out: Storag
             metrics = image_metrics(png, read_gt(gt_data))
             rec.update({k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in metrics.items()})
         except Exception as exc:  # noqa: BLE001 - a bad ground truth loses the metrics, not the mask
-            rec["gt_error"] = classify(exc).text
+            info = classify(exc, "GroundTruth")
+            rec["gt_error"] = info.text
+            if info.error_class == TRANSIENT:  # a read that may work later: an error row, so a re-run redoes it
+                rec.update(status="error", error=info.text, error_kind=info.kind, error_class=TRANSIENT)
     return rec
 
 

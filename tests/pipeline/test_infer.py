@@ -246,11 +246,49 @@ def test_a_batch_of_groups_goes_to_the_engine_in_calls_of_at_most_one_pass_of_im
         out = list(actor(dict(batch)))
         finals[limit] = {(g, i): f for c in out for g, idx, fs in zip(c["group"], c["index"], c["final"])
                          for i, f in zip(idx, fs)}
-        assert sum(map(sum, calls)) == 6  # one disc image does not decode
+        assert sum(map(sum, calls)) == 6  # horse_003 does not decode
         assert (len(calls) == 1) if limit == 2048 else (len(calls) == 2 and max(map(sum, calls)) <= 4)
     assert finals[4].keys() == finals[2048].keys() and len(finals[4]) == 7
     for key, final in finals[2048].items():
         np.testing.assert_array_equal(np.asarray(final), np.asarray(finals[4][key]))
+
+
+def test_a_ground_truth_read_that_may_work_later_is_an_error_row_a_re_run_redoes(tiny_weights, sample, tmp_path,
+                                                                                 monkeypatch):
+    """A ground truth that is not there (permanent) loses the image's metrics, not its row; one whose read failed
+    after the client's retries (S3 SlowDown, a timeout) would lose them for good if the row stayed ok: it is a
+    transient error row, so the resume redoes the image."""
+    from pipeline import refine
+    from pipeline.decode import DecodeSettings, ReadError, decode_group
+    from pipeline.listing import group_row, list_layout
+    from pipeline.output_state import mark_todo
+    from pipeline.stage1 import ModelSettings, Stage1Actor, Stage1Settings
+    from pipeline.storage import Storage
+
+    backbone, head = tiny_weights
+    model = ModelSettings(backbone=backbone, head=head, backbone_name="vit_base_patch8_224",
+                          backbone_kwargs=dict(TINY_VIT))
+    spec = next(g for g in list_layout(Storage(str(sample))) if g.group == "horse")
+    row = decode_group(mark_todo(group_row(spec), None)[0], DecodeSettings())
+    (chunk,) = [c for c in Stage1Actor(Stage1Settings(model=model, decode=DecodeSettings(), crf="none"))(
+        {k: [v] for k, v in row.items()})]
+    chunk = {k: v[0] for k, v in chunk.items()}  # one chunk of 4 images
+
+    read_many = refine.read_many
+
+    def flaky(uris, options):
+        data = read_many(uris, options)
+        return [ReadError(uris[0], TimeoutError("read timed out")), ReadError(uris[1], FileNotFoundError(uris[1])),
+                *data[2:]]
+
+    monkeypatch.setattr(refine, "read_many", flaky)
+    recs = refine.refine_chunk(chunk, refine.RefineSettings(output=str(tmp_path / "out"), crf="none"),
+                               Storage(str(tmp_path / "out")))
+    assert [(r["status"], r["error_class"]) for r in recs] == [
+        ("error", "transient"), ("ok", None), ("ok", None), ("error", "permanent")]  # horse_003 is corrupt
+    assert recs[0]["error_kind"].startswith("GroundTruth:") and "timed out" in recs[0]["error"]
+    assert recs[1]["gt_error"] and recs[1].get("mae") is None  # not there: no metrics, the row stays ok
+    assert recs[2].get("mae") is not None
 
 
 def test_a_manifest_input(ray_local, tiny_weights, sample, tmp_path):
