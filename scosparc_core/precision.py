@@ -4,7 +4,8 @@ float32 on the CPU is the paper code's arithmetic and the reference. On CUDA, ``
 format whose masks stay at mean IoU >= 0.995 and min IoU >= 0.98 against CPU float32 on real photos; measured on
 an H200 (README, "Precision on GPUs"; ``benchmarks/bench_precision.py``), no reduced format came near, so it is
 float32 (whose own min IoU there, 0.976, comes from CUDA's other summation order). Only the backbone changes format: the stage-1 head, the
-threshold, the region filter and the CRF always run in float32.
+threshold, the region filter and the CRF run in float32 - except that TF32 is torch's process-wide matmul
+setting, so with ``tf32`` another thread's stage-1 matmuls may use it while a backbone forward runs.
 """
 from __future__ import annotations
 
