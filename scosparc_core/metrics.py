@@ -41,8 +41,13 @@ def gt_to_mask(gt: np.ndarray, height: int | None = None, width: int | None = No
 def image_metrics(pred: np.ndarray, gt: np.ndarray) -> dict:
     """pred (H, W) uint8 map and gt (H', W') uint8 0/255 mask -> per-image scalars and 256-point curves.
 
-    A prediction of another size is resized to the ground truth's (bilinear), as CoSOD evaluation tools do.
+    A prediction of another size is resized to the ground truth's (bilinear), as CoSOD evaluation tools do; one
+    whose size is the ground truth's transposed is refused (ValueError): the mask follows the photo's EXIF
+    orientation, and a ground truth drawn on the stored, unturned pixels would be compared squashed.
     """
+    if pred.shape != gt.shape and pred.shape == gt.shape[::-1]:
+        raise ValueError(f"the ground truth is {gt.shape[1]}x{gt.shape[0]}, the mask {pred.shape[1]}x{pred.shape[0]}: "
+                         "turned by 90 degrees (was it drawn on an EXIF-rotated photo's stored pixels?)")
     if pred.shape != gt.shape:
         pred = cv2.resize(pred, (gt.shape[1], gt.shape[0]), interpolation=cv2.INTER_LINEAR)
     with warnings.catch_warnings():

@@ -115,3 +115,15 @@ def test_metric_sums_in_batches_and_slots_equal_aggregate():
 def test_nothing_to_aggregate_gives_nan():
     empty = aggregate([])
     assert empty["images"] == 0 and np.isnan(empty["max_fm"]) and np.isnan(empty["fm_curve"]).all()
+
+
+def test_a_ground_truth_turned_by_90_degrees_is_refused_not_squashed():
+    from scosparc_core.metrics import image_metrics
+
+    pred = np.zeros((30, 50), np.uint8)
+    pred[5:15, 10:40] = 255
+    with pytest.raises(ValueError, match="turned by 90 degrees"):
+        image_metrics(pred, np.ascontiguousarray(pred.T))
+    assert image_metrics(pred, pred)["mae"] == 0.0
+    half = image_metrics(pred, pred[::2, ::2].copy())  # another size: resized, as CoSOD tools do
+    assert half["mae"] < 0.05
