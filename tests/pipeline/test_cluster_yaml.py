@@ -46,6 +46,9 @@ def test_workers_can_reach_s3_and_nothing_is_open_to_the_internet():
     cfg = load()
     workers = [n for name, n in cfg["available_node_types"].items() if name != cfg["head_node_type"]]
     assert workers and all(n["node_config"].get("IamInstanceProfile") for n in workers)
+    # the head launches workers with that profile, which takes iam:PassRole: Ray's default head role lacks it
+    head = cfg["available_node_types"][cfg["head_node_type"]]["node_config"]["IamInstanceProfile"]["Name"]
+    assert "iam:PassRole" in (ROOT / "README.md").read_text() and f"`{head}`" in (ROOT / "README.md").read_text()
     rules = cfg["provider"]["security_group"]["IpPermissions"]
     ranges = [r["CidrIp"] for rule in rules for r in rule.get("IpRanges", [])]
     assert ranges and "0.0.0.0/0" not in ranges and all(rule["FromPort"] == rule["ToPort"] == 22 for rule in rules)
