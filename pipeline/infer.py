@@ -33,7 +33,7 @@ from .output_state import (RUN_FILE, OutputState, check_settings, clear_output, 
 from .predictions import MASK_FORMATS, PredictionsSink
 from .progress import JobState, Printer
 from .refine import RefineActor, RefineSettings
-from .resources import Plan, choose_device, cluster_view, plan_resources, release_requests
+from .resources import Plan, choose_device, cluster_view, plan_resources, release_requests, unplaceable
 from .stage1 import ModelSettings, Stage1Actor, Stage1Settings
 from .storage import Storage, URLOptions, canonical_location, redact, redact_url
 
@@ -272,6 +272,9 @@ def _plan(cfg: InferConfig, view, device: str, summary: dict) -> tuple[Plan, int
     mean_group = summary["images"] / max(summary["groups"] - summary["empty_groups"]["count"], 1)
     plan = plan_resources(view, device, gpu_actors=cfg.gpu_actors, gpus_per_actor=cfg.gpus_per_actor, crf=cfg.crf,
                           crf_backend=cfg.crf_backend, micro_batch=micro_batch, mean_group=mean_group)
+    problem = unplaceable(plan.stage1_args, view)
+    if problem:  # before any work: Ray would keep the actor pending until the stall timeout
+        raise ValueError(problem)
     return plan, micro_batch
 
 

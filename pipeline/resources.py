@@ -37,6 +37,11 @@ class ClusterView:
 
     resources: dict
     node_types: dict = field(default_factory=dict)
+    nodes: tuple = ()  # the alive nodes' resources (ray.nodes()), each a dict
+
+    def gpu_node_cpus(self) -> float:
+        """CPUs of the smallest alive node with a GPU (0 when none)."""
+        return min((float(n.get("CPU", 0)) for n in self.nodes if n.get("GPU", 0) >= 1), default=0.0)
 
     @property
     def ours(self) -> bool:
@@ -68,7 +73,13 @@ def cluster_view() -> ClusterView:
 
         with open(path) as f:
             node_types = (yaml.safe_load(f) or {}).get("available_node_types", {}) or {}
-    return ClusterView(dict(ray.cluster_resources()), node_types)
+    return ClusterView(dict(ray.cluster_resources()), node_types, _alive_nodes())
+
+
+def _alive_nodes() -> tuple:
+    import ray
+
+    return tuple(dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive"))
 
 
 @dataclass(frozen=True)
@@ -135,7 +146,7 @@ def wait_for_gpus(view: ClusterView, want: int, wait_s: float, poll_s: float = 2
     while time.monotonic() - start < wait_s:
         resources = dict(ray.cluster_resources())
         if resources.get("GPU", 0) >= 1:
-            return ClusterView(resources, view.node_types)
+            return ClusterView(resources, view.node_types, _alive_nodes())
         if time.monotonic() - last >= 30:
             last = time.monotonic()
             print(f"[infer] still waiting for a GPU ({last - start:.0f}s)", file=sys.stderr, flush=True)
@@ -179,7 +190,7 @@ def plan_resources(view: ClusterView, device: str, *, gpu_actors: int | None = N
         per_actor = gpus_per_actor or 1.0
         gpus = max(float(res.get("GPU", 0)), view.declared("GPU"))
         most = gpu_actors or max(1, int(gpus // per_actor))
-        node_cpus = view.node_cpus(STAGE_RESOURCES["stage1"]) or cpus
+        node_cpus = view.node_cpus(STAGE_RESOURCES["stage1"]) or view.gpu_node_cpus() or cpus
         stage1_args = {"num_gpus": per_actor, "num_cpus": max(1.0, min(4.0, node_cpus / 4)), "memory": 4 * GIB}
         if view.ours and view.has(STAGE_RESOURCES["stage1"]):
             stage1_args["resources"] = {STAGE_RESOURCES["stage1"]: per_actor}
@@ -208,6 +219,31 @@ def plan_resources(view: ClusterView, device: str, *, gpu_actors: int | None = N
     refiners = (1, max(1, int(cpus))) if "resources" not in refine_args else _refine_pool(view, cpus, backend, 0)
     return Plan("cpu", (1, 1), stage1_args, 1, decode_args, refiners, refine_args, backend, int(threads), 1,
                 tuple(notes))
+
+
+def unplaceable(args: dict, view: ClusterView) -> str | None:
+    """Why no node, alive or of a declared node type, can hold one actor asking for ``args`` (Ray's resource
+    arguments), or None. Ray would otherwise keep the actor pending until the job's stall timeout. Unknown
+    (None) where the cluster may grow into node types this process cannot read."""
+    bundle = {"CPU": args.get("num_cpus", 1), "GPU": args.get("num_gpus", 0), "memory": args.get("memory", 0),
+              **args.get("resources", {})}
+    bundle = {k: float(v) for k, v in bundle.items() if v}
+
+    def fits(res: dict, keys) -> bool:
+        return all(float(res.get(k, 0)) >= bundle[k] for k in keys)
+
+    if any(fits(n, bundle) for n in view.nodes):
+        return None
+    declared = [k for k in bundle if k != "memory"]  # node types do not declare memory: Ray measures it
+    if any(fits(t.get("resources", {}), declared) for t in view.node_types.values()):
+        return None
+    if not view.node_types and cluster_can_grow():
+        return None
+    largest = max(view.nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+    have = {k: largest.get(k, 0) for k in bundle}
+    return (f"no node can hold one stage-1 actor asking for {bundle} (the largest node has {have}"
+            + (", and no declared node type has it either" if view.node_types else "")
+            + "): lower --gpus-per-actor, or run on nodes that have that much.")
 
 
 def _refine_pool(view: ClusterView, cpus: float, backend: str, stage1_cpus: float) -> tuple[int, int]:

@@ -152,6 +152,30 @@ def test_plan_for_a_laptop_a_gpu_cluster_and_an_autoscaling_one():
     assert gpus.refine_actors == (1, 128 - 8 * 4)  # what the 8 stage-1 actors leave
 
 
+def test_stage1_actors_are_sized_from_gpu_nodes_and_refused_when_no_node_can_hold_one(monkeypatch):
+    from pipeline import resources
+    from pipeline.resources import unplaceable
+
+    monkeypatch.setattr(resources, "cluster_can_grow", lambda: False)  # a fixed cluster (no autoscaler)
+
+    # no cluster config: a 2-core GPU node beside a 32-core CPU node gets an actor its cores allow
+    nodes = ({"CPU": 32.0, "memory": 64.0 * GIB}, {"CPU": 2.0, "GPU": 1.0, "memory": 16.0 * GIB})
+    view = ClusterView({"CPU": 34.0, "GPU": 1.0, "memory": 80.0 * GIB}, {}, nodes)
+    plan = plan_resources(view, "cuda")
+    assert plan.stage1_args["num_cpus"] == 1.0 and unplaceable(plan.stage1_args, view) is None
+    two = plan_resources(view, "cuda", gpus_per_actor=2)
+    assert "lower --gpus-per-actor" in unplaceable(two.stage1_args, view)  # Ray would keep it pending
+    # an autoscaling cluster before its GPU nodes start: the declared node type decides
+    types = {"gpu": {"resources": {"CPU": 8, "GPU": 1, "scosparc_stage1": 1}, "max_workers": 8}}
+    ours = ClusterView({"CPU": 0.0, "scosparc_head": 1.0}, types, ({"CPU": 0.0, "scosparc_head": 1.0},))
+    assert unplaceable(plan_resources(ours, "cuda").stage1_args, ours) is None
+    assert "no declared node type" in unplaceable(plan_resources(ours, "cuda", gpus_per_actor=2).stage1_args, ours)
+    laptop = ClusterView({"CPU": 2.0, "memory": 16.0 * GIB}, {}, ({"CPU": 2.0, "memory": 16.0 * GIB},))
+    assert unplaceable(plan_resources(laptop, "cpu").stage1_args, laptop) is None
+    monkeypatch.setattr(resources, "cluster_can_grow", lambda: True)  # it may grow into types we cannot read
+    assert unplaceable(two.stage1_args, view) is None
+
+
 def test_our_cluster_without_gpus_fails_clearly_within_the_wait(tmp_path, tiny_weights, sample):
     """A head that advertises the cluster.yaml marker and no GPU: the job asks, waits --gpu-wait (where an
     autoscaler could add a GPU node: a local Ray has none, so the test says it has), then fails with exit code 2
