@@ -180,8 +180,8 @@ def plan_resources(view: ClusterView, device: str, *, gpu_actors: int | None = N
     notes = []
     if crf == "none":
         backend = "none"
-    elif crf_backend == "pydensecrf" or device == "cpu":
-        backend = "defer"
+    elif crf_backend == "pydensecrf" or (device == "cpu" and crf_backend == "auto"):
+        backend = "defer"  # auto on CPUs: pydensecrf in the refine actors (the torch CRF, asked for, runs in stage 1)
     else:
         backend = "torch"
     refine_args: dict = {"num_cpus": 1}
@@ -216,6 +216,8 @@ def plan_resources(view: ClusterView, device: str, *, gpu_actors: int | None = N
         stage1_args["resources"] = refine_args["resources"] = {STAGE_RESOURCES["refine"]: 1}
         threads = view.node_cpus(STAGE_RESOURCES["refine"]) or cpus
     notes.append("stage 1 on CPUs: one actor using every core of its node")
+    if gpu_actors or gpus_per_actor:
+        notes.append("--gpu-actors and --gpus-per-actor do not apply: stage 1 runs on CPUs")
     refiners = (1, max(1, int(cpus))) if "resources" not in refine_args else _refine_pool(view, cpus, backend, 0)
     return Plan("cpu", (1, 1), stage1_args, 1, decode_args, refiners, refine_args, backend, int(threads), 1,
                 tuple(notes))

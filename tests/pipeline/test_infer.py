@@ -137,6 +137,9 @@ def test_plan_for_a_laptop_a_gpu_cluster_and_an_autoscaling_one():
     small = plan_resources(ClusterView({"CPU": 2.0, "memory": 4.0 * GIB}), "cpu")
     assert small.stage1_args["memory"] == 2 * GIB  # never more than half of what Ray has: it must be placeable
     assert laptop.stage1_actors == (1, 1) and laptop.crf_backend == "defer"
+    asked = plan_resources(ClusterView({"CPU": 2.0}), "cpu", crf_backend="torch", gpu_actors=2)
+    assert asked.crf_backend == "torch"  # asked for: the torch CRF runs beside stage 1 on CPUs too
+    assert any("--gpu-actors" in note for note in asked.notes)  # said, not silently dropped
     gpus = plan_resources(ClusterView({"CPU": 128.0, "GPU": 8.0}), "cuda", mean_group=16)
     assert gpus.stage1_actors == (1, 8) and gpus.stage1_args["num_gpus"] == 1.0 and gpus.crf_backend == "torch"
     assert gpus.stage1_calls == 2 and gpus.groups_per_batch == 16  # 2 x 128 images per call
