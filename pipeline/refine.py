@@ -128,7 +128,8 @@ def refine_image(c: dict, i: int, gt_data, settings: RefineSettings, out: Storag
         except Exception as exc:  # noqa: BLE001 - a bad ground truth loses the metrics, not the mask
             info = classify(exc, "GroundTruth")
             rec["gt_error"] = info.text
-            if info.error_class == TRANSIENT:  # a read that may work later: an error row, so a re-run redoes it
+            # a read that may work later (not a file that will not decode): an error row, so a re-run redoes it
+            if isinstance(gt_data, BaseException) and info.error_class == TRANSIENT:
                 rec.update(status="error", error=info.text, error_kind=info.kind, error_class=TRANSIENT)
     return rec
 

@@ -308,14 +308,22 @@ def test_a_ground_truth_read_that_may_work_later_is_an_error_row_a_re_run_redoes
         return [ReadError(uris[0], TimeoutError("read timed out")), ReadError(uris[1], FileNotFoundError(uris[1])),
                 *data[2:]]
 
+    settings, out = refine.RefineSettings(output=str(tmp_path / "out"), crf="none"), Storage(str(tmp_path / "out"))
     monkeypatch.setattr(refine, "read_many", flaky)
-    recs = refine.refine_chunk(chunk, refine.RefineSettings(output=str(tmp_path / "out"), crf="none"),
-                               Storage(str(tmp_path / "out")))
+    recs = refine.refine_chunk(chunk, settings, out)
     assert [(r["status"], r["error_class"]) for r in recs] == [
         ("error", "transient"), ("ok", None), ("ok", None), ("error", "permanent")]  # horse_003 is corrupt
     assert recs[0]["error_kind"].startswith("GroundTruth:") and "timed out" in recs[0]["error"]
     assert recs[1]["gt_error"] and recs[1].get("mae") is None  # not there: no metrics, the row stays ok
     assert recs[2].get("mae") is not None
+
+    # files that were read but will never decode as masks (PIL raises OSErrors without errno for them, which
+    # read as transient): metrics lost, the row stays ok - a re-run would fail the same way, for ever
+    png = (sample / "groundtruth/horse/horse_000.png").read_bytes()
+    for bad in (b"<!doctype html><html>denied</html>", png[: len(png) // 2], b""):
+        monkeypatch.setattr(refine, "read_many", lambda uris, options, bad=bad: [bad] * len(uris))
+        rec = refine.refine_chunk(chunk, settings, out)[0]
+        assert (rec["status"], rec["error_class"]) == ("ok", None) and rec["gt_error"], bad[:10]
 
 
 def test_a_manifest_input(ray_local, tiny_weights, sample, tmp_path):
