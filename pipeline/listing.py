@@ -250,13 +250,18 @@ def _key_order(group: str) -> str:
     return group + "/"
 
 
-def _s3_range_listing(fs) -> bool:
-    """s3fs without object versions: group folders are listed by ranges of keys (``_walk_range``)."""
+def _s3_range_listing(fs, root: str) -> bool:
+    """s3fs without object versions, on a general-purpose bucket: group folders are listed by ranges of keys
+    (``_walk_range``). S3 Express directory buckets (``*--x-s3``) list keys out of order and take no StartAfter."""
     try:
         from s3fs import S3FileSystem
     except ImportError:
         return False
-    return isinstance(fs, S3FileSystem) and not fs.version_aware
+    return isinstance(fs, S3FileSystem) and not fs.version_aware and not fs.split_path(root)[0].endswith("--x-s3")
+
+
+class _Unordered(Exception):
+    """A listing whose keys did not come in order: its ranges cannot be walked (each group is listed instead)."""
 
 
 def _walk_range(fs, root: str, run: list[str]) -> dict[str, dict[str, dict]]:
@@ -272,11 +277,15 @@ def _walk_range(fs, root: str, run: list[str]) -> dict[str, dict[str, dict]]:
     # the first page is sized for small groups and each next one doubles, up to S3's 1,000.
     max_keys = min(LIST_PAGE_KEYS, FIRST_PAGE_KEYS_PER_GROUP * len(run))
     request = {"Bucket": bucket, "Prefix": prefix, "StartAfter": prefix + _key_order(run[0])}
+    previous = ""
     while True:
         page = fs.call_s3("list_objects_v2", MaxKeys=max_keys, **request)
         max_keys = min(LIST_PAGE_KEYS, 2 * max_keys)
         for obj in page.get("Contents", []):
             key = obj["Key"]
+            if key <= previous:  # the walk stops at the first key past the run: only sound in key order
+                raise _Unordered(key)
+            previous = key
             if key > last and not key.startswith(last):
                 return found
             group, slash, _ = key[len(prefix):].partition("/")
@@ -306,8 +315,11 @@ def key_runs(names: list[str], ranks: list[int] | None, size: int) -> list[list[
 
 def _list_groups(fs, roots: LayoutRoots, names: list[str], ranks: list[int] | None = None) -> list[GroupSpec]:
     # A bounded pool: each listing waits on the object store, so a few dozen at once hide its latency.
-    if _s3_range_listing(fs) and len(names) > 1:
-        return _list_runs(fs, roots, names, ranks)
+    if _s3_range_listing(fs, roots.image_root) and len(names) > 1:
+        try:
+            return _list_runs(fs, roots, names, ranks)
+        except _Unordered:
+            pass
     if len(names) <= 1:
         return [list_group(fs, roots, g) for g in names]
     with ThreadPoolExecutor(min(LIST_THREADS, len(names))) as pool:

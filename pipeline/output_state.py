@@ -261,7 +261,8 @@ def check_settings(out: Storage, fingerprint: dict, output_url: str) -> int:
         detail = "; ".join(f"{k}: {settings.get(k)!r} -> {now.get(k)!r}" for k in diff[:6])
         raise OtherSettingsError(
             f"{output_url} holds a run with other settings ({detail}); resuming would mix results. "
-            "Use --overwrite, or another --output."
+            "Give the recorded settings again to resume it, or use --overwrite (which deletes its results), or "
+            "another --output."
         )
     return int(before.get("run", 0)) + 1
 

@@ -240,7 +240,8 @@ class Stage1Actor:
         except Exception as exc:  # noqa: BLE001 - the rows not yet out become errors (one row per image)
             if poisons_cuda(exc):
                 self._exit(exc)
-            yield self._error_chunks(row, exc, indices=ok[out:])
+            if out < len(ok):  # a failure after the last chunk went out leaves no row to write
+                yield self._error_chunks(row, exc, indices=ok[out:])
 
     def _decode(self, uris: list[str], keep: bool):
         """decode_images over ``decode_threads`` threads (PIL and OpenCV release the GIL)."""

@@ -392,3 +392,33 @@ def test_key_runs_follow_key_order_and_end_at_gaps():
     assert key_runs(names, None, 4) == [["a-b", "a.b", "a", "ab"], ["b", "c"]]
     assert key_runs(names, None, 1) == [[n] for n in ["a-b", "a.b", "a", "ab", "b", "c"]]
     assert key_runs(["x", "y", "z", "w"], [0, 1, 5, 6], 8) == [["x", "y"], ["z", "w"]]
+
+
+def test_a_store_that_lists_out_of_order_falls_back_to_each_group(s3_server, monkeypatch):
+    """The walk stops at the first key past its run, which is only sound where keys come in order: S3 Express
+    directory buckets (by name) are listed group by group, and a walk that meets keys out of order gives up
+    for the per-group listing rather than lose images."""
+    import s3fs
+
+    import pipeline.listing as listing
+
+    fs = make_bucket(s3_server, "unordered")
+    for key, data in RANGE_TREE.items():
+        fs.pipe_file(f"unordered/r/{key}", data)
+    url, opts = "s3://unordered/r", {"client_kwargs": {"endpoint_url": s3_server}, "key": "testing",
+                                     "secret": "testing"}
+    roots, names = resolve_layout(InputSpec(input=url, storage_options=opts))
+    expected = as_rows(listing.finish([list_group(roots.fs(), roots, g) for g in names]))
+    call_s3 = s3fs.S3FileSystem.call_s3
+
+    def reversed_pages(self, method, *args, **kwargs):
+        page = call_s3(self, method, *args, **kwargs)
+        if method == "list_objects_v2" and "StartAfter" in kwargs:
+            page = {**page, "Contents": page.get("Contents", [])[::-1]}
+        return page
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "call_s3", reversed_pages)
+    monkeypatch.setattr(listing, "GROUPS_PER_RUN", 3)  # runs that end before their page does
+    assert as_rows(listing.finish(listing._list_groups(roots.fs(), roots, names))) == expected
+    assert not listing._s3_range_listing(roots.fs(), "data--use1-az4--x-s3/r/image")
+    assert listing._s3_range_listing(roots.fs(), roots.image_root)
