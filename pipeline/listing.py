@@ -276,7 +276,9 @@ def _walk_range(fs, root: str, run: list[str]) -> dict[str, dict[str, dict]]:
     # The last page of a walk runs on into the next run's keys, and parsing a key costs more than the request:
     # the first page is sized for small groups and each next one doubles, up to S3's 1,000.
     max_keys = min(LIST_PAGE_KEYS, FIRST_PAGE_KEYS_PER_GROUP * len(run))
-    request = {"Bucket": bucket, "Prefix": prefix, "StartAfter": prefix + _key_order(run[0])}
+    # requester pays and the like: s3fs adds its request options itself only in its recent versions
+    base = {**getattr(fs, "req_kw", {}), "Bucket": bucket, "Prefix": prefix}
+    request = {**base, "StartAfter": prefix + _key_order(run[0])}
     previous = ""
     while True:
         page = fs.call_s3("list_objects_v2", MaxKeys=max_keys, **request)
@@ -294,7 +296,7 @@ def _walk_range(fs, root: str, run: list[str]) -> dict[str, dict[str, dict]]:
                                                    "type": "file"}
         if not page.get("IsTruncated"):
             return found
-        request = {"Bucket": bucket, "Prefix": prefix, "ContinuationToken": page["NextContinuationToken"]}
+        request = {**base, "ContinuationToken": page["NextContinuationToken"]}
 
 
 def key_runs(names: list[str], ranks: list[int] | None, size: int) -> list[list[str]]:
