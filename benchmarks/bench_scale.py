@@ -24,7 +24,7 @@ Processes, each measured on its own:
   * the resume (another fresh driver process, as a user re-running the command): ``run_inference`` on the same
     output with everything done, timed from the call, Ray's start-up included.
 Then the output is counted (Parquet shards, commit records, mask files). ``--resume-only`` replaces the first run
-(29 minutes at N = 100,000 on local disk with 2 cores, hours on moto) by the output a finished run leaves, written
+(29 minutes at N = 100,000 on local disk with 2 cores, 50 on moto) by the output a finished run leaves, written
 with the job's own functions (``_run.json`` with its settings fingerprint, shards of rows without predictions and
 their commit records), and times the real resume, which must find nothing to do (``scale-<where>-<n>x<groups>-resume-only.json``). Prints
 a table and writes ``benchmarks/results/scale-<where>-<n>x<groups>.json`` (``scale-<where>-one-group-<n>.json``).
