@@ -18,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jobs.arguments import Formatter, KeyValues, add_storage_args, key_value, storage_from  # noqa: E402
+from pipeline.errors import Refusals  # noqa: E402
 from pipeline.infer import CRF_BACKEND_CHOICES, DEVICES, InferConfig, run_inference, validate  # noqa: E402
 from pipeline.listing import LAYOUTS  # noqa: E402
 from pipeline.predictions import MASK_FORMATS  # noqa: E402
@@ -132,12 +133,9 @@ def with_sample(cfg: InferConfig) -> InferConfig:
     from pipeline.sample import write_sample
 
     cfg = cfg.replace(input=os.path.join(os.path.dirname(cfg.output.rstrip("/")) or ".", "sample-input"))
-    try:
+    with Refusals():
         validate(cfg)
         write_sample(cfg.input, storage_options=cfg.storage_options)
-    except Exception as exc:
-        exc.before_work = True
-        raise
     return cfg
 
 

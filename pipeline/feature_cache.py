@@ -249,12 +249,13 @@ class FeatureActor:
 
 
 def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings, plan: CachePlan,
-                start_timeout: float = 180.0) -> dict[str, dict]:
+                start_timeout: float = 180.0) -> tuple[dict[str, dict], dict[str, set[str]]]:
     """Computes the features of every group not yet (validly) in its cache folder (``folders``: cache URL -> the
     groups it holds, e.g. the training data's and the validation data's), in one Ray Data job: one actor pool
-    start for all of them. Returns per folder: counts, the actors' busy seconds, and the pass's wall-clock
-    seconds and images/s (start-up included; shared by the folders of the pass). The file sizes the listing
-    gives make a cached group stale when they change.
+    start for all of them. Returns, per folder, a summary (counts, the actors' busy seconds, and the pass's
+    wall-clock seconds and images/s, start-up included and shared by the folders of the pass) and the keys of
+    the groups whose features it now holds (a group none of whose images decoded has none). The file sizes the
+    listing gives make a cached group stale when they change.
 
     The pool's actors must be able to start within ``start_timeout`` seconds (Ray Data's
     ``wait_for_min_actors_s``), else this raises instead of waiting for resources that may never come. When the
@@ -263,7 +264,7 @@ def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings,
     """
     import ray
 
-    rows, summaries = [], {}
+    rows, summaries, present = [], {}, {}
     for url, groups in folders.items():
         cache = FeatureCache(url, settings.storage_options)
         listed = [(g, [im.image_uri for im in g.images], [int(im.size) for im in g.images]) for g in groups
@@ -271,12 +272,13 @@ def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings,
         with ThreadPoolExecutor(32) as pool:  # one or two requests a group: in parallel, not one after another
             cached = list(pool.map(lambda item: cache.has(item[0].key, *item[1:]), listed))
         todo = [item for item, done in zip(listed, cached) if not done]
+        present[url] = {item[0].key for item, done in zip(listed, cached) if done}
         summaries[url] = {"groups": len(groups), "cached_before": len(groups) - len(todo), "computed": len(todo),
                           "images": 0, "errors": 0, "seconds": 0.0, "images_per_s": None, "actor_seconds": 0.0}
         rows += [{"cache": url, "key": g.key, "names": [im.name for im in g.images], "image_uris": uris,
                   "sizes": sizes} for g, uris, sizes in todo]
     if not rows:
-        return summaries
+        return summaries, present
     start = time.perf_counter()
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 10_000))
     ds.context.wait_for_min_actors_s = max(1, int(start_timeout))
@@ -290,6 +292,8 @@ def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings,
             summary["images"] += int(row["images"])
             summary["errors"] += int(row["errors"])
             summary["actor_seconds"] += float(row["seconds"])
+            if int(row["images"]):
+                present[str(row["cache"])].add(str(row["key"]))
     except ray.exceptions.GetTimeoutError as exc:
         raise RuntimeError(
             f"the feature cache's {plan.actors} actor(s) of {plan.ray_args} could not start within "
@@ -303,4 +307,4 @@ def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings,
     for summary in summaries.values():
         if summary["computed"]:
             summary["seconds"], summary["images_per_s"] = seconds, images / seconds if seconds else None
-    return summaries
+    return summaries, present

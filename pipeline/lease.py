@@ -69,7 +69,7 @@ class Lease:
                  stop_main: bool = False):
         self.storage, self.ttl, self.key = storage, float(ttl), key
         self.stop_main = stop_main
-        self._handler = None  # (previous handler,) while ours is installed
+        self._installed, self._previous = False, None  # our LOST_SIGNAL handler, and the one it replaced
         self.id = uuid.uuid4().hex
         self.info = {"holder": self.id, "host": socket.gethostname(), "pid": os.getpid(), "job_id": None,
                      **redact(dict(holder or {}))}
@@ -155,7 +155,7 @@ class Lease:
     def __enter__(self) -> "Lease":
         self.acquire()
         if self.stop_main and LOST_SIGNAL and threading.current_thread() is threading.main_thread():
-            self._handler = (signal.signal(LOST_SIGNAL, _interrupt),)
+            self._previous, self._installed = signal.signal(LOST_SIGNAL, _interrupt), True
         self._stop.clear()
         self._thread = threading.Thread(target=self._renew_loop, name="lease-renewal", daemon=True)
         self._thread.start()
@@ -171,9 +171,9 @@ class Lease:
                 log.warning("could not release the lease on %s (it expires in %.0f s): %s", self.url,
                             max(0.0, _expires(self._record or {}) - time.time()), redact_text(str(err)))
         finally:
-            if self._handler is not None:
-                signal.signal(LOST_SIGNAL, self._handler[0] if self._handler[0] is not None else signal.SIG_DFL)
-                self._handler = None
+            if self._installed:
+                signal.signal(LOST_SIGNAL, self._previous if self._previous is not None else signal.SIG_DFL)
+                self._installed = False
         if exc_type is KeyboardInterrupt and self.lost:  # the interrupt of stop_main
             raise LeaseLost(f"lost the lease on {self.url}: another job took it over or it was deleted; "
                             "stopped") from exc
@@ -193,7 +193,7 @@ class Lease:
                               redact_text(str(err)))
                     break
                 log.warning("renewing the lease on %s failed, trying again: %s", self.url, redact_text(str(err)))
-        if self.lost and self._handler is not None and not self._stop.is_set():  # not while releasing
+        if self.lost and self._installed and not self._stop.is_set():  # not while releasing
             signal.pthread_kill(threading.main_thread().ident, LOST_SIGNAL)
 
     def _stop_renewal(self) -> None:

@@ -663,8 +663,8 @@ def run_training(cfg: TrainConfig):
                 cache_root = cfg.cache_url or f"{cfg.storage.rstrip('/')}/feature-cache"
                 model = backbone_id(settings, weights)
                 cache_folders = {root: cache_folder(cache_root, root, model) for root in roots}
-                summaries = build_cache({cache_folders[root]: listed[root] for root in roots}, settings, plan,
-                                        cfg.placement_timeout)
+                summaries, cached = build_cache({cache_folders[root]: listed[root] for root in roots}, settings,
+                                                plan, cfg.placement_timeout)
                 record["feature_cache"] = {}
                 for root, folder in cache_folders.items():
                     summary = summaries[folder]
@@ -680,14 +680,10 @@ def run_training(cfg: TrainConfig):
 
             def usable(rs: list[str]) -> tuple[TrainGroup, ...]:
                 # with the cache, a group whose images all failed to decode has no features: leave it out
-                specs = [(r, spec) for r in rs for spec in listed[r] if spec.images]
-                if cache_folders:
-                    caches = {r: FeatureCache(cache_folders[r], cfg.storage_options) for r in rs}
-                    with ThreadPoolExecutor(32) as pool:  # a request a group: in parallel
-                        cached = list(pool.map(lambda item: caches[item[0]].has(item[1].key), specs))
-                    specs = [item for item, ok in zip(specs, cached) if ok]
                 return tuple(TrainGroup(r, spec.key, tuple(im.image_uri for im in spec.images),
-                                        tuple(im.gt_uri for im in spec.images)) for r, spec in specs)
+                                        tuple(im.gt_uri for im in spec.images))
+                             for r in rs for spec in listed[r]
+                             if spec.images and (not cache_folders or spec.key in cached[cache_folders[r]]))
 
             loop = LoopSettings(
                 backbone=settings, groups=usable(list(cfg.data)), val_groups=usable([cfg.val] if cfg.val else []),
