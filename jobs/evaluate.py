@@ -12,20 +12,25 @@ from __future__ import annotations
 
 import argparse
 import os
+import posixpath
 import sys
+from urllib.parse import urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jobs.arguments import Formatter, add_storage_args, storage_from  # noqa: E402
-from pipeline.evaluate import GALLERY, Source, evaluate, write_outputs  # noqa: E402
+from pipeline.evaluate import GALLERY, Source, evaluate, write_metrics, write_report  # noqa: E402
 from pipeline.report import render  # noqa: E402
 
 
 def labelled(text: str) -> tuple[str, str]:
+    """LABEL=URL or URL (labelled by its last path component). The text before the first "=" is a label only
+    when it has no "/" (so out/dt=2024-01-01 stays a path) and the whole text is not an existing local path."""
     label, sep, url = text.partition("=")
-    if not sep or "://" in label:
-        url, label = text, os.path.basename(text.rstrip("/")) or text
-    return label, url
+    if sep and label and "/" not in label and not os.path.exists(text):
+        return label, url
+    path = urlsplit(text).path if "://" in text else text  # no query or fragment in the label
+    return posixpath.basename(path.rstrip("/")) or text, text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("give at least one --run or --maps")
     if a.maps and not a.gt:
         ap.error("--maps needs --gt")
+    if a.top_groups < 1 or a.gallery < 0:  # head(-n) would list nearly every group as the "best"
+        ap.error("--top-groups must be at least 1 and --gallery at least 0")
     a.options = storage_from(a)
     a.sources = [Source(label, run=url, dataset=a.dataset, options=a.options) for label, url in a.run]
     a.sources += [Source(label, maps=url, gt=a.gt, images=a.images, dataset=a.dataset, options=a.options)
@@ -76,7 +83,8 @@ def main(argv=None) -> int:
     finally:
         if started_ray:
             ray.shutdown()
-    write_outputs(a.output, options, metrics, render(metrics, details, a.title, a.top_groups))
+    write_metrics(a.output, options, metrics)  # first: a report that fails to render keeps the evaluation
+    write_report(a.output, options, render(metrics, details, a.title, a.top_groups))
     table = metrics[metrics["scope"] == "dataset"][["label", "dataset", "images", "max_fm", "sm", "max_em", "mae"]]
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return 0

@@ -17,9 +17,11 @@ Memory does not grow with the number of images. What is held, per source:
     wrote them, so a group split over shards is usually complete one or two files later. A Parquet whose groups
     are scattered over all files would keep them all open: past ``MAX_OPEN_GROUPS`` the run is read again in
     passes, each taking the groups of one hash class, so the bound holds (~300 MB) whatever the layout;
-  * the finished groups' summaries (~100 bytes each: 40 MB for 400k groups), which metrics.parquet holds in
-    full while the report shows the top and bottom ones;
-  * the first pass's rows per group (~100 bytes a group) and first group per file;
+  * the finished groups' summaries and counts (~125 bytes each: 50 MB for 400k groups), which metrics.parquet
+    holds in full (a row for every group, images 0 where none was scored) while the report shows the top and
+    bottom ones;
+  * the first pass's rows per group (~100 bytes a group) and first group per file; open groups' counts of
+    errors, missing maps and rows without metrics;
   * rows in flight: the scanner's read-ahead (two files' current row groups, so shards written with row groups
     of a few thousand rows keep this small) and up to ``FLUSH_ROWS`` rows waiting to be added (8 KiB each);
   * the gallery's candidates: the k best and k worst images by S-measure (``Extremes``), not the rows.
@@ -36,6 +38,7 @@ from array import array
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -46,6 +49,7 @@ from PIL import Image
 from scosparc_core.metrics import CURVE_POINTS, CURVES, SCALARS, WIDTH, MetricSums, image_metrics
 
 from .decode import error_kind, read_gt, read_many
+from .listing import _gt_preference
 from .output_state import OutputState
 from .predictions import COMMITS
 from .storage import Storage, redact_url
@@ -63,6 +67,9 @@ GALLERY = 6  # best and worst images kept per source
 MAX_OPEN_GROUPS = 4_000  # sums held at once (~33 KiB a group; > FLUSH_ROWS) before a run is read in passes
 # Columns read for the gallery's few images only, after the scan; tolerated when absent (older runs).
 GALLERY_COLUMNS = ("group", "name", "image_uri", "gt_uri", "mask_uri", "mask_png", "sm", "mae")
+# Files of a maps or ground-truth group that are images; others (Thumbs.db, README.txt) are not the group's.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm", ".pbm")
+COUNTS = ("errors", "missing_predictions", "images_without_metrics")  # per group and dataset, integers
 
 
 @dataclass(frozen=True)
@@ -153,11 +160,13 @@ class StreamingEvaluation:
         self.slot: dict[str, int] = {}  # open group -> its slot in self.groups
         self.free = list(range(8))[::-1]
         self.seen: dict[str, int] = {}  # open group -> rows seen
+        self.counts: dict[str, list[int]] = {}  # open group -> its COUNTS so far
         self.ready: list[str] = []  # groups whose rows are all in, closed at the next flush
         self.closed: set[str] = set()
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []  # (group names, packed metric rows)
         self.pending_rows = 0
-        self.table = {"group": [], "images": array("q"), **{k: array("d") for k in SUMMARY}}
+        self.table = {"group": [], "images": array("q"), **{k: array("d") for k in SUMMARY},
+                      **{k: array("q") for k in COUNTS}}
         self.rows = 0
         self.without_metrics = 0
         self.missing = 0
@@ -174,16 +183,20 @@ class StreamingEvaluation:
         prediction that does not exist (not scored, not among the images without metrics)."""
         n = len(group)
         self.rows += n
-        n_missing = int(np.count_nonzero(status == "missing")) if status is not None else 0
-        self.missing += n_missing
-        self.errors += int(np.count_nonzero(status == "error")) if status is not None else 0
-        self.without_metrics += n - len(rows) - n_missing
-        names, counts = np.unique(group, return_counts=True)
-        for name, c in zip(names.tolist(), counts.tolist()):
+        error = status == "error" if status is not None else np.zeros(n, bool)
+        missing = status == "missing" if status is not None else np.zeros(n, bool)
+        without = ~np.asarray(has_metrics, bool) & ~missing
+        self.errors += int(np.count_nonzero(error))
+        self.missing += int(np.count_nonzero(missing))
+        self.without_metrics += int(np.count_nonzero(without))
+        names, inverse, counts = np.unique(group, return_inverse=True, return_counts=True)
+        tallies = np.stack([np.bincount(inverse, flag, len(names)) for flag in (error, missing, without)], axis=1)
+        for name, c, tally in zip(names.tolist(), counts.tolist(), tallies.astype(np.int64).tolist()):
             if name in self.closed:
                 raise RuntimeError(f"rows of group {name!r} arrived after it was complete: the predictions "
                                    f"changed while they were read, or a group is split over inconsistent files")
             self.seen[name] = self.seen.get(name, 0) + c
+            self.counts[name] = [a + b for a, b in zip(self.counts.get(name, (0, 0, 0)), tally)]
             if self.seen[name] >= self.expected.get(name, -1) >= 0:
                 self.ready.append(name)
         if len(rows):
@@ -218,20 +231,28 @@ class StreamingEvaluation:
         return self.slot[name]
 
     def _close(self, names: list[str]) -> None:
-        """Reduces groups to their summary rows and merges their sums into the dataset's."""
+        """Reduces groups to their summary rows and merges their sums into the dataset's. A group without a scored
+        image (all errors, missing maps or no ground truth) gets a row too: images 0, figures NaN, its counts."""
+        names = [g for g in dict.fromkeys(names) if g in self.seen]
         scored = sorted((g for g in names if g in self.slot), key=self.slot.get)
+        unscored = [g for g in names if g not in self.slot]
         if scored:
             slots = np.array([self.slot.pop(g) for g in scored])
             result = self.groups.results(slots)
-            self.table["group"].extend(scored)
             self.table["images"].extend(result["images"].tolist())
             for k in SUMMARY:
                 self.table[k].extend(result[k].tolist())
             self.dataset.merge(self.groups, slots, into=0)
             self.groups.reset(slots)
             self.free.extend(slots.tolist())
-        for g in names:
-            self.seen.pop(g, None)
+        self.table["images"].extend([0] * len(unscored))
+        for k in SUMMARY:
+            self.table[k].extend([np.nan] * len(unscored))
+        self.table["group"].extend(scored + unscored)
+        for g in scored + unscored:
+            for k, c in zip(COUNTS, self.counts.pop(g)):
+                self.table[k].append(c)
+            self.seen.pop(g)
             self.closed.add(g)
 
     def finish(self) -> tuple[dict, pd.DataFrame]:
@@ -406,18 +427,34 @@ def map_groups(source: Source) -> list[str]:
 
 
 def _index(store: Storage, group: str) -> dict[str, str]:
-    """<stem path inside the group> -> URL for the files of one group (hidden files skipped)."""
+    """<stem path inside the group> -> URL for the images of one group (hidden files and files without an image
+    extension skipped). Of two files with one stem (``a.png``, ``a.jpg``) the PNG is taken, as the inference
+    listing takes it for ground truth, so a run and its maps are scored against the same mask."""
     root = store.path(group)
     try:
         paths = store.fs.find(root)
     except FileNotFoundError:
         return {}
     found = {}
-    for p in sorted(paths):
+    for p in sorted(paths, key=_gt_preference):
         rel = posixpath.relpath(p, root)
-        if not posixpath.basename(rel).startswith("."):
+        name = posixpath.basename(rel)
+        if not name.startswith(".") and posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
             found.setdefault(posixpath.splitext(rel)[0], store.fs.unstrip_protocol(p))
     return found
+
+
+def read_map(data: bytes) -> np.ndarray:
+    """Prediction-map bytes -> (H, W) uint8, as pysodmetrics users read maps: ``cv2.imread(path,
+    cv2.IMREAD_GRAYSCALE)`` (16-bit maps scaled to 8 bits, v >> 8; colour through OpenCV's gray conversion).
+    Formats OpenCV cannot decode go through PIL, 16-bit ones scaled the same way."""
+    pred = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE) if len(data) else None
+    if pred is not None:
+        return pred
+    image = Image.open(io.BytesIO(data))
+    if image.mode.startswith("I"):  # I;16, I;16B, I (PIL's convert("L") would clip these at 255)
+        return np.clip(np.asarray(image, np.int64) >> 8, 0, 255).astype(np.uint8)
+    return np.asarray(image.convert("L"))
 
 
 def score_groups(batch: Mapping[str, np.ndarray], source: Source) -> dict[str, np.ndarray]:
@@ -438,8 +475,7 @@ def score_groups(batch: Mapping[str, np.ndarray], source: Source) -> dict[str, n
                 try:
                     if isinstance(preds[stem], BaseException):
                         raise preds[stem]
-                    pred = np.asarray(Image.open(io.BytesIO(preds[stem])).convert("L"))
-                    metrics, status = image_metrics(pred, read_gt(truths[stem])), "ok"
+                    metrics, status = image_metrics(read_map(preds[stem]), read_gt(truths[stem])), "ok"
                 except Exception as exc:  # noqa: BLE001 - counted, not fatal
                     status, error = "error", f"{error_kind(exc)}: {exc}"
             for k, v in (("group", group), ("name", stem), ("mask_uri", pred_index.get(stem, "")),
@@ -540,9 +576,14 @@ def evaluate(sources: list[Source], use_ray: bool = False, gallery: int = GALLER
     return metrics, details
 
 
-def write_outputs(output: str, options: dict, metrics: pd.DataFrame, report_html: str) -> tuple[str, str]:
-    """Writes metrics.parquet and report.html under ``output``; returns their URLs."""
-    store = Storage(output, options)
+def write_metrics(output: str, options: dict, metrics: pd.DataFrame) -> str:
+    """Writes metrics.parquet under ``output``; returns its URL. Written before the report is rendered, so that
+    a report that fails does not lose the evaluation."""
     buf = io.BytesIO()
     metrics.to_parquet(buf, index=False)
-    return store.write_bytes("report.html", report_html.encode()), store.write_bytes("metrics.parquet", buf.getvalue())
+    return Storage(output, options).write_bytes("metrics.parquet", buf.getvalue())
+
+
+def write_report(output: str, options: dict, report_html: str) -> str:
+    """Writes report.html under ``output``; returns its URL."""
+    return Storage(output, options).write_bytes("report.html", report_html.encode())

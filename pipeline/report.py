@@ -18,8 +18,8 @@ from PIL import Image  # noqa: E402
 
 from scosparc_core.image import to_rgb  # noqa: E402
 
-from .decode import read_many  # noqa: E402
-from .evaluate import PAPER, SUMMARY  # noqa: E402
+from .decode import read_gt, read_many  # noqa: E402
+from .evaluate import PAPER, SUMMARY, read_map  # noqa: E402
 from .storage import open_url  # noqa: E402
 
 HEADERS = {"max_fm": "max F", "mean_fm": "mean F", "adp_fm": "adp F", "sm": "S&alpha;", "max_em": "max E",
@@ -47,23 +47,30 @@ def _svg(fig) -> str:
 
 
 def curves_svg(dataset_rows: pd.DataFrame) -> str:
-    """Precision-recall and F-threshold curves, one line per run."""
-    fig_pr, ax_pr = plt.subplots(figsize=(4.6, 3.6))
-    fig_f, ax_f = plt.subplots(figsize=(4.6, 3.6))
-    for _, r in dataset_rows.iterrows():
-        if r["images"] == 0:
-            continue
-        p, rec, f = np.asarray(r["precision"]), np.asarray(r["recall"]), np.asarray(r["fm_curve"])
-        ax_pr.plot(rec, p, label=r["label"], lw=1.6)
-        ax_f.plot(np.arange(len(f))[::-1], f, label=r["label"], lw=1.6)  # pysodmetrics curves run 255 -> 0
-    for ax, (x, y, title) in ((ax_pr, ("recall", "precision", "Precision-recall")),
-                              (ax_f, ("threshold", "F-measure (β²=0.3)", "F-measure vs threshold"))):
-        ax.set_xlabel(x)
-        ax.set_ylabel(y)
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    return _svg(fig_pr) + _svg(fig_f)
+    """Precision-recall and F-threshold curves, one line per run. Labels are drawn as given: no mathtext (a "$"
+    in a label would be parsed, and a bad formula fails the report), and those starting with "_" are shown
+    (matplotlib leaves those out of a legend it collects itself)."""
+    with matplotlib.rc_context({"text.parse_math": False}):
+        fig_pr, ax_pr = plt.subplots(figsize=(4.6, 3.6))
+        fig_f, ax_f = plt.subplots(figsize=(4.6, 3.6))
+        lines_pr, lines_f, labels = [], [], []
+        for _, r in dataset_rows.iterrows():
+            if r["images"] == 0:
+                continue
+            p, rec, f = np.asarray(r["precision"]), np.asarray(r["recall"]), np.asarray(r["fm_curve"])
+            lines_pr += ax_pr.plot(rec, p, lw=1.6)
+            lines_f += ax_f.plot(np.arange(len(f))[::-1], f, lw=1.6)  # pysodmetrics curves run 255 -> 0
+            labels.append(str(r["label"]))
+        axes = ((ax_pr, lines_pr, ("recall", "precision", "Precision-recall")),
+                (ax_f, lines_f, ("threshold", "F-measure (β²=0.3)", "F-measure vs threshold")))
+        for ax, lines, (x, y, title) in axes:
+            ax.set_xlabel(x)
+            ax.set_ylabel(y)
+            ax.set_title(title, fontsize=10)
+            ax.grid(alpha=0.3)
+            if lines:
+                ax.legend(lines, labels, fontsize=8)
+        return _svg(fig_pr) + _svg(fig_f)
 
 
 def _data_uri(rgb: np.ndarray) -> str:
@@ -120,8 +127,7 @@ def gallery(picks: dict[str, list[dict]], options: dict) -> str:
             data = _blobs(r, options)
             try:
                 rgb = to_rgb(Image.open(io.BytesIO(data["image"]))) if isinstance(data.get("image"), bytes) else None
-                gt = np.asarray(Image.open(io.BytesIO(data["gt"])).convert("L"))
-                pred = np.asarray(Image.open(io.BytesIO(data["pred"])).convert("L"))
+                gt, pred = read_gt(data["gt"]), read_map(data["pred"])  # as they were scored
             except Exception:  # noqa: BLE001 - a thumbnail that cannot be made is left out
                 continue
             tiles = [rgb] if rgb is not None else []
@@ -153,10 +159,12 @@ def _table(frame: pd.DataFrame, paper: dict | None) -> str:
 def _group_table(groups: pd.DataFrame, labels: list[str], top: int) -> str:
     """Max F per group and run: the ``top`` best and ``top`` worst groups by the first run (all of them in
     metrics.parquet)."""
-    wide = groups.pivot_table(index="group", columns="label", values="max_fm")
+    # dropna=False: groups (and runs) without a scored image keep their NaN, so they are counted
+    wide = groups.pivot_table(index="group", columns="label", values="max_fm", dropna=False)
     wide = wide.reindex(columns=[lb for lb in labels if lb in wide.columns])
     total = len(wide)
     wide = wide[wide.iloc[:, 0].notna()].sort_values(wide.columns[0], ascending=False, kind="stable")
+    unranked = total - len(wide)
     shown = [("", wide)] if len(wide) <= 2 * top else [(f"best {top}", wide.head(top)),
                                                         (f"worst {top}", wide.tail(top))]
     head = "".join(f"<th>{html.escape(c)} max F</th>" for c in wide.columns)
@@ -168,8 +176,9 @@ def _group_table(groups: pd.DataFrame, labels: list[str], top: int) -> str:
                  + "".join(f"<td>{v:.4f}</td>" if pd.notna(v) else "<td>&ndash;</td>" for v in row) + "</tr>"
                  for g, row in part.iterrows()]
     note = (f"<p class=note>{total} groups, ranked by {html.escape(str(wide.columns[0]))}"
-            + ("" if len(wide) <= 2 * top else f"; the {top} best and {top} worst shown") +
-            "; every group's figures are in metrics.parquet.</p>")
+            + ("" if len(wide) <= 2 * top else f"; the {top} best and {top} worst shown")
+            + (f"; {unranked} not ranked (no scored image for it)" if unranked else "")
+            + "; every group's figures and counts are in metrics.parquet.</p>")
     return f"{note}<table><thead><tr><th>group</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 

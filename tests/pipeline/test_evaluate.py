@@ -9,6 +9,7 @@ import tarfile
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -19,8 +20,8 @@ from PIL import Image
 import pipeline.evaluate as ev
 from conftest import TINY_VIT
 from jobs.evaluate import main as evaluate_main
-from jobs.evaluate import parse_args
-from pipeline.evaluate import Source, evaluate, write_outputs
+from jobs.evaluate import labelled, parse_args
+from pipeline.evaluate import Source, evaluate
 from pipeline.report import gallery, render
 from pipeline.sample import synthetic_group
 from scosparc_core.metrics import CURVE_POINTS, CURVES, SCALARS, aggregate, image_metrics
@@ -54,24 +55,64 @@ def maps(tmp_path_factory):
     return root
 
 
-def test_values_equal_pysodmetrics_one_pass(maps):
-    metrics, details = evaluate([Source("m2", maps=str(maps / "m2"), gt=str(maps / "gt"), dataset="toy")])
-    ours = metrics[metrics["scope"] == "dataset"].iloc[0]
+def pysodmetrics_figures(pairs) -> dict:
+    """The dataset figures of pysodmetrics itself, stepped over (pred, gt) uint8 arrays."""
     fm, em, sm, wfm, mae = Fmeasure(), Emeasure(), Smeasure(), WeightedFmeasure(), MAE()
-    for gt_path in sorted((maps / "gt").rglob("*.png")):
-        pred = np.asarray(Image.open(maps / "m2" / gt_path.relative_to(maps / "gt")))
-        gt = np.asarray(Image.open(gt_path))
+    for pred, gt in pairs:
         for m in (fm, em, sm, wfm, mae):
             m.step(pred=pred, gt=gt)
     f, e = fm.get_results(), em.get_results()
-    expected = {"max_fm": f["fm"]["curve"].max(), "mean_fm": f["fm"]["curve"].mean(), "adp_fm": f["fm"]["adp"],
-                "max_em": e["em"]["curve"].max(), "mean_em": e["em"]["curve"].mean(), "adp_em": e["em"]["adp"],
-                "sm": sm.get_results()["sm"], "wfm": wfm.get_results()["wfm"], "mae": mae.get_results()["mae"]}
-    for key, value in expected.items():
-        assert ours[key] == pytest.approx(value, abs=1e-12, rel=0), key
-    np.testing.assert_allclose(ours["precision"], f["pr"]["p"], atol=1e-12)
-    np.testing.assert_allclose(ours["recall"], f["pr"]["r"], atol=1e-12)
+    return {"max_fm": f["fm"]["curve"].max(), "mean_fm": f["fm"]["curve"].mean(), "adp_fm": f["fm"]["adp"],
+            "max_em": e["em"]["curve"].max(), "mean_em": e["em"]["curve"].mean(), "adp_em": e["em"]["adp"],
+            "sm": sm.get_results()["sm"], "wfm": wfm.get_results()["wfm"], "mae": mae.get_results()["mae"],
+            "precision": f["pr"]["p"], "recall": f["pr"]["r"]}
+
+
+def cv2_gray(path: Path) -> np.ndarray:
+    """A map or mask read as pysodmetrics' users read them."""
+    return cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+
+
+def test_values_equal_pysodmetrics_one_pass(maps):
+    metrics, details = evaluate([Source("m2", maps=str(maps / "m2"), gt=str(maps / "gt"), dataset="toy")])
+    ours = metrics[metrics["scope"] == "dataset"].iloc[0]
+    expected = pysodmetrics_figures((cv2_gray(maps / "m2" / p.relative_to(maps / "gt")), cv2_gray(p))
+                                    for p in sorted((maps / "gt").rglob("*.png")))
+    for key in FIGURES:
+        assert ours[key] == pytest.approx(expected[key], abs=1e-12, rel=0), key
+    np.testing.assert_allclose(ours["precision"], expected["precision"], atol=1e-12)
+    np.testing.assert_allclose(ours["recall"], expected["recall"], atol=1e-12)
     assert ours["images"] == 7 and ours["missing_predictions"] == 0
+
+
+def test_16_bit_and_colour_maps_are_scored_as_cv2_reads_them(tmp_path):
+    """A 16-bit map is scaled to 8 bits (PIL's convert("L") clipped it at 255: a near-binary map), a colour one
+    goes through OpenCV's gray conversion; both as cv2.imread(..., IMREAD_GRAYSCALE) gives them to pysodmetrics."""
+    rng = np.random.default_rng(5)
+    for i, (_, gt) in enumerate(synthetic_group("horse", 2)):
+        soft = noisy_map(gt, rng)
+        wide = soft.astype(np.uint16) * 256 + rng.integers(0, 256, gt.shape, dtype=np.uint16)  # all 16 bits used
+        colour = np.stack([soft, np.roll(soft, 7, axis=0), 255 - soft], axis=-1)
+        for group, pred in (("wide", wide), ("colour", colour)):
+            for sub, array in (("gt", gt), ("m", pred)):
+                (tmp_path / sub / group).mkdir(parents=True, exist_ok=True)
+                assert cv2.imwrite(str(tmp_path / sub / group / f"{i}.png"), array)
+    assert Image.open(tmp_path / "m" / "wide" / "0.png").mode.startswith("I;16")
+    metrics, _ = evaluate([Source("m", maps=str(tmp_path / "m"), gt=str(tmp_path / "gt"))])
+    groups = metrics[metrics["scope"] == "group"].set_index("group")
+    for group in ("wide", "colour"):
+        expected = pysodmetrics_figures((cv2_gray(p), cv2_gray(tmp_path / "gt" / group / p.name))
+                                        for p in sorted((tmp_path / "m" / group).glob("*.png")))
+        for key in FIGURES:
+            assert groups.loc[group, key] == pytest.approx(expected[key], abs=1e-12, rel=0), (group, key)
+
+
+def test_maps_that_opencv_cannot_decode_are_read_through_pil_the_same_way(tmp_path, monkeypatch):
+    wide = np.random.default_rng(1).integers(0, 65536, (20, 30), dtype=np.uint16)
+    assert cv2.imwrite(str(tmp_path / "wide.png"), wide)
+    data = (tmp_path / "wide.png").read_bytes()
+    monkeypatch.setattr(ev.cv2, "imdecode", lambda *a: None)
+    assert np.array_equal(ev.read_map(data), cv2_gray(tmp_path / "wide.png"))
 
 
 def test_maps_stream_equals_aggregate_of_every_image(maps):
@@ -92,6 +133,51 @@ def test_maps_stream_equals_aggregate_of_every_image(maps):
         part = aggregate([r for r in rows if r["group"] == group])
         for key in FIGURES:
             assert table.loc[("group", group), key] == part[key], (group, key)
+
+
+def test_every_group_gets_a_row_with_its_counts(tmp_path):
+    """Groups without a scored image (maps missing, a map that does not decode) keep a row: images 0, figures
+    NaN, their counts as integers; files that are not images (Thumbs.db, README.txt) are nobody's images."""
+    _, gt = synthetic_group("disc", 1)[0]
+    soft = noisy_map(gt, np.random.default_rng(7))
+    for sub, group, name, data in (("gt", "full", "a.png", _png(gt)), ("m", "full", "a.png", _png(soft)),
+                                   ("gt", "full", "Thumbs.db", b"\0" * 16), ("m", "full", "README.txt", b"maps"),
+                                   ("gt", "nomaps", "a.png", _png(gt)), ("gt", "nomaps", "b.png", _png(gt)),
+                                   ("gt", "broken", "a.png", _png(gt)), ("m", "broken", "a.png", b"not a png")):
+        (tmp_path / sub / group).mkdir(parents=True, exist_ok=True)
+        (tmp_path / sub / group / name).write_bytes(data)
+    metrics, details = evaluate([Source("m", maps=str(tmp_path / "m"), gt=str(tmp_path / "gt"))])
+    rows = metrics.set_index(["scope", "group"], drop=False)
+    counts = ["images", "errors", "missing_predictions", "images_without_metrics"]
+    assert rows.loc[("group", "full"), counts].tolist() == [1, 0, 0, 0]
+    assert rows.loc[("group", "nomaps"), counts].tolist() == [0, 0, 2, 0]
+    assert rows.loc[("group", "broken"), counts].tolist() == [0, 1, 0, 1]
+    dataset = metrics[metrics["scope"] == "dataset"].iloc[0]
+    assert dataset[counts].tolist() == [1, 1, 2, 1]
+    assert all(metrics[k].dtype == np.int64 for k in counts), metrics[counts].dtypes
+    for group in ("nomaps", "broken"):
+        assert rows.loc[("group", group), list(FIGURES)].isna().all()
+    expected = pysodmetrics_figures([(soft, gt)])
+    for key in FIGURES:
+        assert rows.loc[("group", "full"), key] == pytest.approx(expected[key], abs=1e-12, rel=0), key
+    page = render(metrics, details)
+    assert "3 groups" in page and "2 not ranked (no scored image for it)" in page
+
+
+def test_maps_and_ground_truth_of_one_stem_prefer_the_png(tmp_path):
+    """As the inference listing does for ground truth: of a.png and a.jpg the PNG is the mask (and the map)."""
+    (_, gt), (_, other) = synthetic_group("horse", 2)
+    soft = noisy_map(gt, np.random.default_rng(2))
+    for sub, array in (("gt", gt), ("m", soft)):
+        (tmp_path / sub / "g").mkdir(parents=True)
+        Image.fromarray(array).save(tmp_path / sub / "g" / "a.png")
+        Image.fromarray(255 - other).save(tmp_path / sub / "g" / "a.jpg")  # sorts first, differs
+    metrics, _ = evaluate([Source("m", maps=str(tmp_path / "m"), gt=str(tmp_path / "gt"))])
+    ours = metrics[metrics["scope"] == "dataset"].iloc[0]
+    expected = pysodmetrics_figures([(soft, gt)])
+    assert ours["images"] == 1
+    for key in FIGURES:
+        assert ours[key] == pytest.approx(expected[key], abs=1e-12, rel=0), key
 
 
 def test_ray_data_scoring_equals_local(ray_local, maps):
@@ -204,11 +290,18 @@ def test_run_stream_equals_aggregate_of_all_rows_in_any_layout(tmp_path, small_f
         assert dataset["images_without_metrics"] == len(frame) - whole["images"]
         assert dataset["errors"] == (frame["status"] == "error").sum() > 0
         per_group = metrics[metrics["scope"] == "group"].set_index("group")
-        assert sorted(per_group.index) == sorted(groups)  # g04 has errors only: no group row
+        assert sorted(per_group.index) == sorted(frame["group"].unique())  # g04 has errors only: a row too
+        assert set(groups) == set(per_group.index) - {"g04"}
         for g, expected in groups.items():
             for key in FIGURES:
                 assert per_group.loc[g, key] == expected[key], (layout, g, key)
             assert per_group.loc[g, "images"] == expected["images"]
+        assert per_group.loc["g04", "images"] == 0 and per_group.loc["g04", list(FIGURES)].isna().all()
+        for g, rows in frame.groupby("group"):
+            assert per_group.loc[g, "errors"] == (rows["status"] == "error").sum(), (layout, g)
+            assert per_group.loc[g, "images_without_metrics"] == rows["mae"].isna().sum(), (layout, g)
+            assert per_group.loc[g, "missing_predictions"] == 0
+        assert per_group[["images", "errors", "images_without_metrics"]].dtypes.eq(np.int64).all()
         open_groups[layout] = (details[layout]["most_open_groups"], details[layout]["passes"])
     # a run's parts, or shards read in the order of their groups, keep about one group open between flushes;
     # rows scattered over every file would keep most groups open until the last file: past the limit (4 here)
@@ -251,17 +344,33 @@ def test_gallery_reads_masks_from_parquet_tar_member_or_png(tmp_path):
     assert images[1] == images[3] == images[5]  # the same prediction, read three ways
 
 
+def test_gallery_shows_a_16_bit_map_as_it_was_scored(tmp_path):
+    _, gt = synthetic_group("disc", 1)[0]
+    (tmp_path / "gt.png").write_bytes(_png(gt))
+    soft = noisy_map(gt, np.random.default_rng(6))
+    wide = soft.astype(np.uint16) * 256 + 255  # >> 8 is soft; PIL's convert("L") clipped it to 255 nearly everywhere
+    base = {"group": "disc", "name": "disc_000", "gt_uri": str(tmp_path / "gt.png"), "image_uri": None, "sm": 0.5,
+            "mae": 0.1}
+    pages = [gallery({"worst": [{**base, "mask_png": cv2.imencode(".png", pred)[1].tobytes()}], "best": []}, {})
+             for pred in (wide, soft)]
+    images = [[part.split('"')[0] for part in page.split('src="')[1:]] for page in pages]
+    assert len(images[0]) == len(images[1]) == 2 and images[0] == images[1]
+
+
 def test_report_lists_top_and_bottom_groups(tmp_path):
     rng = np.random.default_rng(4)
     write_run(tmp_path / "run", rng)
     metrics, details = evaluate([Source("r", run=str(tmp_path / "run"), dataset="toy")])
-    groups = metrics[metrics["scope"] == "group"].sort_values("max_fm", ascending=False)
+    groups = metrics[metrics["scope"] == "group"]
+    ranked = groups[groups["max_fm"].notna()].sort_values("max_fm", ascending=False)["group"]  # g04: errors only
     page = render(metrics, details, top_groups=2)
-    shown = [g for g in groups["group"] if f"<td>{g}</td>" in page]
-    assert shown == groups["group"].head(2).tolist() + groups["group"].tail(2).tolist()
-    assert f"{len(groups)} groups" in page and "every group's figures are in metrics.parquet" in page
+    cells = {page.index(f"<td>{g}</td>"): g for g in groups["group"] if f"<td>{g}</td>" in page}
+    shown = [cells[at] for at in sorted(cells)]
+    assert shown == ranked.head(2).tolist() + ranked.tail(2).tolist()  # in the page's order
+    assert f"{len(groups)} groups" in page and "1 not ranked (no scored image for it)" in page
+    assert "every group's figures and counts are in metrics.parquet" in page
     every = render(metrics, details, top_groups=20)
-    assert all(f"<td>{g}</td>" in every for g in groups["group"])
+    assert all(f"<td>{g}</td>" in every for g in ranked)
 
 
 # ---- the CLI ------------------------------------------------------------------------------------------------
@@ -292,6 +401,57 @@ def test_cli_writes_report_and_metrics(capsys, maps, tmp_path):
     assert page.count("<figure>") == 12 and "data:image/jpeg;base64," in page
 
 
+def test_labels_are_drawn_as_given(maps):
+    """No mathtext ("$" in a label failed the whole report) and labels starting with "_" are in the legend."""
+    labels = ["x$\\frac$", "_baseline", "cost $5 and $6"]
+    metrics, details = evaluate([Source(label, maps=str(maps / m), gt=str(maps / "gt"))
+                                 for label, m in zip(labels, ("m1", "m2", "m1"))])
+    page = render(metrics, details)
+    for label in labels:  # matplotlib's SVG names each text in a comment
+        assert page.count(f"<!-- {label} -->") == 2, label  # both plots' legends
+
+
+def test_metrics_are_written_before_the_report(maps, tmp_path, monkeypatch):
+    import jobs.evaluate as job
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("the report failed")
+
+    monkeypatch.setattr(job, "render", fails)
+    with pytest.raises(RuntimeError, match="the report failed"):
+        job.main(["--maps", f"m1={maps / 'm1'}", "--gt", str(maps / "gt"), "--output", str(tmp_path / "eval")])
+    saved = pd.read_parquet(tmp_path / "eval" / "metrics.parquet")
+    expected, _ = evaluate([Source("m1", maps=str(maps / "m1"), gt=str(maps / "gt"))])
+    columns = ["label", "scope", "images", "errors", "missing_predictions", *FIGURES]
+    pd.testing.assert_frame_equal(saved[columns], expected[columns], check_dtype=False)
+    assert saved["group"].fillna("").tolist() == expected["group"].fillna("").tolist()
+    assert not (tmp_path / "eval" / "report.html").exists()
+
+
+def test_labelled_splits_only_a_label(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert labelled("ours=s3://b/runs/r1") == ("ours", "s3://b/runs/r1")
+    assert labelled("ours=out/dt=2024-01-01") == ("ours", "out/dt=2024-01-01")
+    # a "/" before the "=": a path (Hive-style folder), labelled by its last component
+    assert labelled("out/dt=2024-01-01") == ("dt=2024-01-01", "out/dt=2024-01-01")
+    assert labelled("s3://b/runs/k=v/") == ("k=v", "s3://b/runs/k=v/")
+    assert labelled("out/run") == ("run", "out/run")
+    # a label from a URL leaves out its query and fragment
+    assert labelled("https://h/p/run?sig=abc#x") == ("run", "https://h/p/run?sig=abc#x")
+    (tmp_path / "dt=2024").mkdir()  # an existing path is a path
+    assert labelled("dt=2024") == ("dt=2024", "dt=2024")
+    assert labelled("dt=2025") == ("dt", "2025")
+
+
+def test_top_groups_must_be_positive(capsys, maps):
+    argv = ["--maps", str(maps / "m1"), "--gt", str(maps / "gt"), "--output", "o"]
+    for bad in (["--top-groups", "-3"], ["--top-groups", "0"], ["--gallery", "-1"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv + bad)
+        assert "--top-groups must be at least 1 and --gallery at least 0" in capsys.readouterr().err
+    assert parse_args(argv + ["--top-groups", "1", "--gallery", "0"]).top_groups == 1
+
+
 # ---- a real run and a maps input in one report, rendered in a browser ------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -309,7 +469,8 @@ def report(ray_local, tiny_weights, tmp_path_factory):
                Source("other-method", maps=str(root / "run" / "masks"), gt=str(root / "CoCA" / "groundtruth"),
                       dataset="CoCA")]
     metrics, details = evaluate(sources)
-    write_outputs(str(root / "eval"), {}, metrics, render(metrics, details))
+    ev.write_metrics(str(root / "eval"), {}, metrics)
+    ev.write_report(str(root / "eval"), {}, render(metrics, details))
     return root / "eval", metrics, details
 
 
