@@ -22,14 +22,45 @@ class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsH
 
 
 def key_value(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` -> (key, value); the value is read as JSON when it is JSON (numbers, true, {...})."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    """``KEY=VALUE`` -> (key, value); the value is read as JSON when it is JSON (numbers, true, {...}): an
+    architecture's numbers (embed_dim=96)."""
+    key, value = _split(text)
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
+
+
+STORAGE_WORDS = {"true": True, "false": False, "null": None}
+
+
+def storage_key_value(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> (key, value) for fsspec: the value as written, except ``true``/``false``/``null`` (flags
+    such as anon=true: s3fs takes any string as true), numbers that read back as written (max_concurrency=4,
+    default_block_size=5242880) and JSON objects or arrays (client_kwargs={...}). Anything a number would
+    change stays text (key=1e5, secret=007)."""
+    key, value = _split(text)
+    if value in STORAGE_WORDS:
+        return key, STORAGE_WORDS[value]
+    try:
+        number = json.loads(value)
+    except json.JSONDecodeError:
+        number = None
+    if isinstance(number, (int, float)) and not isinstance(number, bool) and json.dumps(number) == value:
+        return key, number
+    if value.startswith(("{", "[")):
+        try:
+            return key, json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"{key}: a value in braces or brackets must be JSON ({exc})") from None
+    return key, value
+
+
+def _split(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
 
 
 class KeyValues(argparse.Action):
@@ -45,9 +76,11 @@ def add_storage_args(ap: argparse.ArgumentParser) -> None:
     store = ap.add_argument_group("storage")
     store.add_argument("--endpoint", help="S3-compatible endpoint URL (MinIO, R2, a test server)")
     store.add_argument("--anonymous", action="store_true", help="unsigned requests (public buckets)")
-    store.add_argument("--storage-option", type=key_value, nargs="+", action=KeyValues, default={},
+    store.add_argument("--storage-option", type=storage_key_value, nargs="+", action=KeyValues, default={},
                        metavar="KEY=VALUE", help="fsspec options, e.g. key=... secret=... or profile=prod "
-                                                 "(repeatable; never logged)")
+                                                 "(repeatable; never logged). Values are text except true, "
+                                                 "false, null, numbers that read back as written (4, 0.5) and "
+                                                 "JSON in {...} or [...]")
     store.add_argument("--s3-retries", type=int, default=DEFAULT_RETRIES,
                        help="retries per S3 request (botocore's adaptive mode: backs off when S3 throttles)")
 

@@ -5,8 +5,9 @@ r"""Self-supervised training of the SCoSPARC stage-1 head on grouped images, wit
 
 Ground truth is never used for training, only for validation (--val). Running again with the same --storage and
 --name resumes from the last checkpoint; a run of that name started with other data, weights or settings that
-change the result is refused (more --epochs is fine). The heads land in <storage>/<name>/head_best.pt and
-head_last.pt, in the official format that jobs/infer.py --head loads.
+change the result is refused (more --epochs is fine, fewer than it has trained are refused, as many do nothing).
+The heads land in <storage>/<name>/head_best.pt and head_last.pt, in the official format that jobs/infer.py
+--head loads.
 
 GPUs: --gpu gives each worker one GPU and NCCL between workers. Several workers may share one GPU with
 --gpus-per-worker 0.5 (gloo then: NCCL refuses two ranks on one GPU). If the cluster cannot place the workers
@@ -21,12 +22,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jobs.arguments import Formatter, KeyValues, add_storage_args, key_value, storage_from  # noqa: E402
-from pipeline.lease import LeaseHeld  # noqa: E402
 from pipeline.listing import LAYOUTS  # noqa: E402
 from pipeline.storage import redact_text  # noqa: E402
-from pipeline.train import (NoUsableGroupsError, PlacementError, RunMismatchError, TrainConfig,  # noqa: E402
-                            config_defaults, run_training)
-from scosparc_core.checkpoints import CheckpointError  # noqa: E402
+from pipeline.train import TrainConfig, config_defaults, run_training  # noqa: E402
 from scosparc_core.precision import AUTO, PRECISIONS  # noqa: E402
 
 
@@ -93,11 +91,13 @@ def main(argv=None) -> int:
     try:
         result = run_training(cfg)
     except Exception as exc:
-        if not (getattr(exc, "before_work", False) or
-                isinstance(exc, (PlacementError, RunMismatchError, NoUsableGroupsError, CheckpointError, LeaseHeld))):
+        if not getattr(exc, "before_work", False):
             raise  # a failure during the work: its traceback is the report
+        # the settings, data, weights, storage, run or cluster do not allow the job (checked before any work)
         print(f"error: {redact_text(str(exc))}", file=sys.stderr, flush=True)
         return 2
+    if result is None:  # the run has its epochs already (run_training said so)
+        return 0
     print(f"final metrics: {result.metrics}")
     print(f"heads: {cfg.run_url()}/head_last.pt, {cfg.run_url()}/head_best.pt (with --val)")
     return 0

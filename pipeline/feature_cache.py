@@ -2,10 +2,13 @@
 
 Training samples up to 24 images of a group per step for many epochs, and the backbone never changes, so its
 output can be stored once (float16) and read back instead of recomputed (the paper code runs the backbone twice
-per image at every step). Per group: ``<key>.tokens.npy`` (N, P, C), ``<key>.attention.npy`` (N, h, w) (the
-resampled CLS attention map training uses) and ``<key>.json`` (image names, URIs and sizes, in row order; written
-last, so a group whose index exists is complete). Rows are read with ranged reads, so a step fetches only the
-images it samples. A group is computed again when its listing (URIs or file sizes) no longer matches its index.
+per image at every step). Per group: ``<key>.<version>.tokens.npy`` (N, P, C), ``<key>.<version>.attention.npy``
+(N, h, w) (the resampled CLS attention map training uses) and ``<key>.json``, the index (image names, URIs and
+sizes, in row order, and the arrays' version; written last, so a group whose index exists is complete). Rows are
+read with ranged reads, so a step fetches only the images it samples. A group is computed again when its listing
+(URIs or file sizes) no longer matches its index. The version is a hash of the listing and the rows: a group
+computed again gets new array files, so a run that holds the old index (the cache is shared by every run on a
+storage) goes on reading the rows it names, never another image's. Arrays no index names any more stay.
 
 The pass that fills the cache is a Ray Data job: group rows -> decode (CPU tasks: ``decode.decode_for_cache``)
 -> ``FeatureActor`` (one per GPU, or one using the cores on a CPU cluster).
@@ -110,40 +113,50 @@ def backbone_id(settings: BackboneSettings, weights_digest: str | None) -> str:
     return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+class PlacementError(RuntimeError):
+    """The cluster cannot place what the job asks for (within the bounded wait)."""
+
+
 class FeatureCache:
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url = url
         self.store = Storage(url, storage_options or {})
         self._headers: dict[str, tuple] = {}  # array path -> (shape, dtype, data offset): one read per array
 
-    def has(self, key: str, image_uris: list[str] | None = None, sizes: list[int] | None = None) -> bool:
-        """Whether the group is complete here (and, given its listing, was computed from the same files)."""
+    def current(self, key: str, image_uris: list[str], sizes: list[int] | None = None) -> dict | None:
+        """The group's index if its features here were computed from this listing (URIs and sizes), else None
+        (an index without a version predates versioned arrays: stale too)."""
         if not self.store.exists(f"{key}.json"):
-            return False
-        if image_uris is None:
-            return True
+            return None
         index = self.index(key)
-        return index.get("listed_uris") == list(image_uris) and (sizes is None or index.get("sizes") == list(sizes))
+        fits = index.get("listed_uris") == list(image_uris) and (sizes is None or index.get("sizes") == list(sizes))
+        return index if fits and index.get("version") else None
 
     def index(self, key: str) -> dict:
         return self.store.read_json(f"{key}.json")
 
     def write(self, key: str, names: list[str], uris: list[str], tokens: torch.Tensor, attention: torch.Tensor,
-              listed_uris: list[str] | None = None, sizes: list[int] | None = None) -> None:
+              listed_uris: list[str] | None = None, sizes: list[int] | None = None) -> dict:
         """``names``/``uris``: the rows written (images that decoded); ``listed_uris``/``sizes``: the group as
-        listed, which decides whether the cache is still valid for it."""
+        listed, which decides whether the cache is still valid for it. Returns the index written."""
+        listed_uris = list(listed_uris or uris)
+        version = hashlib.sha1(json.dumps([listed_uris, sizes, uris]).encode()).hexdigest()[:12]
         for suffix, array in (("tokens", tokens), ("attention", attention)):
             buf = io.BytesIO()
             np.save(buf, array.detach().cpu().numpy().astype(FEATURE_DTYPE))
-            self.store.write_bytes(f"{key}.{suffix}.npy", buf.getvalue())
-        self.store.write_json(f"{key}.json", {"names": names, "image_uris": uris, "count": len(names),
-                                              "listed_uris": list(listed_uris or uris), "sizes": sizes})
+            self.store.write_bytes(f"{key}.{version}.{suffix}.npy", buf.getvalue())
+        index = {"names": names, "image_uris": uris, "count": len(names), "listed_uris": listed_uris,
+                 "sizes": sizes, "version": version}
+        self.store.write_json(f"{key}.json", index)  # last: it publishes the arrays
+        return index
 
-    def read(self, key: str, rows, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows (sorted or not) of a group -> tokens (k, P, C) and attention (k, h, w), float32 on ``device``
-        (moved as float16, converted there: half the bytes through the bus)."""
+    def read(self, key: str, version: str, rows, device: str | torch.device = "cpu"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows (sorted or not) of a group's arrays of ``version`` (its index's) -> tokens (k, P, C) and
+        attention (k, h, w), float32 on ``device`` (moved as float16, converted there: half the bytes through
+        the bus)."""
         rows = [int(r) for r in rows]
-        return tuple(torch.from_numpy(self._rows(f"{key}.{s}.npy", rows)).to(device).float()
+        return tuple(torch.from_numpy(self._rows(f"{key}.{version}.{s}.npy", rows)).to(device).float()
                      for s in ("tokens", "attention"))
 
     def _rows(self, name: str, rows: list[int]) -> np.ndarray:
@@ -225,7 +238,7 @@ class FeatureActor:
         self.micro_batch = settings.micro_batch
 
     def __call__(self, batch: dict) -> dict:
-        out = {"cache": [], "key": [], "images": [], "errors": [], "seconds": []}
+        out = {"cache": [], "key": [], "index": [], "images": [], "errors": [], "seconds": []}
         for i in range(len(batch["key"])):
             start = time.perf_counter()
             row = {k: v[i] for k, v in batch.items()}
@@ -233,15 +246,17 @@ class FeatureActor:
             names = [str(n) for n, flag in zip(row["names"], ok) if flag]
             uris = [str(u) for u, flag in zip(row["image_uris"], ok) if flag]
             folder = str(row["cache"])
+            index = None
             if names:
                 if folder not in self.caches:
                     self.caches[folder] = FeatureCache(folder, self.storage_options)
                 tokens, attention = features(self.backbone, row["net"], self.device, self.dtype, self.micro_batch)
-                self.caches[folder].write(str(row["key"]), names, uris, tokens, attention,
-                                          listed_uris=[str(u) for u in row["image_uris"]],
-                                          sizes=[int(s) for s in row["sizes"]])
+                index = self.caches[folder].write(str(row["key"]), names, uris, tokens, attention,
+                                                  listed_uris=[str(u) for u in row["image_uris"]],
+                                                  sizes=[int(s) for s in row["sizes"]])
             out["cache"].append(folder)
             out["key"].append(str(row["key"]))
+            out["index"].append(json.dumps(index))  # text: one column type whatever the index holds
             out["images"].append(len(names))
             out["errors"].append(len(ok) - len(names))
             out["seconds"].append(time.perf_counter() - start)
@@ -249,18 +264,20 @@ class FeatureActor:
 
 
 def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings, plan: CachePlan,
-                start_timeout: float = 180.0) -> tuple[dict[str, dict], dict[str, set[str]]]:
+                start_timeout: float = 180.0) -> tuple[dict[str, dict], dict[str, dict[str, dict]]]:
     """Computes the features of every group not yet (validly) in its cache folder (``folders``: cache URL -> the
     groups it holds, e.g. the training data's and the validation data's), in one Ray Data job: one actor pool
     start for all of them. Returns, per folder, a summary (counts, the actors' busy seconds, and the pass's
-    wall-clock seconds and images/s, start-up included and shared by the folders of the pass) and the keys of
-    the groups whose features it now holds (a group none of whose images decoded has none). The file sizes the
-    listing gives make a cached group stale when they change.
+    wall-clock seconds and images/s, start-up included and shared by the folders of the pass) and, by key, the
+    index of each group whose features it now holds (a group none of whose images decoded has none): what
+    training reads, so it reads no index itself, and the arrays of that version whatever is written later. The
+    file sizes the listing gives make a cached group stale when they change.
 
     The pool's actors must be able to start within ``start_timeout`` seconds (Ray Data's
-    ``wait_for_min_actors_s``), else this raises instead of waiting for resources that may never come. When the
-    pass ends, every reference to the dataset is dropped and collected, so Ray ends the pool's actors and their
-    GPUs are free for training (Ray Data releases actors by reference counting, not ``ray.kill``).
+    ``wait_for_min_actors_s``), else this raises PlacementError instead of waiting for resources that may never
+    come. When the pass ends, every reference to the dataset is dropped and collected, so Ray ends the pool's
+    actors and their GPUs are free for training (Ray Data releases actors by reference counting, not
+    ``ray.kill``).
     """
     import ray
 
@@ -270,9 +287,9 @@ def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings,
         listed = [(g, [im.image_uri for im in g.images], [int(im.size) for im in g.images]) for g in groups
                   if g.images]
         with ThreadPoolExecutor(32) as pool:  # one or two requests a group: in parallel, not one after another
-            cached = list(pool.map(lambda item: cache.has(item[0].key, *item[1:]), listed))
-        todo = [item for item, done in zip(listed, cached) if not done]
-        present[url] = {item[0].key for item, done in zip(listed, cached) if done}
+            cached = list(pool.map(lambda item: cache.current(item[0].key, *item[1:]), listed))
+        todo = [item for item, index in zip(listed, cached) if index is None]
+        present[url] = {item[0].key: index for item, index in zip(listed, cached) if index is not None}
         summaries[url] = {"groups": len(groups), "cached_before": len(groups) - len(todo), "computed": len(todo),
                           "images": 0, "errors": 0, "seconds": 0.0, "images_per_s": None, "actor_seconds": 0.0}
         rows += [{"cache": url, "key": g.key, "names": [im.name for im in g.images], "image_uris": uris,
@@ -293,11 +310,11 @@ def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings,
             summary["errors"] += int(row["errors"])
             summary["actor_seconds"] += float(row["seconds"])
             if int(row["images"]):
-                present[str(row["cache"])].add(str(row["key"]))
+                present[str(row["cache"])][str(row["key"])] = json.loads(row["index"])
     except ray.exceptions.GetTimeoutError as exc:
-        raise RuntimeError(
-            f"the feature cache's {plan.actors} actor(s) of {plan.ray_args} could not start within "
-            f"{start_timeout:.0f} s: the cluster has {ray.cluster_resources()} in total, "
+        raise PlacementError(
+            f"cannot place the feature cache's {plan.actors} actor(s) of {plan.ray_args} within "
+            f"{start_timeout:g} s (--placement-timeout): the cluster has {ray.cluster_resources()} in total, "
             f"{ray.available_resources()} free") from exc
     finally:
         del ds

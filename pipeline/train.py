@@ -53,8 +53,8 @@ from scosparc_core.threshold import adaptive_threshold, image_confidences, stage
 
 from .decode import decode_network_views, read_gt, read_many
 from .errors import Refusals
-from .feature_cache import (BackboneSettings, FeatureCache, backbone_id, build_backbone, build_cache, cache_folder,
-                            check_cuda, features, plan_cache)
+from .feature_cache import (BackboneSettings, FeatureCache, PlacementError, backbone_id, build_backbone, build_cache,
+                            cache_folder, check_cuda, features, plan_cache)
 from .lease import Lease
 from .listing import GroupSpec, list_layout
 from .resources import cluster_can_grow
@@ -62,11 +62,8 @@ from .storage import Storage, URLOptions, redact
 
 ADAM = {"lr": 1e-4, "weight_decay": 1e-4, "betas": (0.9, 0.99)}  # the paper's optimizer
 HISTORY = "metrics.parquet"
+BEST = "head_best.pt"
 RUN_RECORD = "train_config.json"
-
-
-class PlacementError(RuntimeError):
-    """The cluster cannot place what the job asks for (within the bounded wait)."""
 
 
 class NoUsableGroupsError(RuntimeError):
@@ -114,11 +111,17 @@ class TrainConfig:
             raise ValueError(f"dtype {self.dtype!r}: choose one of {', '.join(PRECISIONS)}")
         if self.gpu and not 0 < self.gpus_per_worker <= 1:
             raise ValueError(f"gpus_per_worker must be in (0, 1], got {self.gpus_per_worker}: a worker drives one GPU")
-        if self.workers < 1 or self.cpus_per_worker < 0:
-            raise ValueError("workers must be >= 1 and cpus_per_worker >= 0")
-        for name in ("epochs", "val_every", "max_images", "micro_batch"):
+        for name in ("epochs", "val_every", "max_images", "micro_batch", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, not {getattr(self, name)!r}")
+        # Adam refuses these only in each worker, after the cache pass; Ray Train reads -1 failures as unlimited
+        # retries; a worker bundle without CPUs is empty without --gpu; a wait of 0 s cannot place anything
+        for name in ("lr", "cpus_per_worker", "placement_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, not {getattr(self, name)!r}")
+        for name in ("weight_decay", "max_failures"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, not {getattr(self, name)!r}")
 
     def run_url(self) -> str:
         return f"{self.storage.rstrip('/')}/{self.name}"
@@ -140,10 +143,14 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainGroup:
+    """A group as training reads it. With the feature cache: its cached rows (the images that decoded, in row
+    order) and the version of their arrays, as the cache pass found them; without: the images listed."""
+
     root: str
     key: str
     image_uris: tuple[str, ...]
     gt_uris: tuple[str | None, ...]
+    version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -179,24 +186,12 @@ class GroupFeatures:
         self.caches = {root: FeatureCache(url, settings.storage_options)
                        for root, url in settings.cache_folders.items()}
         self._backbone = None
-        self._indexes: dict[tuple[str, str], dict] = {}
-
-    def _index(self, group: TrainGroup) -> dict:
-        key = (group.root, group.key)
-        if key not in self._indexes:
-            self._indexes[key] = self.caches[group.root].index(group.key)
-        return self._indexes[key]
-
-    def size(self, group: TrainGroup) -> int:
-        if group.root in self.caches:
-            return int(self._index(group)["count"])
-        return len(group.image_uris)
 
     def get(self, group: TrainGroup, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         cache = self.caches.get(group.root)
         if cache is not None:
-            tokens, attention = cache.read(group.key, rows, self.device)
-            return tokens, attention, [self._index(group)["image_uris"][r] for r in rows]
+            tokens, attention = cache.read(group.key, group.version, rows, self.device)
+            return tokens, attention, [group.image_uris[r] for r in rows]
         if self._backbone is None:
             self._backbone = build_backbone(self.settings.backbone)
         uris = [group.image_uris[r] for r in rows]
@@ -280,7 +275,7 @@ def validate(head: torch.nn.Module, groups: tuple[TrainGroup, ...], source: Grou
     head.eval()
     with torch.inference_mode():
         for group in groups:
-            tokens, _, uris = source.get(group, list(range(source.size(group))))
+            tokens, _, uris = source.get(group, list(range(len(group.image_uris))))
             if not uris:
                 continue
             side = math.isqrt(tokens.shape[1])  # square patch grid (28x28 for ViT-B/8 at 224)
@@ -335,6 +330,7 @@ def train_loop_per_worker(s: LoopSettings) -> None:
         load_head_checkpoint(head, s.init_head, URLOptions(s.storage_options))
     state = {"epoch": 0, "best_max_fm": None, "best_epoch": None, "history": []}
     optimizer_state = None
+    best_head = None  # head_best.pt's bytes; every checkpoint keeps them, so a restart goes back to its own best
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -342,38 +338,50 @@ def train_loop_per_worker(s: LoopSettings) -> None:
             optimizer_state = torch.load(os.path.join(folder, "optimizer.pt"), map_location="cpu", weights_only=True)
             with open(os.path.join(folder, "state.json")) as f:
                 state = json.load(f)
+            if os.path.exists(os.path.join(folder, BEST)):
+                with open(os.path.join(folder, BEST), "rb") as f:
+                    best_head = f.read()
+    if rank == 0 and best_head is not None:
+        run.write_bytes(BEST, best_head)  # a worker that died after the checkpoint, before publishing it
     model = ray.train.torch.prepare_model(head)
     module = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay, betas=ADAM["betas"])
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     gts = load_val_gts(s.val_groups, s.storage_options) if rank == 0 and s.val_groups else {}
-    sizes = [source.size(g) for g in s.groups]
 
     for epoch in range(state["epoch"], s.epochs):
         start = time.monotonic()
         sums = torch.zeros(4, dtype=torch.float64, device=comm)  # loss, co, sal, steps
         order = epoch_assignment(len(s.groups), epoch, rank, world, s.seed)
-        requests = [(s.groups[gi], sample_rows(sizes[gi], s.max_images, s.seed, epoch, gi)) for gi in order]
+        requests = [(s.groups[gi], sample_rows(len(s.groups[gi].image_uris), s.max_images, s.seed, epoch, gi))
+                    for gi in order]
         for step, (tokens, attention, _) in enumerate(source.stream(requests)):
             if step == 1:
                 _maybe_die(s, run, epoch, rank)
-            if tokens.numel() == 0:
-                # every image failed to decode (no cache): a zero step keeps the DDP ranks in step
-                loss = sum(p.sum() * 0 for p in model.parameters())
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                continue
-            parts = training_loss(tokens, attention.reshape(len(tokens), -1), model(tokens))
+            if not s.cache_folders:
+                # without the cache a step may have no image that decoded (with it, every cached row has
+                # features); DDP all-reduces in every worker's backward, so the workers agree first
+                having = _all_reduce(torch.tensor([float(len(tokens) > 0)], device=comm))
+                if not having.item():
+                    continue  # nobody has data: no step anywhere (Adam's weight decay alone would move weights)
+            if len(tokens):
+                parts = training_loss(tokens, attention.reshape(len(tokens), -1), model(tokens))
+                loss = parts.loss
+                sums += torch.stack([parts.loss.detach(), parts.co.detach(), parts.sal.detach(),
+                                     torch.ones((), device=tokens.device)]).to(sums)
+            else:  # others have data: a forward through DDP that counts for nothing joins their all-reduce
+                loss = model(torch.zeros(1, 1, s.dim, device=device)).sum() * 0
             optimizer.zero_grad()
-            parts.loss.backward()
+            loss.backward()
             optimizer.step()
-            sums += torch.stack([parts.loss.detach(), parts.co.detach(), parts.sal.detach(),
-                                 torch.ones((), device=tokens.device)]).to(sums)
         sums = _all_reduce(sums).cpu()
         seconds = time.monotonic() - start
-        steps = max(sums[3].item(), 1.0)
+        steps = sums[3].item()
+        if not steps:  # every worker sees the same sums: they stop together
+            raise NoUsableGroupsError(
+                f"epoch {epoch + 1}: no training step had an image that decoded ({len(s.groups)} groups): nothing "
+                "to train on. Check the workers' access to the data (--storage-option) and the files.")
         metrics = {"epoch": epoch, "loss": sums[0].item() / steps, "loss_co": sums[1].item() / steps,
                    "loss_sal": sums[2].item() / steps, "groups_per_s": sums[3].item() / seconds,
                    "epoch_seconds": seconds, "workers": world, "params_identical": _params_identical(module, comm),
@@ -384,6 +392,7 @@ def train_loop_per_worker(s: LoopSettings) -> None:
             t0 = time.monotonic()
             metrics.update(validate(module, s.val_groups, source, gts))
             metrics["val_seconds"] = time.monotonic() - t0
+        improved = False
         with tempfile.TemporaryDirectory() as folder:
             report_checkpoint = None
             if rank == 0:
@@ -391,13 +400,16 @@ def train_loop_per_worker(s: LoopSettings) -> None:
                     state["best_max_fm"] is None or metrics["val_max_fm"] > state["best_max_fm"])
                 if improved:
                     state["best_max_fm"], state["best_epoch"] = metrics["val_max_fm"], epoch
-                    run.write_bytes("head_best.pt", _head_bytes(module))  # atomic: the only copy of that epoch
+                    best_head = _head_bytes(module)
                 state["epoch"] = epoch + 1
                 state["history"].append(metrics)
                 save_head_checkpoint(module, os.path.join(folder, "head.pt"))
                 torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
                 with open(os.path.join(folder, "state.json"), "w") as f:
                     json.dump(state, f)
+                if best_head is not None:
+                    with open(os.path.join(folder, BEST), "wb") as f:
+                        f.write(best_head)
                 run.write_bytes("head_last.pt", _head_bytes(module))
                 _write_history(run, state["history"])
                 report_checkpoint = ray.train.Checkpoint.from_directory(folder)
@@ -408,6 +420,10 @@ def train_loop_per_worker(s: LoopSettings) -> None:
         # A worker holds one unpolled report at most, so a second report (no checkpoint) returns only once the
         # controller has taken the first.
         ray.train.report(metrics)
+        if improved:
+            # only now that its checkpoint is registered: a restart cannot go back to before this best, so
+            # head_best.pt never holds an attempt that was thrown away
+            run.write_bytes(BEST, best_head)
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -483,8 +499,9 @@ def listing_digest(root: str, groups: list[GroupSpec]) -> str:
 
 
 def fingerprint(cfg: TrainConfig, digests: dict[str, str], weights: str | None, init_head: str | None) -> dict:
-    """What decides a run's result; a run resumes only under the same fingerprint."""
-    return {
+    """What decides a run's result; a run resumes only under the same fingerprint. As JSON gives it back (tuples
+    become lists), so that it compares equal to the recorded one."""
+    return json.loads(json.dumps({
         "data": [digests[r] for r in cfg.data],
         "val": digests[cfg.val] if cfg.val else None,
         "backbone": weights or ("random-init" if cfg.random_init else "timm-pretrained"),
@@ -498,13 +515,21 @@ def fingerprint(cfg: TrainConfig, digests: dict[str, str], weights: str | None, 
         "weight_decay": cfg.weight_decay,
         "seed": cfg.seed,
         "workers": cfg.workers,
-    }
+    }, sort_keys=True, default=str))
 
 
-def claim_run(run: Storage, cfg: TrainConfig, fp: dict) -> dict:
+def claim_run(run: Storage, cfg: TrainConfig, fp: dict) -> dict | None:
     """Records the run's settings and fingerprint (returns that record); a run there with another fingerprint
-    is refused, naming each difference. Settings outside the fingerprint (epochs, resources) may change."""
-    before = run.read_json(RUN_RECORD) if run.exists(RUN_RECORD) else None
+    is refused, naming each difference, and so are fewer epochs than it has done. Settings outside the
+    fingerprint (more epochs, resources) may change. None, writing nothing: the run has its epochs already."""
+    try:
+        before = run.read_json(RUN_RECORD) if run.exists(RUN_RECORD) else None
+        if before is not None and not isinstance(before, dict):
+            raise ValueError(f"a {type(before).__name__}, not an object")
+    except ValueError as exc:  # JSONDecodeError too
+        raise RunMismatchError(
+            f"{redact(run.url(RUN_RECORD))} is damaged ({exc}): without it this run's settings cannot be "
+            "checked, so it is not resumed. Give another --name (or --storage) for a new run.") from None
     old = (before or {}).get("fingerprint")
     if old is not None and old != fp and has_progress(run):
         diffs = [f"{k}: was {_short(old.get(k))}, now {_short(fp.get(k))}" for k in sorted(set(old) | set(fp))
@@ -513,9 +538,25 @@ def claim_run(run: Storage, cfg: TrainConfig, fp: dict) -> dict:
             f"{redact(cfg.run_url())} holds a run started with other data, weights or settings, so it is not resumed "
             f"({'; '.join(diffs)}). Give another --name (or --storage) for a new run, or the original settings "
             "to resume it.")
+    done = epochs_done(run)
+    if cfg.epochs < done:
+        raise ValueError(f"{redact(cfg.run_url())} has trained {done} epochs, more than --epochs {cfg.epochs}: "
+                         f"give --epochs {done} or more to resume it, or another --name for a new run")
+    if done and cfg.epochs == done:
+        return None
     record = {"settings": redact(asdict(cfg)), "fingerprint": fp, "resumed": has_progress(run)}
     run.write_json(RUN_RECORD, record)
     return record
+
+
+def epochs_done(run: Storage) -> int:
+    """Epochs the run's history holds (0 without one)."""
+    import pandas as pd
+
+    if not run.exists(HISTORY):
+        return 0
+    epochs = pd.read_parquet(io.BytesIO(run.fs.cat_file(run.path(HISTORY))), columns=["epoch"])["epoch"]
+    return int(epochs.max()) + 1 if len(epochs) else 0
 
 
 def has_progress(run: Storage) -> bool:
@@ -621,104 +662,124 @@ def _worker_start_timeout(seconds: float):
 # ---------------------------------------------------------------------------------------------- driver
 def run_training(cfg: TrainConfig):
     """Lists the data, checks the run and the cluster, fills the feature cache (if on), then runs the
-    TorchTrainer. Returns the ray.train.Result."""
+    TorchTrainer. Returns the ray.train.Result, or None when the run has its epochs already.
+
+    All that comes before Ray Train checks or prepares the run, inside one Refusals: a failure there (data,
+    weights, storage, the run's record, the lease, a cluster that cannot place the workers or the cache actors,
+    data none of whose images decode) is raised with ``before_work``, which the CLI prints as one line and exits
+    2 on. The feature-cache pass is inside too: what stops it is, short of a bug, the cluster, the weights or the
+    data refusing the job, and what it filled a re-run reuses."""
     import pyarrow.fs
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     roots = list(dict.fromkeys([*cfg.data, *([cfg.val] if cfg.val else [])]))
-    with Refusals():  # the CLI prints a failure here as one line and exits 2
+    refusals = Refusals()
+    with contextlib.ExitStack() as stack:
+        stack.push(refusals)  # first in, so last out: it sees what the lease and Ray's shutdown let through
         listed = {root: list_layout(Storage(root, cfg.storage_options), cfg.layout) for root in roots}
         if not any(spec.images for r in cfg.data for spec in listed[r]):
             raise ValueError(f"no images found under {list(cfg.data)}")
         dim = DinoBackbone.width(cfg.backbone_name, **cfg.backbone_kwargs)
-        # both read on the driver, as the inference job does: a file that carries code or a head of another
-        # width stops the job here, before anything is written (not in every worker, after the feature-cache pass)
+        # both read on the driver, as the inference job does: a file that carries code, a backbone of another
+        # architecture or a head of another width stops the job here, before anything is written (not in every
+        # worker, after the feature-cache pass)
         digests = check_checkpoints(cfg.backbone, cfg.init_head, cfg.backbone_name, cfg.backbone_kwargs,
                                     URLOptions(cfg.storage_options))
-    weights, init_head = digests.get("backbone"), digests.get("head")
-    fp = fingerprint(cfg, {r: listing_digest(r, listed[r]) for r in roots}, weights, init_head)
-    run = Storage(cfg.run_url(), cfg.storage_options)
-    # one job per run, as for inference: a second submit of the same --name would interleave checkpoints;
-    # a lost lease stops this one (LeaseLost) before it writes more
-    with Lease(run, holder={"job": "train"}, stop_main=True):
+        weights, init_head = digests.get("backbone"), digests.get("head")
+        fp = fingerprint(cfg, {r: listing_digest(r, listed[r]) for r in roots}, weights, init_head)
+        run = Storage(cfg.run_url(), cfg.storage_options)
+        # one job per run, as for inference: a second submit of the same --name would interleave checkpoints;
+        # a lost lease stops this one (LeaseLost) before it writes more
+        try:
+            stack.enter_context(Lease(run, holder={"job": "train"}, stop_main=True))
+        except OSError as exc:  # the first write of the run: say which folder it was
+            raise OSError(f"cannot write the run folder {redact(cfg.run_url())} ({exc})") from exc
         record = claim_run(run, cfg, fp)
+        if record is None:
+            print(f"[train] {redact(cfg.run_url())} is already complete: it has its {cfg.epochs} epochs, nothing "
+                  "to do (give more --epochs to train on)", file=sys.stderr, flush=True)
+            return None
         print(f"[train] {'resuming' if record['resumed'] else 'new run'} {redact(cfg.run_url())}: "
               f"{sum(len(listed[r]) for r in cfg.data)} training groups, "
               f"{sum(len(s.images) for r in cfg.data for s in listed[r])} images; validation: "
               f"{len(listed[cfg.val]) if cfg.val else 0} groups; {cfg.workers} worker(s) x {cfg.worker_resources}, "
               f"{cfg.backend}", file=sys.stderr, flush=True)
 
-        started_ray = not ray.is_initialized()
-        if started_ray:
+        if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
-        try:
-            what = f"{cfg.workers} training worker(s)"
-            check_placement(cfg.worker_resources, cfg.workers, cfg.placement_timeout, what)
-            settings = cfg.backbone_settings()
-            cache_folders: dict[str, str] = {}
-            if cfg.feature_cache:
-                plan = plan_cache(cfg.gpu, ray.cluster_resources())
-                cache_root = cfg.cache_url or f"{cfg.storage.rstrip('/')}/feature-cache"
-                model = backbone_id(settings, weights)
-                cache_folders = {root: cache_folder(cache_root, root, model) for root in roots}
-                summaries, cached = build_cache({cache_folders[root]: listed[root] for root in roots}, settings,
-                                                plan, cfg.placement_timeout)
-                record["feature_cache"] = {}
-                for root, folder in cache_folders.items():
-                    summary = summaries[folder]
-                    rate = f", {summary['images_per_s']:.1f} img/s" if summary["images_per_s"] else ""
-                    print(f"[train] feature cache {redact(folder)}: {summary['computed']} groups computed "
-                          f"({summary['images']} images, {summary['errors']} unreadable) in a pass of "
-                          f"{summary['seconds']:.1f}s{rate}, {summary['cached_before']} reused", file=sys.stderr,
-                          flush=True)
-                    record["feature_cache"][redact(root)] = {"folder": redact(folder), **summary}
-                run.write_json(RUN_RECORD, record)
-                if cfg.gpu:  # the pass's actors must have handed their GPUs back before the workers can start
-                    check_placement(cfg.worker_resources, cfg.workers, cfg.placement_timeout, what)
+            stack.callback(ray.shutdown)
+        what = f"{cfg.workers} training worker(s)"
+        check_placement(cfg.worker_resources, cfg.workers, cfg.placement_timeout, what)
+        settings = cfg.backbone_settings()
+        cache_folders: dict[str, str] = {}
+        if cfg.feature_cache:
+            plan = plan_cache(cfg.gpu, ray.cluster_resources())
+            cache_root = cfg.cache_url or f"{cfg.storage.rstrip('/')}/feature-cache"
+            model = backbone_id(settings, weights)
+            cache_folders = {root: cache_folder(cache_root, root, model) for root in roots}
+            summaries, cached = build_cache({cache_folders[root]: listed[root] for root in roots}, settings,
+                                            plan, cfg.placement_timeout)
+            record["feature_cache"] = {}
+            for root, folder in cache_folders.items():
+                summary = summaries[folder]
+                rate = f", {summary['images_per_s']:.1f} img/s" if summary["images_per_s"] else ""
+                print(f"[train] feature cache {redact(folder)}: {summary['computed']} groups computed "
+                      f"({summary['images']} images, {summary['errors']} unreadable) in a pass of "
+                      f"{summary['seconds']:.1f}s{rate}, {summary['cached_before']} reused", file=sys.stderr,
+                      flush=True)
+                record["feature_cache"][redact(root)] = {"folder": redact(folder), **summary}
+            run.write_json(RUN_RECORD, record)
+            if cfg.gpu:  # the pass's actors must have handed their GPUs back before the workers can start
+                check_placement(cfg.worker_resources, cfg.workers, cfg.placement_timeout, what)
 
-            def usable(rs: list[str]) -> tuple[TrainGroup, ...]:
-                # with the cache, a group whose images all failed to decode has no features: leave it out
-                return tuple(TrainGroup(r, spec.key, tuple(im.image_uri for im in spec.images),
-                                        tuple(im.gt_uri for im in spec.images))
-                             for r in rs for spec in listed[r]
-                             if spec.images and (not cache_folders or spec.key in cached[cache_folders[r]]))
+        def usable(rs: list[str]) -> tuple[TrainGroup, ...]:
+            groups = []
+            for r in rs:
+                for spec in listed[r]:
+                    gts = {im.image_uri: im.gt_uri for im in spec.images}
+                    if not cache_folders:
+                        rows, version = list(gts), None
+                    else:  # the rows the cache holds; a group none of whose images decoded has none: left out
+                        index = cached[cache_folders[r]].get(spec.key, {"image_uris": [], "version": None})
+                        rows, version = index["image_uris"], index["version"]
+                    if rows:
+                        groups.append(TrainGroup(r, spec.key, tuple(rows), tuple(gts[u] for u in rows), version))
+            return tuple(groups)
 
-            loop = LoopSettings(
-                backbone=settings, groups=usable(list(cfg.data)), val_groups=usable([cfg.val] if cfg.val else []),
-                cache_folders=cache_folders, run_url=cfg.run_url(), storage_options=cfg.storage_options,
-                dim=dim, epochs=cfg.epochs,
-                val_every=cfg.val_every, max_images=cfg.max_images, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                seed=cfg.seed, backend=cfg.backend, init_head=cfg.init_head, fail_at_epoch=cfg.fail_at_epoch)
-            if not loop.groups:
-                raise NoUsableGroupsError(
-                    f"no training group has an image that decoded ({', '.join(redact(r) for r in cfg.data)}): "
-                    "nothing to train on. Check the workers' access to the data (--storage-option) and the files.")
-            storage = Storage(cfg.storage, cfg.storage_options)
-            trainer = TorchTrainer(
-                # the settings are bound into the function, not passed as train_loop_config: Ray Train's controller
-                # unpickles that config, and with it this module and timm (seconds before any worker can start)
-                functools.partial(train_loop_per_worker, loop),
-                torch_config=TorchConfig(backend=cfg.backend),
-                scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
-                                                       resources_per_worker=cfg.worker_resources),
-                run_config=ray.train.RunConfig(
-                    name=cfg.name,
-                    storage_path=storage.base,
-                    storage_filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(storage.fs)),
-                    # controller_failure_limit bounds Ray's retries of a worker group that could not start
-                    # (unlimited by default: the run would wait for ever)
-                    failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures,
-                                                           controller_failure_limit=cfg.max_failures),
-                    checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                ),
-            )
-            with _worker_start_timeout(cfg.placement_timeout):
-                return trainer.fit()
-        finally:
-            if started_ray:
-                ray.shutdown()
+        loop = LoopSettings(
+            backbone=settings, groups=usable(list(cfg.data)), val_groups=usable([cfg.val] if cfg.val else []),
+            cache_folders=cache_folders, run_url=cfg.run_url(), storage_options=cfg.storage_options,
+            dim=dim, epochs=cfg.epochs,
+            val_every=cfg.val_every, max_images=cfg.max_images, lr=cfg.lr, weight_decay=cfg.weight_decay,
+            seed=cfg.seed, backend=cfg.backend, init_head=cfg.init_head, fail_at_epoch=cfg.fail_at_epoch)
+        if not loop.groups:
+            raise NoUsableGroupsError(
+                f"no training group has an image that decoded ({', '.join(redact(r) for r in cfg.data)}): "
+                "nothing to train on. Check the workers' access to the data (--storage-option) and the files.")
+        storage = Storage(cfg.storage, cfg.storage_options)
+        trainer = TorchTrainer(
+            # the settings are bound into the function, not passed as train_loop_config: Ray Train's controller
+            # unpickles that config, and with it this module and timm (seconds before any worker can start)
+            functools.partial(train_loop_per_worker, loop),
+            torch_config=TorchConfig(backend=cfg.backend),
+            scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
+                                                   resources_per_worker=cfg.worker_resources),
+            run_config=ray.train.RunConfig(
+                name=cfg.name,
+                storage_path=storage.base,
+                storage_filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(storage.fs)),
+                # controller_failure_limit bounds Ray's retries of a worker group that could not start
+                # (unlimited by default: the run would wait for ever)
+                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures,
+                                                       controller_failure_limit=cfg.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            ),
+        )
+        refusals.working = True  # training: a failure from here on keeps its traceback
+        with _worker_start_timeout(cfg.placement_timeout):
+            return trainer.fit()
 
 
 def config_defaults() -> dict:

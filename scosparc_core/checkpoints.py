@@ -88,7 +88,12 @@ def load_state_dict(source, storage_options: dict | None = None) -> dict[str, to
 
 
 def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], name: str, what: str) -> None:
-    own = module.state_dict()
+    _check_fits(module.state_dict(), state, name, what)
+    module.load_state_dict(state, strict=True)
+
+
+def _check_fits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], name: str, what: str) -> None:
+    """Raises CheckpointError naming the keys and shapes of ``state`` that differ from the model's ``own``."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [
@@ -105,7 +110,6 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], name: str, w
         if shapes:
             parts.append(f"shape mismatches {shapes[:8]}")
         raise CheckpointError(f"{name}: does not fit the {what}: " + "; ".join(parts))
-    module.load_state_dict(state, strict=True)
 
 
 def load_backbone_checkpoint(vit: nn.Module, source, storage_options: dict | None = None) -> None:
@@ -113,9 +117,11 @@ def load_backbone_checkpoint(vit: nn.Module, source, storage_options: dict | Non
 
     A ``module.`` or ``backbone.`` prefix (DDP / DINO's multi-crop wrapper) is stripped.
     """
-    state = load_state_dict(source, storage_options)
-    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
-    _load_strict(vit, state, _name(source), "backbone")
+    _load_strict(vit, _backbone_keys(load_state_dict(source, storage_options)), _name(source), "backbone")
+
+
+def _backbone_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
 
 
 def head_state_dict(head: nn.Module) -> dict[str, torch.Tensor]:
@@ -166,16 +172,22 @@ def checkpoint_digest(source, storage_options: dict | None = None, span: int = 1
 def check_checkpoints(backbone, head, backbone_name: str, backbone_kwargs: dict | None = None,
                       storage_options: dict | None = None) -> dict[str, str]:
     """What a job does before any work: reads both checkpoints (weights only, refusing files that carry code),
-    checks that the head fits the backbone's width (from the backbone file, else from the architecture), and
-    returns their content digests (``checkpoint_digest``) by role. ``None`` skips a role."""
+    checks that the backbone file fits the declared architecture (``backbone_name`` with ``backbone_kwargs``, key
+    for key and shape for shape, as loading it will) and that the head fits the backbone's width, and returns
+    their content digests (``checkpoint_digest``) by role. ``None`` skips a role."""
+    import timm
+
     from .modeling import DinoBackbone
     from .modeling.stage1 import Stage1Head
 
     digests, dim = {}, None
     if backbone:
         state = load_state_dict(backbone, storage_options)
-        embed = state.get("pos_embed", state.get("module.pos_embed"))
-        dim = int(embed.shape[-1]) if isinstance(embed, torch.Tensor) else None
+        with torch.device("meta"):  # the architecture's keys and shapes only: no memory, no initialisation
+            vit = timm.create_model(backbone_name, pretrained=False, num_classes=0, **(backbone_kwargs or {}))
+        arguments = "".join(f", {k}={v}" for k, v in (backbone_kwargs or {}).items())
+        _check_fits(vit.state_dict(), _backbone_keys(state), _name(backbone), f"backbone ({backbone_name}{arguments})")
+        dim = int(vit.embed_dim)
         digests["backbone"] = checkpoint_digest(backbone, storage_options)
     if head:
         load_head_checkpoint(Stage1Head(dim or DinoBackbone.width(backbone_name, **(backbone_kwargs or {}))), head,

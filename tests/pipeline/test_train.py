@@ -4,6 +4,7 @@ The Ray Train runs are few and shared (each costs ~30-80 s on 2 cores): ``traine
 one run that is killed mid-way and resumed, with the same seed, and several tests read them.
 """
 import hashlib
+import json
 import shutil
 import time
 from dataclasses import replace
@@ -14,12 +15,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from ray.train import WorkerGroupError
 
-from conftest import TINY_VIT, make_bucket
+from conftest import TINY_ARGS, TINY_VIT, make_bucket
 from pipeline.sample import write_sample
-from pipeline.storage import storage_options
-from pipeline.train import (PlacementError, RunMismatchError, TrainConfig, _params_identical, epoch_assignment,
-                            run_training, sample_rows)
+from pipeline.storage import Storage, storage_options
+from pipeline.train import (NoUsableGroupsError, PlacementError, RunMismatchError, TrainConfig, _params_identical,
+                            claim_run, epoch_assignment, fingerprint, run_training, sample_rows)
 from scosparc_core import Stage1Head, load_head_checkpoint
 
 
@@ -67,8 +69,9 @@ def trained(ray_local, tiny_weights, data, tmp_path_factory):
     run_training(straight)
     cached = cache_files(data)
     interrupted = replace(straight, name="resumed", fail_at_epoch=1, max_failures=0)
-    with pytest.raises(Exception):  # noqa: B017 - the worker's death surfaces as Ray's own error type
+    with pytest.raises(WorkerGroupError):
         run_training(interrupted)
+    assert Path(interrupted.run_url(), "_injected_failure").exists()  # that death, not another failure
     before = history(interrupted.run_url())
     resumed = replace(interrupted, fail_at_epoch=None)
     run_training(resumed)
@@ -108,28 +111,59 @@ def test_help_shows_the_defaults_and_they_are_train_config_s(capsys):
     assert "--dtype {auto,float32,tf32,float16,bfloat16}" in text
 
 
-@pytest.mark.parametrize("setting", [("--val-every", "0"), ("--epochs", "0"), ("--max-images", "0")])
-def test_settings_that_cannot_train_are_refused_with_usage(setting, capsys):
+@pytest.mark.parametrize("flag, value, bound", [
+    ("--val-every", "0", ">= 1"), ("--epochs", "0", ">= 1"), ("--max-images", "0", ">= 1"),
+    ("--workers", "0", ">= 1"), ("--lr", "0", "> 0"), ("--lr", "-1", "> 0"), ("--cpus-per-worker", "0", "> 0"),
+    ("--placement-timeout", "-5", "> 0"), ("--weight-decay", "-0.5", ">= 0"), ("--max-failures", "-1", ">= 0")])
+def test_settings_that_cannot_train_are_refused_with_usage(flag, value, bound, capsys):
     from jobs.train import parse_args
 
     with pytest.raises(SystemExit) as done:
-        parse_args(["--data", "d", "--storage", "s", "--name", "n", *setting])
-    name = setting[0].removeprefix("--").replace("-", "_")
-    assert done.value.code == 2 and f"error: {name} must be >= 1" in capsys.readouterr().err
+        parse_args(["--data", "d", "--storage", "s", "--name", "n", flag, value])
+    err = capsys.readouterr().err
+    name = flag.removeprefix("--").replace("-", "_")
+    assert done.value.code == 2 and err.startswith("usage: ") and f"error: {name} must be {bound}, not " in err
 
 
-def test_data_whose_every_image_fails_is_refused_not_trained_on(ray_local, tiny_weights, tmp_path):
+def test_storage_option_values_are_text_unless_json_reads_them_back_as_written():
+    """Text a number would change stays text (key=1e5, secret=0123); s3fs reads any string as true, so its flags
+    must arrive as booleans, and its sizes as numbers; structured options come as JSON."""
+    import s3fs
+
+    from jobs.train import parse_args
+
+    cfg = parse_args(["--data", "d", "--storage", "s", "--name", "n", "--storage-option", "key=1e5",
+                      "secret=0123", "max_concurrency=4", "anon=false", "requester_pays=false", "token=null",
+                      "--storage-option", 'client_kwargs={"region_name": "eu-west-1"}', "version_aware=true"])
+    opts = cfg.storage_options
+    assert (opts["key"], opts["secret"], opts["token"]) == ("1e5", "0123", None)
+    assert opts["anon"] is False and opts["requester_pays"] is False and opts["version_aware"] is True
+    assert opts["client_kwargs"] == {"region_name": "eu-west-1"}
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
+    assert (fs.key, fs.secret, fs.anon, fs.req_kw, fs.version_aware) == ("1e5", "0123", False, {}, True)
+    assert fs.max_concurrency == 4
+    with pytest.raises(SystemExit) as done:
+        parse_args(["--data", "d", "--storage", "s", "--name", "n", "--storage-option", "client_kwargs={oops"])
+    assert done.value.code == 2
+
+
+@pytest.mark.parametrize("feature_cache", [True, False])
+def test_data_whose_every_image_fails_is_refused_not_trained_on(feature_cache, ray_local, tiny_weights, tmp_path):
     """Every image unreadable (say, workers without access): the job says so instead of writing an untrained
-    head after epochs of zero steps."""
-    from pipeline.train import NoUsableGroupsError
-
+    head after epochs of zero steps (a loss of 0.0 in the history, weights moved by weight decay alone)."""
     write_sample(str(tmp_path / "data"), {"horse": 2})
     for image in (tmp_path / "data" / "image" / "horse").iterdir():
         image.write_bytes(b"not an image")
-    cfg = replace(config(tiny_weights, tmp_path, tmp_path / "runs", "broken"), val=None, epochs=1)
-    with pytest.raises(NoUsableGroupsError, match="no training group has an image that decoded"):
-        run_training(cfg)
+    cfg = replace(config(tiny_weights, tmp_path, tmp_path / "runs", "broken"), val=None, epochs=1,
+                  feature_cache=feature_cache, max_failures=0)
+    if feature_cache:  # the cache pass found no image that decodes: refused on the driver
+        with pytest.raises(NoUsableGroupsError, match="no training group has an image that decoded"):
+            run_training(cfg)
+    else:  # only the workers decode: they stop together after an epoch without a step
+        with pytest.raises(WorkerGroupError, match="no training step had an image that decoded"):
+            run_training(cfg)
     assert not (tmp_path / "runs" / "broken" / "head_last.pt").exists()
+    assert not (tmp_path / "runs" / "broken" / "metrics.parquet").exists()
 
 
 def test_a_head_of_another_width_stops_training_before_anything_is_written(tiny_weights, data, tmp_path, capsys):
@@ -166,8 +200,103 @@ def test_an_input_without_images_is_a_refusal_not_a_traceback(tmp_path, capsys):
                  "--random-init", "--backbone-name", "vit_base_patch8_224",
                  *[a for k, v in TINY_VIT.items() for a in ("--backbone-arg", f"{k}={v}")]])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: no images found") and "Traceback" not in err
+    assert code == 2 and err.startswith("error: no images found") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_backbone_file_of_another_architecture_stops_training_before_anything_is_written(tiny_weights, data,
+                                                                                           tmp_path, capsys):
+    """The tiny file has 2 blocks; declared with 3, it was accepted on the driver, and every cache actor or
+    worker then failed to load it, after the run's record was written."""
+    from jobs.train import main
+    from scosparc_core import CheckpointError
+    from scosparc_core.checkpoints import check_checkpoints
+
+    code = main(["--data", str(data / "data"), "--storage", str(tmp_path / "runs"), "--name", "deeper",
+                 "--backbone", tiny_weights[0], *TINY_ARGS, "--backbone-arg", "depth=3"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert "tiny_dino_vit.pth: does not fit the backbone (vit_base_patch8_224" in err and "'blocks.2." in err
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(CheckpointError, match=r"embed_dim=192.*shape mismatches.*attn\.proj\.bias: file \(96,\) vs "
+                                              r"model \(192,\)"):
+        check_checkpoints(tiny_weights[0], None, "vit_base_patch8_224", {**TINY_VIT, "embed_dim": 192})
+    assert set(check_checkpoints(tiny_weights[0], None, "vit_base_patch8_224", dict(TINY_VIT))) == {"backbone"}
+
+
+def test_storage_the_run_cannot_use_is_a_one_line_refusal(tiny_weights, data, tmp_path, capsys):
+    """A folder that cannot be written, a URL of no known filesystem, a run record that cannot be read: each
+    stops the job before any work, exit 2, one line naming it (a traceback before)."""
+    from jobs.train import main
+
+    (tmp_path / "file").write_text("")
+    damaged = tmp_path / "runs" / "damaged" / "train_config.json"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_text('{"fingerprint": ')
+    for storage, name, says in ((tmp_path / "file" / "runs", "x", "cannot write the run folder"),
+                                ("nosuch://bucket/runs", "x", "nosuch"),
+                                (tmp_path / "runs", "damaged", "damaged/train_config.json is damaged")):
+        code = main(["--data", str(data / "data"), "--storage", str(storage), "--name", name,
+                     "--backbone", tiny_weights[0], *TINY_ARGS])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: ") and says in err and len(err.strip().splitlines()) == 1, err
+    assert damaged.read_text() == '{"fingerprint": '  # left as it was
+
+
+def test_cache_actors_that_cannot_be_placed_in_time_are_a_one_line_refusal(ray_local, tiny_weights, data, tmp_path,
+                                                                             capsys):
+    """The workers fit, the feature cache's actor does not: a bounded wait, then exit 2 naming it."""
+    from jobs.train import main
+
+    ray = ray_local
+
+    @ray.remote
+    class Holder:
+        def ping(self):
+            return True
+
+    holder = Holder.options(num_cpus=ray.available_resources()["CPU"] - 0.5).remote()  # one worker's 0.5 left
+    try:
+        assert ray.get(holder.ping.remote(), timeout=120)
+        code = main(["--data", str(data / "data"), "--storage", str(tmp_path), "--name", "cache-held",
+                     "--cache-url", str(tmp_path / "cache"), "--cpus-per-worker", "0.5", "--placement-timeout", "3",
+                     "--backbone", tiny_weights[0], *TINY_ARGS])
+    finally:
+        ray.kill(holder)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert errors[0].startswith("error: cannot place the feature cache's 1 actor(s)") and "within 3 s" in errors[0]
+    assert not (tmp_path / "cache-held" / "metrics.parquet").exists()
+
+
+def test_settings_with_tuples_resume_their_own_run(tmp_path):
+    """JSON gives tuples back as lists: the recorded fingerprint must still equal the same settings'."""
+    import pandas as pd
+
+    cfg = TrainConfig(data=("d",), storage=str(tmp_path), name="t", backbone_kwargs={"img_size": (224, 224)})
+    run = Storage(cfg.run_url())
+    claim_run(run, cfg, fingerprint(cfg, {"d": "listing"}, None, None))
+    pd.DataFrame({"epoch": [0]}).to_parquet(tmp_path / "t" / "metrics.parquet")  # the run has begun
+    assert claim_run(run, cfg, fingerprint(cfg, {"d": "listing"}, None, None))["resumed"] is True
+    other = replace(cfg, backbone_kwargs={"img_size": (256, 256)})
+    with pytest.raises(RunMismatchError, match=r"backbone_kwargs: was \{\"img_size\": \[224, 224\]\}, now"):
+        claim_run(run, other, fingerprint(other, {"d": "listing"}, None, None))
+
+
+def test_a_run_is_neither_shortened_nor_recorded_again_once_it_has_its_epochs(tmp_path):
+    import pandas as pd
+
+    cfg = TrainConfig(data=("d",), storage=str(tmp_path), name="t", epochs=2)
+    run, fp = Storage(cfg.run_url()), fingerprint(cfg, {"d": "listing"}, None, None)
+    claim_run(run, cfg, fp)
+    pd.DataFrame({"epoch": [0, 1]}).to_parquet(tmp_path / "t" / "metrics.parquet")
+    recorded = (tmp_path / "t" / "train_config.json").read_text()
+    with pytest.raises(ValueError, match="has trained 2 epochs, more than --epochs 1: give --epochs 2 or more"):
+        claim_run(run, replace(cfg, epochs=1), fp)
+    assert claim_run(run, replace(cfg, cpus_per_worker=2.0), fp) is None  # complete: nothing to do
+    assert (tmp_path / "t" / "train_config.json").read_text() == recorded  # the record still says how it ran
+    assert claim_run(run, replace(cfg, epochs=3), fp)["settings"]["epochs"] == 3  # more epochs: it goes on
 
 
 def test_a_second_job_on_a_run_in_use_is_refused_naming_the_holder(tiny_weights, data, tmp_path, capsys):
@@ -270,6 +399,10 @@ def test_head_best_is_the_head_of_the_best_validation_epoch(trained, run):
     for folder in checkpoints:
         epoch = pd.read_json(folder / "state.json", typ="series")["epoch"] - 1
         assert digest(weights(folder / "head.pt")) == h["head_sha256"].iloc[epoch]
+        # the best head so far travels with the checkpoint: a restart publishes its own best, never the head of
+        # an attempt that died before its checkpoint was registered
+        best_so_far = int(h["val_max_fm"].iloc[:epoch + 1].idxmax())
+        assert digest(weights(folder / "head_best.pt")) == h["head_sha256"].iloc[best_so_far]
     best = int(h["val_max_fm"].idxmax())  # the first epoch with the highest max-F
     assert digest(weights(f"{url}/head_best.pt")) == h["head_sha256"].iloc[best]
     assert digest(weights(f"{url}/head_last.pt")) == h["head_sha256"].iloc[-1]
@@ -289,8 +422,9 @@ def test_feature_cache_reads_equal_the_backbone_and_a_second_run_reuses_them(tra
     (folder,) = (data / "cache").glob("*/data-*")
     cache = FeatureCache(str(folder))
     rows = [3, 0, 2]  # unsorted, with gaps
-    tokens, attention = cache.read("horse", rows)
-    uris = [cache.index("horse")["image_uris"][r] for r in rows]
+    index = cache.index("horse")
+    tokens, attention = cache.read("horse", index["version"], rows)
+    uris = [index["image_uris"][r] for r in rows]
     backbone = DinoBackbone.create("vit_base_patch8_224", checkpoint=tiny_weights[0], **TINY_VIT)
     pixels = np.stack([decode_image(open(u.removeprefix("file://"), "rb").read())[0] for u in uris])
     ref_tokens, raw = backbone.extract(backbone.preprocess(torch.from_numpy(pixels)))
@@ -300,6 +434,56 @@ def test_feature_cache_reads_equal_the_backbone_and_a_second_run_reuses_them(tra
         # float16 rounding: at most one float16 step (2^-10 relative) from float32, and mostly the rounded value
         assert torch.all((got - ref).abs() <= ref.abs() * 2**-10 + 2**-24)
         assert (got == ref.half().float()).float().mean() > 0.99
+
+
+def test_a_group_computed_again_leaves_the_rows_a_running_job_reads(tmp_path):
+    """The cache is shared by every run on a storage: another job that lists a group anew computes it again,
+    and a job already training on the old listing must go on reading the images it sampled, not their
+    neighbours (its rows were rewritten in place before)."""
+    from pipeline.feature_cache import BackboneSettings, FeatureCache
+    from pipeline.train import GroupFeatures, LoopSettings, TrainGroup
+
+    def features(ids):  # every value of an image's rows is its id
+        rows = torch.tensor(ids, dtype=torch.float32)
+        return rows[:, None, None].expand(-1, 4, 3), rows[:, None, None].expand(-1, 2, 2)
+
+    url, uris = str(tmp_path / "cache"), {name: f"file:///d/{name}.jpg" for name in "abc"}
+    listed = [uris["a"], uris["c"]]
+    index = FeatureCache(url).write("g", ["a", "c"], listed, *features([1, 3]))
+    group = TrainGroup("d", "g", tuple(index["image_uris"]), (None, None), index["version"])  # as the pass gave it
+    loop = LoopSettings(backbone=BackboneSettings(), groups=(group,), val_groups=(), cache_folders={"d": url},
+                        run_url=str(tmp_path / "run"), storage_options={}, dim=3, epochs=1, val_every=1,
+                        max_images=24, lr=1e-3, weight_decay=0.0, seed=0, backend="gloo")
+    source = GroupFeatures(loop, torch.device("cpu"))
+    assert source.get(group, [1])[0].unique().tolist() == [3.0]
+    again = FeatureCache(url).write("g", ["a", "b", "c"], list(uris.values()), *features([1, 2, 3]))
+    assert again["version"] != index["version"] and FeatureCache(url).current("g", list(uris.values())) == again
+    assert FeatureCache(url).current("g", listed) is None  # the old listing is stale for new runs
+    tokens, attention, rows = source.get(group, [1])
+    assert rows == [uris["c"]] and tokens.unique().tolist() == attention.unique().tolist() == [3.0]
+    assert FeatureCache(url).read("g", again["version"], [1])[0].unique().tolist() == [2.0]
+    # an index from before versioned arrays names none: stale, computed again
+    (tmp_path / "cache" / "h.json").write_text(json.dumps({"listed_uris": listed, "sizes": None, "count": 2}))
+    assert FeatureCache(url).current("h", listed) is None
+
+
+def test_running_a_finished_run_again_says_so_and_fewer_epochs_are_refused(trained, tiny_weights, data, capsys):
+    """The CLI on the 3-epoch run: as many epochs did nothing silently before and printed the old run's last
+    metrics; fewer rewrote the record to say 1 epoch beside a 3-epoch history."""
+    from jobs.train import main
+
+    cfg = trained.straight
+    record = Path(cfg.run_url(), "train_config.json").read_text()
+    args = ["--data", str(data / "data"), "--val", str(data / "val"), "--storage", cfg.storage, "--name", cfg.name,
+            "--backbone", tiny_weights[0], *TINY_ARGS, "--cpus-per-worker", "0.5", "--lr", str(cfg.lr),
+            "--cache-url", cfg.cache_url]
+    assert main([*args, "--epochs", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert "is already complete: it has its 3 epochs" in err and "final metrics" not in out
+    assert main([*args, "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "has trained 3 epochs, more than --epochs 2" in err
+    assert Path(cfg.run_url(), "train_config.json").read_text() == record
 
 
 def test_a_rerun_with_other_data_weights_or_settings_is_refused(trained, tiny_weights, data, tmp_path):
