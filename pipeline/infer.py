@@ -67,7 +67,7 @@ class InferConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     fast_decode: bool = False
     row_images: int = 32  # larger groups are read by the stage-1 actor
-    one_pass_images: int = 2048  # larger groups run stage 1 in passes (bounded memory)
+    one_pass_images: int | None = None  # larger groups run stage 1 in passes; None: per device (stage1.one_pass_limit)
     mask_format: str = "png"  # png | parquet | webdataset
     rows_per_shard: int = 10_000
     storage_options: dict = field(default_factory=dict)

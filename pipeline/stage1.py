@@ -5,14 +5,17 @@ split here). The engine runs the backbone over all their images in full micro-ba
 threshold, the prototype and the region filter per group, and on a GPU the CRF too; what leaves the actor per
 image is its uint8 mask at 224 (and, when the CRF runs on CPU workers, its colour input). Groups too large for
 one row arrive undecoded: this actor reads them itself, in micro-batches, with the engine's passes when they do
-not fit in memory. Two calls run at once on a GPU actor, so one's CPU steps overlap the other's GPU work.
+not fit in memory (``one_pass_limit``: from the actor's memory request on CPUs, from the free GPU memory on
+CUDA). Two calls run at once on a GPU actor, so one's CPU steps overlap the other's GPU work.
 
-Faults: an out-of-memory on a batch is retried group by group with halved micro-batches, and then becomes
-transient error rows; a CUDA error that poisons the context ends the process (Ray starts a new
-actor and retries the batch); a batch that keeps killing its actor becomes error rows after ``max_attempts``.
+Faults: an out-of-memory on a batch is retried group by group (a group larger than a micro-batch in the engine's
+passes over its decoded images), with halved micro-batches, and then becomes transient error rows; a CUDA error
+that poisons the context ends the process (Ray starts a new actor and retries the batch); a batch that keeps
+killing its actor becomes error rows after ``max_attempts``.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -26,9 +29,32 @@ import numpy as np
 from .decode import VIEW, DecodeSettings, decode_images
 from .errors import TRANSIENT, classify, is_out_of_memory, poisons_cuda
 from .memory import keep_large_blocks_out_of_the_heap
+from .resources import CPU_STAGE1_MEMORY, GIB
 from .storage import URLOptions
 
 log = logging.getLogger(__name__)
+
+# A group in one pass holds, per image, its tokens (P x C float32: 2.4 MB for ViT-B/8) and ~1.25 MiB beside them
+# (stage-1 map, region labels, both views, the host copy of its pixels): ~3.6 MiB measured on CPUs for ViT-B/8.
+ONE_PASS_OVERHEAD_BYTES = int(1.25 * 2**20)
+CPU_BACKBONE_PEAK = int(2.1 * GIB)  # ViT-B/8 at micro-batch 32 (README "Resources"), beside the group
+# On CUDA a call's groups may take a quarter of the GPU memory free at actor start: two calls run at once, and each
+# leaves as much again for the backbone's activations and the torch CRF.
+CUDA_ONE_PASS_SHARE = 0.25
+MAX_ONE_PASS_IMAGES = 2048
+
+
+def one_pass_limit(device: str, num_patches: int, embed_dim: int, micro_batch: int,
+                   free_bytes: int | None = None) -> int:
+    """The most images one engine call holds at once (larger groups run in the engine's passes): what fits
+    beside the backbone in the CPU actor's memory request (~250 for ViT-B/8), or in a share of ``free_bytes``
+    (the GPU's free memory); at least one micro-batch, at most MAX_ONE_PASS_IMAGES."""
+    per_image = num_patches * embed_dim * 4 + ONE_PASS_OVERHEAD_BYTES
+    if device.startswith("cuda"):
+        budget = CUDA_ONE_PASS_SHARE * (free_bytes or 0)
+    else:  # Ray's memory request only places the actor: past it, a busy node's memory monitor kills the worker
+        budget = CPU_STAGE1_MEMORY - CPU_BACKBONE_PEAK
+    return int(max(micro_batch, min(MAX_ONE_PASS_IMAGES, budget // per_image)))
 
 
 @dataclass(frozen=True)
@@ -50,8 +76,8 @@ class Stage1Settings:
 
     precision: resolved name (``scosparc_core.precision``); crf_backend: ``torch`` (here) or ``defer``
     (pydensecrf on the refine actors; also what ``crf="none"`` is given, since then no CRF runs); chunk_size:
-    images per output row; one_pass_images: larger groups run in passes; fault: test-only fault injection (see
-    ``Stage1Actor._inject``)."""
+    images per output row; one_pass_images: larger groups run in passes (None: ``one_pass_limit`` for the
+    actor's device, worked out when it starts); fault: test-only fault injection (see ``Stage1Actor._inject``)."""
 
     model: ModelSettings
     decode: DecodeSettings
@@ -63,7 +89,7 @@ class Stage1Settings:
     crf: str = "coca"
     crf_backend: str = "defer"
     chunk_size: int = 32
-    one_pass_images: int = 2048
+    one_pass_images: int | None = None
     decode_threads: int = 4
     max_attempts: int = 3
     fault: dict | None = None
@@ -105,6 +131,7 @@ class Stage1Actor:
         keep_large_blocks_out_of_the_heap()
         self.settings = settings
         self.engine = build_model(settings).engine
+        self.one_pass_images = settings.one_pass_images or self._one_pass_limit()
         self.state = state
         self.calls = 0
         self.injected: dict[str, int] = {}
@@ -114,6 +141,15 @@ class Stage1Actor:
 
             self.actor_id = ray.get_runtime_context().get_actor_id()
             ray.get(state.restarted.remote(self.actor_id))  # blames what this actor ran when it last died
+
+    def _one_pass_limit(self) -> int:
+        import torch
+
+        e = self.engine
+        free = torch.cuda.mem_get_info(e.device)[0] if e.cuda else None  # after the model is on the device
+        limit = one_pass_limit(e.device.type, e.backbone.num_patches, e.backbone.embed_dim, e.micro_batch, free)
+        log.info("stage 1 runs groups of up to %d images in one pass, larger ones in passes", limit)
+        return limit
 
     # -- Ray Data entry point ---------------------------------------------------------------------------------
     def __call__(self, batch: dict) -> Iterator[dict]:
@@ -136,7 +172,7 @@ class Stage1Actor:
         start = time.perf_counter()
         small = [r for r in rows if r["decoded"]]
         chunks = []
-        for part in _by_images(small, self.settings.one_pass_images):
+        for part in _by_images(small, self.one_pass_images):
             for row, result in zip(part, self._run_small(part)):
                 chunks += self._chunks(row, result, start)
         if chunks:
@@ -161,7 +197,7 @@ class Stage1Actor:
             if not is_out_of_memory(err):
                 return [err] * len(rows)
             log.warning("out of memory on a batch of %d groups; retrying group by group", len(rows))
-            exc = err
+            exc = err.with_traceback(None)  # its frames hold the failed call's tensors (the tokens): free them
         return [self._retry_smaller(r, p, c, exc) for r, p, c in zip(rows, pixels, crf)]
 
     def _engine_run(self, rows: list[dict], pixels: list, crf: list, micro_batch: int | None = None) -> list:
@@ -170,24 +206,41 @@ class Stage1Actor:
         return self.engine.run(pixels, crf, crf=s.crf, crf_backend=s.crf_backend, micro_batch=micro_batch)
 
     def _retry_smaller(self, row: dict, pixels: np.ndarray, crf: np.ndarray, oom: BaseException):
-        """One group after an out-of-memory: halved micro-batches down to 1, then the out-of-memory (transient)."""
+        """One group after an out-of-memory, then the out-of-memory (transient). A group larger than a micro-batch
+        goes to the engine's passes over the images at hand: its tokens, maps and CRF, which grow with the group
+        and not with the micro-batch, are what a smaller micro-batch alone would not shrink. Then halved
+        micro-batches down to 1 (in passes for such a group)."""
         import torch
 
         mb = self.engine.micro_batch
-        last: BaseException = oom
+        passes = len(pixels) > mb
+        sizes = [mb] if passes else []
         while mb > 1:
             mb //= 2
+            sizes.append(mb)
+        last: BaseException = oom
+        for size in sizes:
             if self.engine.cuda:
                 torch.cuda.empty_cache()
             try:
-                return self._engine_run([row], [pixels], [crf], micro_batch=mb)[0]
+                if passes:
+                    return self._engine_passes(row, pixels, crf, size)
+                return self._engine_run([row], [pixels], [crf], micro_batch=size)[0]
             except Exception as exc:  # noqa: BLE001
                 if poisons_cuda(exc):
                     self._exit(exc)
                 if not is_out_of_memory(exc):
                     return exc
-                last = exc
+                last = exc.with_traceback(None)  # as in _run_small: not the failed try's tensors into the next
         return last
+
+    def _engine_passes(self, row: dict, pixels: np.ndarray, crf: np.ndarray, micro_batch: int):
+        """The engine's passes over one group's decoded images -> one GroupResult for the whole group."""
+        self._inject([row], micro_batch)
+        s = self.settings
+        parts = list(self.engine.run_passes(len(pixels), lambda a, b: (pixels[a:b], crf[a:b]), crf=s.crf,
+                                            crf_backend=s.crf_backend, chunk=micro_batch, micro_batch=micro_batch))
+        return _joined(parts)
 
     # -- large groups (read here) ---------------------------------------------------------------------------
     def _run_large(self, row: dict) -> Iterator[list[dict]]:
@@ -196,7 +249,7 @@ class Stage1Actor:
         uris = list(row["image_uris"])
         start = time.perf_counter()
         key = str(row["group_key"])
-        one_pass = len(uris) <= s.one_pass_images
+        one_pass = len(uris) <= self.one_pass_images
         try:
             probe = self._decode(uris, keep=one_pass)
         except Exception as exc:  # noqa: BLE001
@@ -213,7 +266,6 @@ class Stage1Actor:
         if failed:
             yield failed
         ok_uris = [uris[i] for i in ok]
-        loaded = {}
 
         def load(a: int, b: int):
             d = self._decode(ok_uris[a:b], keep=True)
@@ -222,7 +274,6 @@ class Stage1Actor:
                 exc = RuntimeError(f"image {ok[a + bad]} of the group failed on a later pass: {d.errors[bad][2]}")
                 exc.error_class = TRANSIENT
                 raise exc
-            loaded["crf"] = d.crf  # the last pass loads each output chunk once: its colour views travel on
             return d.net, d.crf
 
         def tick(step: str, done: int) -> None:
@@ -234,7 +285,8 @@ class Stage1Actor:
             for part in self.engine.run_passes(len(ok), load, crf=s.crf, crf_backend=s.crf_backend,
                                                chunk=s.chunk_size, progress=tick):
                 part_idx = ok[part.start:part.start + len(part)]
-                yield self._chunks({**row, "crf": loaded["crf"], "crf_indices": part_idx}, part, start,
+                # a deferred CRF's colour views come with the part: memory per chunk, not per group
+                yield self._chunks({**row, "crf": part.crf_rgb, "crf_indices": part_idx}, part, start,
                                    indices=part_idx)
                 out = part.start + len(part)
         except Exception as exc:  # noqa: BLE001 - the rows not yet out become errors (one row per image)
@@ -280,7 +332,8 @@ class Stage1Actor:
             return []
         seconds = (time.perf_counter() - start) / max(len(ok_idx), 1)
         deferred = result is not None and not isinstance(result, BaseException) and not result.crf_applied
-        crf_views = np.asarray(row["crf"]) if deferred and len(row.get("crf", ())) else None
+        views = row.get("crf")
+        crf_views = np.asarray(views) if deferred and views is not None and len(views) else None
         # a passes group brings the colour views of its output images only: memory per chunk, not per group
         crf_at = {int(i): k for k, i in enumerate(row["crf_indices"])} if "crf_indices" in row else None
         out = []
@@ -371,6 +424,13 @@ class Stage1Actor:
                 import torch
 
                 raise torch.OutOfMemoryError(f"CUDA out of memory (injected, micro-batch {micro_batch})")
+
+
+def _joined(parts: list):
+    """One group's GroupResults from the engine's passes (consecutive chunks) -> one GroupResult."""
+    per_image = ("image_confidence", "regions_found", "regions_kept", "fallback", "stage2", "final")
+    return dataclasses.replace(parts[0], start=0, crf_rgb=None,
+                               **{f: np.concatenate([getattr(p, f) for p in parts]) for f in per_image})
 
 
 def _columns(rows: list[dict]) -> dict:

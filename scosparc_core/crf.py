@@ -8,6 +8,7 @@ need one of them load without the other.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -35,6 +36,27 @@ class CRFParams:
     bilateral_compat: float = 10
     gt_prob: float = 0.995
     iterations: int = 10
+
+    def __post_init__(self):
+        # Checked here so that both backends refuse the same values: pydensecrf asserts 0 < gt_prob < 1 where the
+        # torch port would return all background; the widths divide the features.
+        for name in ("gaussian_sxy", "bilateral_sxy", "bilateral_srgb"):
+            if not (_real(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"CRFParams.{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        for name in ("gaussian_compat", "bilateral_compat"):
+            if not _real(getattr(self, name)):
+                raise ValueError(f"CRFParams.{name} must be a finite number, got {getattr(self, name)!r}")
+        if not (_real(self.gt_prob) and 0 < self.gt_prob < 1):
+            raise ValueError(f"CRFParams.gt_prob must be in (0, 1), got {self.gt_prob!r}")
+        if not (isinstance(self.iterations, (int, np.integer)) and not isinstance(self.iterations, bool)
+                and self.iterations >= 0):
+            raise ValueError(f"CRFParams.iterations must be an integer >= 0, got {self.iterations!r}")
+
+
+def _real(value) -> bool:
+    """A finite int or float (numpy's too), not a bool."""
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 # The paper's per-dataset settings, as presets; "none" skips the CRF.
@@ -252,7 +274,6 @@ def _mean_field(rgb: torch.Tensor, labels: torch.Tensor, params: CRFParams,
     s_bilateral = bilateral.s.view(batch, n)
     w_gauss = float(np.float32(params.gaussian_compat))
     w_bilateral = float(np.float32(params.bilateral_compat))
-
 
     # -U from unary_from_labels: the given label's energy on its channel.
     given, other = unary_energies(params.gt_prob)

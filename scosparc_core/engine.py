@@ -30,6 +30,7 @@ import torch
 from .crf import CRFParams, crf_params, dense_crf
 from .modeling.backbone import DinoBackbone
 from .modeling.stage1 import Stage1Head
+from .permutohedral import LatticeTooLarge
 from .precision import resolve
 from .region_filter import (foreground_means, group_prototype, keep_regions, label_regions, patch_masks,
                             prototype_cosines, prototype_from_means, region_embeddings, stage2_masks)
@@ -70,6 +71,8 @@ class GroupResult:
     (``fallback``) the stage-1 map's values, CRF skipped. With ``crf_applied`` False the CRF is still to run
     (on CPU workers): ``final`` then holds 255 x ``stage2`` for the images that did not fall back.
     stage2: (n, 224, 224) uint8 0/1 (zeros where the image fell back).
+    crf_rgb: (n, 224, 224, 3) uint8, the CRF's colour input of these images, when ``run_passes`` read it for a
+    deferred CRF (whoever runs that CRF needs it); None otherwise.
     """
 
     confidence: float
@@ -84,6 +87,7 @@ class GroupResult:
     start: int = 0
     details: GroupDetails | None = None
     timings: dict = field(default_factory=dict)
+    crf_rgb: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.fallback)
@@ -112,7 +116,7 @@ class GroupEngine:
         self._local = threading.local()
         self._backbone_lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
-        self._crf_warm = False
+        self._crf_warm: set[tuple[int, int, float]] = set()  # (H, W, Gaussian sxy) whose cached lattice is built
 
     @property
     def cuda(self) -> bool:
@@ -178,9 +182,7 @@ class GroupEngine:
         group_of = np.repeat(np.arange(len(groups)), np.diff(bounds))
         image_tau = np.array([tau for _, tau in taus], np.float32)[group_of]
         with self._timed(timings, "stage2"):
-            labels, counts = self._stage1_regions(maps, image_tau)
-            embeds = self._region_embeddings(labels, counts, all_tokens)
-            cosines = self._cosines(embeds, counts, prototypes, group_of)
+            labels, counts, cosines = self._region_cosines(maps, image_tau, all_tokens, prototypes, group_of)
         outs = self._finish(maps, weights, image_tau, labels, counts, cosines, crf_rgb, params, backend, details,
                             timings)
         return [_result(outs, sl, taus[j], conf[sl], prototypes[j], details, dict(timings))
@@ -201,7 +203,9 @@ class GroupEngine:
         and its regions' token sums (kept: R x C floats); (4) the region filter's decisions and the CRF, yielding
         GroupResults of ``chunk`` images. The backbone runs three times per image; device and host memory grow
         with the micro-batch and n x P + R x C, not with n x P x C. The numbers are those of ``run`` on the
-        same group: the head and the filter see the same micro-batches.
+        same group: the head and the filter see the same micro-batches. Pass (4) reads only the colour inputs,
+        and only when a CRF is asked for; with ``crf_backend="defer"`` they come back on the results
+        (``GroupResult.crf_rgb``).
         """
         if n == 0:
             return
@@ -213,11 +217,12 @@ class GroupEngine:
             return self._tokens([load(start, stop)[0]], mb)
 
         with self._stream_context():
-            key_sums = []
+            sums = []
             for start, stop in spans:
-                key_sums.append(self.head.key_sums(tokens(start, stop)))
+                sums.append(tokens(start, stop).sum(dim=1))
                 _tick(progress, "stage-1 keys", stop)
-            key_sums = torch.cat(key_sums)
+            key_sums = self.head.keys_from_token_sums(torch.cat(sums), self.backbone.num_patches)  # as _weights
+            del sums
             total = key_sums.sum(dim=0)
             weights, conf = [], []
             for start, stop in spans:
@@ -247,19 +252,27 @@ class GroupEngine:
                 maps = stage1_map(weights[start:stop], self.grid)
                 taus = np.full(stop - start, threshold, np.float32)
                 labels, cnt = self._stage1_regions(maps, taus)
+                # the colours only for a CRF, here or deferred: otherwise this pass would decode every image again
+                rgb = load(start, stop)[1] if params is not None else None
                 outs = self._finish(maps, weights[start:stop], taus, labels, cnt,
-                                    cosines[offsets[start]:offsets[stop]], [load(start, stop)[1]], params, backend,
+                                    cosines[offsets[start]:offsets[stop]], [rgb], params, backend,
                                     False, defaultdict(float))
-                yield _result(outs, slice(0, stop - start), (confidence, threshold), conf[start:stop], prototype,
-                              False, {}, start=start)
+                result = _result(outs, slice(0, stop - start), (confidence, threshold), conf[start:stop], prototype,
+                                 False, {}, start=start)
+                if backend == "defer":
+                    result.crf_rgb = rgb
+                yield result
                 _tick(progress, "masks", stop)
 
     # -- shared steps -----------------------------------------------------------------------------------------
     def _weights(self, tokens: torch.Tensor, micro_batch: int | None = None) -> torch.Tensor:
-        """One whole group's tokens (n, P, C) -> stage-1 weights (n, P), micro-batch by micro-batch as
-        ``run_passes`` computes them, so that both give the same numbers."""
+        """One whole group's tokens (n, P, C) -> stage-1 weights (n, P), as ``run_passes`` computes them: token
+        sums micro-batch by micro-batch, the key transform once on the whole group's sums. On the CPU the numbers
+        are then those of ``Stage1Head.forward`` on the group, whatever the micro-batch."""
         mb = micro_batch or self.micro_batch
-        key_sums = torch.cat([self.head.key_sums(tokens[s:s + mb]) for s in range(0, len(tokens), mb)])
+        sums = torch.cat([tokens[s:s + mb].sum(dim=1) for s in range(0, len(tokens), mb)]) if len(tokens) \
+            else tokens.sum(dim=1)
+        key_sums = self.head.keys_from_token_sums(sums, tokens.shape[1])
         return self.head.weights(tokens, key_sums, key_sums.sum(dim=0), len(tokens), chunk=mb)
 
     def _tokens(self, groups: Sequence[np.ndarray], micro_batch: int | None = None) -> torch.Tensor:
@@ -311,9 +324,18 @@ class GroupEngine:
         tau = torch.as_tensor(np.asarray(taus, np.float32), device=maps.device).reshape(-1, 1, 1)
         return label_regions((maps >= tau).to(torch.uint8).cpu().numpy())
 
+    def _region_cosines(self, maps: torch.Tensor, taus: np.ndarray, tokens: torch.Tensor, prototypes: torch.Tensor,
+                        group_of: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The region filter's measurements: stage-1 maps (n, 224, 224) on the device, tau per image (n,),
+        tokens (n, P, C), the groups' prototypes (G, C) and each image's group (n,) -> the stage-1 masks' region
+        labels (n, 224, 224) int32 and counts (n,), and cos(prototype, e_k) of every region (sum(counts),)."""
+        labels, counts = self._stage1_regions(maps, taus)
+        embeds = self._region_embeddings(labels, counts, tokens)
+        return labels, counts, self._cosines(embeds, counts, prototypes, group_of)
+
     def _region_embeddings(self, labels: np.ndarray, counts: np.ndarray, tokens: torch.Tensor) -> torch.Tensor:
-        """Every region's token sum (sum(counts), C), image by image: the same matmul per image as the
-        single-image filter, so CPU results are bit for bit those of the reference."""
+        """Every region's token sum (sum(counts), C), image by image: one matmul per image, as the reference
+        filters each image, so CPU results are bit for bit its."""
         masks = torch.from_numpy(patch_masks(labels, counts, self.grid)).to(self.device, non_blocking=True)
         out, start = [], 0
         for i, count in enumerate(counts):
@@ -373,15 +395,27 @@ class GroupEngine:
                                        torch.from_numpy(np.ascontiguousarray(labels[a:b])).to(self.device),
                                        params).to(torch.uint8).cpu().numpy()
 
+            def split(a: int, b: int) -> np.ndarray:
+                try:
+                    return run(a, b)
+                except LatticeTooLarge:  # colours scaled so finely (small srgb) that these images' keys overflow
+                    if b - a == 1:
+                        raise
+                    mid = (a + b) // 2
+                    return np.concatenate([split(a, mid), split(mid, b)])
+
             pieces = [(a, min(a + TORCH_CRF_IMAGES, len(labels))) for a in range(0, len(labels), TORCH_CRF_IMAGES)]
             outs = []
-            if not self._crf_warm:  # the first call builds cached lattices other threads' streams then read
+            # The first call per key builds the cached Gaussian lattice that other threads' streams then read: it
+            # runs alone and is synchronised before anyone else uses that lattice.
+            key = (int(labels.shape[1]), int(labels.shape[2]), float(params.gaussian_sxy))
+            if key not in self._crf_warm:
                 with self._backbone_lock:
-                    outs.append(run(*pieces.pop(0)))
+                    outs.append(split(*pieces.pop(0)))
                     if self.cuda:
                         torch.cuda.synchronize(self.device)
-                    self._crf_warm = True
-            outs += [run(a, b) for a, b in pieces]
+                    self._crf_warm.add(key)
+            outs += [split(a, b) for a, b in pieces]
             return np.concatenate(outs)
         pool = self._crf_pool() if len(labels) > 1 else None
         if pool is not None:

@@ -43,6 +43,11 @@ except Exception:  # not installed (CPU workers), or unusable: torch ops then
     triton = None
 
 
+class LatticeTooLarge(ValueError):
+    """The points need wider keys or indices than one lattice has (64-bit keys, int32 indices): build it over
+    fewer groups (images) at once; each group's lattice stays the same."""
+
+
 def _scale_factors(d: int) -> list[float]:
     # C++: inv_std_dev is a float; 1.0/sqrt(double) * inv_std_dev in double, then stored as float.
     inv_std_dev = float(np.float32(math.sqrt(2.0 / 3.0) * (d + 1)))
@@ -286,9 +291,9 @@ def build_lattice(features: torch.Tensor, groups: int = 1) -> PermutohedralLatti
     widths = [max(1, (groups - 1).bit_length()), max(1, d.bit_length())]
     widths += [max(1, int(w).bit_length()) for w in (q_high - q_low).tolist()]
     if num_points * (d + 1) >= 2**31:
-        raise ValueError(f"{num_points} points need more than int32 indices: filter fewer images at once")
+        raise LatticeTooLarge(f"{num_points} points need more than int32 indices: filter fewer images at once")
     if sum(widths) > 63:
-        raise ValueError(f"lattice keys need {sum(widths)} bits: filter fewer images at once")
+        raise LatticeTooLarge(f"lattice keys need {sum(widths)} bits: filter fewer images at once")
     shifts = [sum(widths[k + 1 :]) for k in range(len(widths))]
     q_units = torch.tensor([1 << s for s in shifts[2:]], dtype=torch.int64, device=device)  # (d,)
     base = (group << shifts[0]) + ((q0[:, :d] - q_low) * q_units).sum(dim=1)  # (P',)

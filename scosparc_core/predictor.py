@@ -148,8 +148,8 @@ class SCoSPARC:
     # -- stages ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def stage1(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (N, P, C) -> stage-1 weights (N, P)."""
-        return self.head(tokens.to(self.device, torch.float32))
+        """One group's tokens (N, P, C) -> stage-1 weights (N, P): those ``predict_group`` computes."""
+        return self.engine._weights(tokens.to(self.device, torch.float32))
 
     # -- whole group ----------------------------------------------------------------------------------------
     def predict_group(self, images, crf: str | CRFParams | None = "coca", crf_backend: str = "auto") -> GroupPrediction:

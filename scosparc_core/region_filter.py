@@ -6,8 +6,6 @@ once, and only the region embeddings and their cosines touch the tokens, on the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import cv2
 import numpy as np
 import torch
@@ -131,41 +129,3 @@ def stage2_masks(labels: np.ndarray, counts: np.ndarray, keep: np.ndarray) -> np
     lut = np.concatenate([np.zeros(1, np.uint8), keep.astype(np.uint8)])
     global_labels = np.where(labels > 0, labels + offsets[:, None, None], 0)
     return lut[global_labels]
-
-
-@dataclass
-class RegionFilterResult:
-    """mask: (224, 224) uint8 0/1 union of kept regions; scores: one int per region (trunc(100 cos))."""
-
-    mask: np.ndarray
-    scores: list[int]
-    kept: int
-
-    @property
-    def found(self) -> int:
-        return len(self.scores)
-
-
-def region_filter(
-    stage1_mask: np.ndarray,
-    tokens: torch.Tensor | np.ndarray,
-    prototype: torch.Tensor | np.ndarray,
-    grid: tuple[int, int] = (28, 28),
-    keep_ratio: float = KEEP_RATIO,
-) -> RegionFilterResult | None:
-    """One image's stage-1 mask (224, 224) bool, its tokens (P, C) and the group prototype (C,) -> kept regions.
-
-    Regions are 8-connected components; see ``patch_masks`` and ``keep_regions``. Returns None when the mask has
-    no region (the caller falls back to the stage-1 map). A mask that is all foreground is one region (the
-    reference finds none).
-    """
-    labels, counts = label_regions(np.asarray(stage1_mask)[None])
-    if counts[0] == 0:
-        return None
-    tokens = torch.as_tensor(tokens, dtype=torch.float32)
-    prototype = torch.as_tensor(prototype, dtype=torch.float32).to(tokens.device)
-    masks = torch.from_numpy(patch_masks(labels, counts, grid)).to(tokens.device)
-    cos = prototype_cosines(prototype, region_embeddings(masks, tokens)).float().cpu().numpy()
-    scores, keep, kept = keep_regions(cos, counts, keep_ratio)
-    return RegionFilterResult(mask=stage2_masks(labels, counts, keep)[0], scores=[int(s) for s in scores],
-                              kept=int(kept[0]))

@@ -171,9 +171,11 @@ class DinoBackbone(nn.Module):
         b, n, _ = qkv.shape
         qkv = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-        # Same expression as the DINO reference: softmax((q * scale) @ k^T), CLS row only.
-        logits = (q[:, :, :1].float() * attn.scale) @ k.float().transpose(-2, -1)
-        cls_attn = logits.softmax(dim=-1)[:, :, 0, prefix:].mean(dim=1)
+        # Same expression as the DINO reference: softmax((q * scale) @ k^T), CLS row only. In float32 even under
+        # a reduced backbone precision: autocast would run the matmul in its format despite the casts.
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            logits = (q[:, :, :1].float() * attn.scale) @ k.float().transpose(-2, -1)
+            cls_attn = logits.softmax(dim=-1)[:, :, 0, prefix:].mean(dim=1)
         h, w = self.grid_size
         return BackboneOutput(tokens=feats[:, prefix:], cls_token=feats[:, 0], cls_attention=cls_attn.reshape(b, h, w))
 

@@ -46,13 +46,19 @@ class Stage1Head(nn.Module):
         return self._linear(self.conv, tokens) + tokens
 
     def key_sums(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (N, P, C) -> K_i (N, C), the sum of each image's P keys.
+        """tokens (N, P, C) -> K_i (N, C), the sum of each image's P keys (``keys_from_token_sums``)."""
+        return self.keys_from_token_sums(tokens.sum(dim=1), tokens.shape[1])
 
-        K_i = W_k (sum_p x_p) + P b_k needs only the per-image token sums, so no key is ever materialised.
+    def keys_from_token_sums(self, token_sums: torch.Tensor, p: int) -> torch.Tensor:
+        """Per-image token sums (N, C) over P patches -> K_i (N, C).
+
+        K_i = W_k (sum_p x_p) + P b_k needs only the per-image token sums, so no key is ever materialised. An
+        image's token sum does not depend on the images summed beside it, but a row of a linear map does (BLAS
+        picks its kernel by the row count; one row takes the gemv path): whoever sums a group in micro-batches
+        applies this once to the whole group's sums, so K_i is the same however the group was cut.
         """
-        p = tokens.shape[1]
-        x_sums = self.embed(tokens.sum(dim=1))  # sum_p (conv(T_p) + T_p) = conv(sum T) + (P-1) b_c ...
-        x_sums = x_sums + (p - 1) * self.conv.bias  # ... so add the bias P-1 more times
+        # sum_p (conv(T_p) + T_p) = conv(sum T) + (P-1) b_c: the bias P-1 more times
+        x_sums = self.embed(token_sums) + (p - 1) * self.conv.bias
         return self._linear(self.key_transform, x_sums) + (p - 1) * self.key_transform.bias
 
     def weights(self, tokens: torch.Tensor, key_sums: torch.Tensor, total: torch.Tensor, group_size: int,
@@ -67,7 +73,9 @@ class Stage1Head(nn.Module):
         reps = []
         for start in range(0, n, max(1, chunk)):
             q = self._linear(self.query_transform, self.embed(tokens[start : start + chunk]))
-            rep = torch.einsum("npc,nc->np", q, others[start : start + chunk])
+            # a product and a row sum, not a batched matmul: an image's rep then does not depend on how many
+            # images share its chunk (a batched matmul over one image takes BLAS's gemv path, other roundings)
+            rep = (q * others[start : start + chunk, None, :]).sum(dim=-1)
             reps.append(rep * (self.scale / denom))
         return stage1_weights_from_rep(torch.cat(reps)) if reps else tokens.new_zeros((0, p))
 

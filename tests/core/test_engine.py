@@ -147,3 +147,116 @@ def test_backbone_paths_agree():
         a = backbone(x, with_attention=False).tokens
         b = backbone(x, with_attention=True).tokens
     assert torch.equal(a, b)
+
+
+def test_results_do_not_depend_on_the_micro_batch(engine):
+    """K_i comes from token sums taken micro-batch by micro-batch and one key transform per group, and rep from a
+    row sum: so weights, threshold and masks are the same bit for bit for any micro-batch (an out-of-memory retry
+    halves it), in passes too, and equal the head's forward on the whole group (training, SCoSPARC.stage1)."""
+    pixels, rgb = _group("horse", 37, seed=5)
+    runs = {mb: engine.run([pixels], [rgb], crf="none", details=True, micro_batch=mb)[0] for mb in (32, 5, 1)}
+    with torch.inference_mode():
+        tokens = engine._tokens([pixels])
+        forward = engine.head(tokens).numpy()
+    for mb, r in runs.items():
+        np.testing.assert_array_equal(r.details.stage1_weights, forward, err_msg=f"micro-batch {mb}")
+        _same(r, runs[32])
+    passes = list(engine.run_passes(len(pixels), lambda a, b: (pixels[a:b], rgb[a:b]), crf="none", micro_batch=5))
+    assert {(p.confidence, p.threshold) for p in passes} == {(runs[32].confidence, runs[32].threshold)}
+    np.testing.assert_array_equal(np.concatenate([p.final for p in passes]), runs[32].final)
+
+
+def test_scosparc_stage1_gives_the_weights_of_predict_group(model):
+    pixels, rgb = _group("disc", 6, seed=6)
+    r = model.engine.run([pixels], [rgb], crf="none", details=True)[0]
+    with torch.inference_mode():
+        tokens = model.engine._tokens([pixels])
+    np.testing.assert_array_equal(model.stage1(tokens).numpy(), r.details.stage1_weights)
+
+
+def test_passes_read_the_colour_views_only_for_a_crf_and_return_a_deferred_crfs(engine):
+    """The last pass needs no backbone: it reads the colour views, and only when a CRF runs (here or deferred);
+    a deferred CRF gets each chunk's own views on its result."""
+    pixels, _ = _group("horse", 20, seed=7)
+    rgb = np.stack([np.full((224, 224, 3), i, np.uint8) for i in range(20)])  # image i's colour view is all i
+    for crf, backend, colours in (("none", "auto", False), ("coca", "defer", True), ("coca", "pydensecrf", True)):
+        loads = []
+
+        def load(a, b):
+            loads.append((a, b))
+            return pixels[a:b], rgb[a:b]
+
+        chunks = list(engine.run_passes(20, load, crf=crf, crf_backend=backend, chunk=6))
+        backbone_loads = 3 * len(range(0, 20, engine.micro_batch))  # three passes of micro-batches (8)
+        assert len(loads) == backbone_loads + (len(chunks) if colours else 0), (crf, backend, loads)
+        for c in chunks:
+            if backend == "defer":
+                assert not c.crf_applied
+                np.testing.assert_array_equal(c.crf_rgb, rgb[c.start:c.start + len(c)])
+            else:
+                assert c.crf_applied and c.crf_rgb is None
+
+
+def _crf_images(n, size, seed):
+    """Random colour images (each with a black and a white pixel: the same colour range) and blob labels."""
+    rng = np.random.default_rng(seed)
+    rgb = rng.integers(0, 256, (n, size, size, 3), np.uint8)
+    rgb[:, 0, 0], rgb[:, 0, 1] = 0, 255
+    labels = (cv2.GaussianBlur(rng.random((n, size, size)).astype(np.float32).transpose(1, 2, 0), (5, 5), 2)
+              .transpose(2, 0, 1) > 0.5).astype(np.uint8)
+    return rgb, labels
+
+
+def test_the_torch_crf_halves_a_piece_whose_lattice_keys_overflow(engine, monkeypatch):
+    """With colours scaled this finely (srgb 0.075) one lattice over 16 or more of these images needs 64-bit keys:
+    the engine splits the piece instead of failing, and each image gets the CRF pydensecrf gives it."""
+    import scosparc_core.crf as crf_module
+    from scosparc_core.crf import CRFParams, dense_crf
+
+    rgb, labels = _crf_images(20, 12, seed=8)
+    params = CRFParams(bilateral_srgb=0.075)
+    sizes = []
+    dense = crf_module.dense_crf_torch
+    monkeypatch.setattr(crf_module, "dense_crf_torch", lambda r, lab, p: sizes.append(len(lab)) or dense(r, lab, p))
+    out = engine._crf(rgb, labels, params, "torch")
+    assert sizes == [20, 10, 5, 5, 10, 5, 5]  # tried, halved, halved again: 5 images fit
+    np.testing.assert_array_equal(out, np.stack([dense_crf(r, lab, params) for r, lab in zip(rgb, labels)]))
+
+
+def test_the_torch_crf_warms_up_once_per_gaussian_lattice():
+    """The first torch CRF call per (H, W, Gaussian sxy) builds a cached lattice that other threads' CUDA streams
+    then read: each such first call runs alone (under the engine's lock, then a device synchronise)."""
+    from scosparc_core.crf import CRF_PRESETS
+
+    engine = tiny_model().engine
+    entered = []
+
+    class CountingLock:
+        def __init__(self):
+            self.lock = threading.Lock()
+
+        def __enter__(self):
+            entered.append(1)
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self.lock.__exit__(*exc)
+
+    engine._backbone_lock = CountingLock()
+    rgb, labels = _crf_images(2, 16, seed=9)
+    for preset in ("coca", "coca", "cosal2015", "cosod3k", "cosal2015"):  # sxy 10, 10, 20, 10, 20
+        engine._crf(rgb, labels, CRF_PRESETS[preset], "torch")
+    engine._crf(rgb[:, :12], labels[:, :12], CRF_PRESETS["coca"], "torch")  # another size
+    assert len(entered) == 3 and engine._crf_warm == {(16, 16, 10.0), (16, 16, 20.0), (12, 16, 10.0)}
+
+
+def test_cls_attention_is_float32_under_autocast():
+    """Only the backbone changes format: the CLS attention (L_sal's target) is computed in float32 even inside a
+    bfloat16 autocast, whose matmul would otherwise round the logits to bfloat16."""
+    backbone = tiny_model().backbone
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        attention = backbone(x, with_attention=True).cls_attention
+    assert attention.dtype == torch.float32
+    # float32 softmax values are almost never bfloat16 numbers; bfloat16 arithmetic gives nothing else
+    assert (attention != attention.bfloat16().float()).float().mean() > 0.9

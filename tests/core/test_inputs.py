@@ -1,5 +1,6 @@
 """Defined behaviour for inputs the paper code never met."""
 import io
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -7,9 +8,9 @@ import torch
 from PIL import Image
 
 from pipeline.sample import synthetic_group
-from scosparc_core.crf import crf_params, dense_crf
+from scosparc_core.crf import CRFParams
 from scosparc_core.image import to_rgb
-from scosparc_core.region_filter import group_prototype, region_filter
+from scosparc_core.region_filter import group_prototype, keep_regions
 
 
 def jpeg(image: Image.Image, **kw) -> Image.Image:
@@ -111,15 +112,27 @@ def test_empty_stage1_mask_falls_back_to_the_stage1_map(model):
     np.testing.assert_array_equal(r.final, (r.details.stage1_map * 255).astype(np.uint8))
 
 
-def test_all_foreground_mask_is_one_region_and_crf_keeps_it():
+def region_filter(engine, stage1_mask, tokens, prototype, crf=None, rgb=None) -> dict:
+    """One image's stage-1 mask (224, 224) bool, tokens (P, C) and group prototype (C,) through the engine's region
+    filter and CRF, as a group's run reaches them: the stage-1 map is the mask itself (0/1, tau 0.5)."""
+    maps = torch.from_numpy(stage1_mask.astype(np.float32))[None]
+    taus = np.full(1, 0.5, np.float32)
+    labels, counts, cosines = engine._region_cosines(maps, taus, tokens[None], prototype[None], np.zeros(1, np.int64))
+    out = engine._finish(maps, maps, taus, labels, counts, cosines, [rgb], CRFParams() if crf else None,
+                         "pydensecrf", False, defaultdict(float))
+    return {"found": int(out["found"][0]), "kept": int(out["kept"][0]), "mask": out["stage2"][0],
+            "final": out["final"][0], "scores": keep_regions(cosines, counts)[0].tolist()}
+
+
+def test_all_foreground_mask_is_one_region_and_crf_keeps_it(model):
     tokens = torch.randn(784, 8)
-    kept = region_filter(np.ones((224, 224), bool), tokens, tokens.mean(0))
-    assert kept.found == 1 and kept.kept == 1 and kept.mask.all()
-    out = dense_crf(np.full((224, 224, 3), 90, np.uint8), kept.mask, crf_params("coca"))
-    assert out.all()  # the paper code's min-max would have turned this into an empty mask
+    kept = region_filter(model.engine, np.ones((224, 224), bool), tokens, tokens.mean(0), crf="coca",
+                         rgb=np.full((1, 224, 224, 3), 90, np.uint8))
+    assert kept["found"] == 1 and kept["kept"] == 1 and kept["mask"].all()
+    assert (kept["final"] == 255).all()  # the paper code's min-max would have turned this into an empty mask
 
 
-def test_region_filter_keeps_regions_like_the_prototype():
+def test_region_filter_keeps_regions_like_the_prototype(model):
     mask = np.zeros((224, 224), bool)
     mask[8:64, 8:64] = True  # region A: patches with token a
     mask[150:210, 150:210] = True  # region B: patches with token b
@@ -127,18 +140,32 @@ def test_region_filter_keeps_regions_like_the_prototype():
     tokens[:, :14] = torch.tensor([1.0, 0.0])
     tokens[:, 14:] = torch.tensor([0.0, 1.0])
     tokens[14:, 14:] = torch.tensor([-1.0, 0.2])
-    kept = region_filter(mask, tokens.reshape(784, 2), torch.tensor([1.0, 0.0]))
-    assert kept.found == 2 and kept.kept == 1
-    assert kept.scores[0] == 100 and kept.scores[1] < 0
-    assert kept.mask[30, 30] and not kept.mask[180, 180]
+    kept = region_filter(model.engine, mask, tokens.reshape(784, 2), torch.tensor([1.0, 0.0]))
+    assert kept["found"] == 2 and kept["kept"] == 1
+    assert kept["scores"][0] == 100 and kept["scores"][1] < 0
+    assert kept["mask"][30, 30] and not kept["mask"][180, 180]
 
 
-def test_best_region_score_zero_keeps_the_zero_regions():
+def test_best_region_score_zero_keeps_the_zero_regions(model):
     mask = np.zeros((224, 224), bool)
     mask[8:64, 8:64] = True
     mask[150:210, 150:210] = True
     tokens = torch.zeros(28, 28, 2)
     tokens[:14, :14] = torch.tensor([0.0, 1.0])  # orthogonal to the prototype: score 0
     tokens[14:, 14:] = torch.tensor([-1.0, 0.0])  # opposite: score -100
-    kept = region_filter(mask, tokens.reshape(784, 2), torch.tensor([1.0, 0.0]))
-    assert kept.scores == [0, -100] and kept.kept == 1 and kept.mask[30, 30]
+    kept = region_filter(model.engine, mask, tokens.reshape(784, 2), torch.tensor([1.0, 0.0]))
+    assert kept["scores"] == [0, -100] and kept["kept"] == 1 and kept["mask"][30, 30]
+
+
+@pytest.mark.parametrize("bad", [dict(gt_prob=1.0), dict(gt_prob=0.0), dict(gt_prob=float("nan")),
+                                 dict(gaussian_sxy=0), dict(bilateral_sxy=-1.0), dict(bilateral_srgb=float("inf")),
+                                 dict(gaussian_compat=float("nan")), dict(bilateral_compat=float("-inf")),
+                                 dict(iterations=-1), dict(iterations=2.5)])
+def test_crf_params_refuse_what_pydensecrf_would_refuse_or_divide_by(bad):
+    """Checked once, so that neither backend runs them (the torch CRF gave all background for gt_prob 1)."""
+    with pytest.raises(ValueError, match=f"CRFParams.{next(iter(bad))}"):
+        CRFParams(**bad)
+
+
+def test_crf_params_at_the_edges_are_accepted():
+    CRFParams(gt_prob=0.5, iterations=0, gaussian_compat=0, bilateral_compat=-3, gaussian_sxy=1e3, bilateral_srgb=0.1)

@@ -56,3 +56,17 @@ def test_head_width_follows_backbone():
     model = tiny_model()
     assert model.head.dim == model.backbone.embed_dim == 96
     assert model.head.conv.weight.shape == (96, 96, 1, 1)
+
+
+def test_any_cut_of_the_group_gives_the_same_weights_bit_for_bit():
+    """Token sums per micro-batch with one key transform for the group, and rep per chunk of any size (one image
+    included): the weights of ViT-B/8-wide tokens equal the forward on the whole group, to the bit."""
+    head = random_head(768)
+    tokens = torch.randn(37, 784, 768)
+    with torch.no_grad():
+        whole = head(tokens)
+        for mb in (32, 5, 1):
+            sums = torch.cat([tokens[s:s + mb].sum(dim=1) for s in range(0, len(tokens), mb)])
+            key_sums = head.keys_from_token_sums(sums, 784)
+            assert torch.equal(key_sums, head.key_sums(tokens)), mb
+            assert torch.equal(head.weights(tokens, key_sums, key_sums.sum(dim=0), 37, chunk=mb), whole), mb

@@ -1,10 +1,12 @@
-"""The workers' heap: freed image-sized blocks go back to the system, even with small objects allocated between
-them (what made a stage-1 actor grow with the size of the group it read in passes)."""
+"""A stage-1 worker's memory: freed image-sized blocks go back to the system, even with small objects allocated
+between them (what made a stage-1 actor grow with the size of the group it read in passes); how many images an
+actor holds at once (the one-pass limit); what the passes read."""
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,3 +47,92 @@ def test_freed_blocks_go_back_to_the_system_only_with_the_fixed_threshold():
     assert fixed == "True" and released >= 150, released
     default, kept = released_mib(False)
     assert default == "None" and kept < 50, kept  # the default heap keeps them: what the fix is for
+
+
+# -- how much a stage-1 actor holds at once ----------------------------------------------------------------------
+def test_the_one_pass_limit_fits_the_cpu_actors_memory_request_and_follows_free_gpu_memory():
+    """On CPUs a group in one pass holds ~3.6 MiB per image beside the backbone's 2.1 GiB peak, within the actor's
+    3 GiB request (a 700-image group used to exceed it in one pass); on CUDA the limit follows the free memory."""
+    from pipeline.resources import CPU_STAGE1_MEMORY, GIB
+    from pipeline.stage1 import CPU_BACKBONE_PEAK, ONE_PASS_OVERHEAD_BYTES, one_pass_limit
+
+    per_image = 784 * 768 * 4 + ONE_PASS_OVERHEAD_BYTES  # ViT-B/8
+    assert 3.4 * 2**20 < per_image < 3.8 * 2**20  # what was measured
+    limit = one_pass_limit("cpu", 784, 768, 32)
+    assert 200 < limit < 700 and limit * per_image + CPU_BACKBONE_PEAK <= CPU_STAGE1_MEMORY
+    assert one_pass_limit("cuda", 784, 768, 128, free_bytes=78 * GIB) == 2048  # an H100: capped
+    assert 128 < one_pass_limit("cuda", 784, 768, 128, free_bytes=8 * GIB) < 1024
+    assert one_pass_limit("cuda", 784, 768, 128, free_bytes=GIB // 4) == 128  # never below a micro-batch
+
+
+def _group(tmp_path, n: int, row_images: int):
+    """A group of ``n`` synthetic images, as the decode stage hands a group too large for a row to stage 1."""
+    from pipeline.decode import DecodeSettings, decode_group
+    from pipeline.listing import group_row, list_layout
+    from pipeline.output_state import mark_todo
+    from pipeline.sample import write_sample
+    from pipeline.storage import Storage
+
+    write_sample(str(tmp_path), {"horse": n})
+    (spec,) = list_layout(Storage(str(tmp_path)))
+    row = decode_group(mark_todo(group_row(spec), None)[0], DecodeSettings(row_images=row_images))
+    assert not row["decoded"]
+    return {k: [v] for k, v in row.items()}
+
+
+def _actor(tiny_weights, **settings):
+    from conftest import TINY_VIT
+    from pipeline.decode import DecodeSettings
+    from pipeline.stage1 import ModelSettings, Stage1Actor, Stage1Settings
+
+    backbone, head = tiny_weights
+    model = ModelSettings(backbone=backbone, head=head, backbone_name="vit_base_patch8_224",
+                          backbone_kwargs=dict(TINY_VIT))
+    actor = Stage1Actor(Stage1Settings(model=model, decode=DecodeSettings(), micro_batch=2, **settings))
+    actor.passes, actor.decoded = [], []
+    run_passes, decode = actor.engine.run_passes, actor._decode
+
+    def counted_passes(n, *args, **kwargs):
+        actor.passes.append(n)
+        yield from run_passes(n, *args, **kwargs)
+
+    def counted_decode(uris, keep):
+        actor.decoded.append((len(uris), keep))
+        return decode(uris, keep)
+
+    actor.engine.run_passes, actor._decode = counted_passes, counted_decode
+    return actor
+
+
+def test_by_default_the_actor_runs_a_group_above_its_devices_limit_in_passes(tiny_weights, tmp_path, monkeypatch):
+    import pipeline.stage1 as stage1
+
+    assert _actor(tiny_weights, crf="none").one_pass_images == stage1.one_pass_limit("cpu", 784, 96, 2)
+    per_image = 784 * 96 * 4 + stage1.ONE_PASS_OVERHEAD_BYTES
+    monkeypatch.setattr(stage1, "CPU_BACKBONE_PEAK", stage1.CPU_STAGE1_MEMORY - 5 * per_image)  # room for 5
+    actor = _actor(tiny_weights, crf="none")
+    assert actor.one_pass_images == 5
+    out = list(actor(_group(tmp_path, 7, row_images=4)))
+    assert actor.passes == [7] and sum(ok for c in out for oks in c["ok"] for ok in oks) == 7
+
+
+def test_passes_decode_the_colour_views_only_for_a_crf_and_give_each_chunk_its_own(tiny_weights, tmp_path):
+    """Without a CRF the last pass reads nothing (each image decoded by the probe and three backbone passes only);
+    a deferred CRF's rows carry the colour views of their own images."""
+    from pipeline.decode import DecodeSettings, decode_images
+
+    batch = _group(tmp_path, 7, row_images=4)
+    none = _actor(tiny_weights, crf="none", one_pass_images=4, chunk_size=3)
+    list(none(batch))
+    assert none.passes == [7] and none.decoded[0] == (7, False)
+    assert sum(n for n, keep in none.decoded if keep) == 3 * 7  # keys, weights, regions: no fourth read
+    deferred = _actor(tiny_weights, crf="coca", crf_backend="defer", one_pass_images=4, chunk_size=3)
+    out = list(deferred(batch))
+    assert deferred.passes == [7] and sum(n for n, keep in deferred.decoded if keep) == 4 * 7
+    views = decode_images(list(batch["image_uris"][0]), DecodeSettings()).crf
+    rows = [(idx, crf, pending) for c in out for idx, crf, pending in zip(c["index"], c["crf"], c["crf_pending"])]
+    assert sorted(i for idx, _, _ in rows for i in idx) == list(range(7)) and len(rows) == 3
+    assert len({views[i].tobytes() for i in range(7)}) == 7  # seven different images
+    for idx, crf, pending in rows:
+        assert pending
+        np.testing.assert_array_equal(np.asarray(crf), views[list(idx)])

@@ -1,5 +1,6 @@
 """Stage 1 under an injected CUDA out-of-memory, on the actor's own entry point (no cluster needed): the group is
-retried with smaller micro-batches, and when even those fail its rows are transient errors, never ok rows."""
+retried in the engine's passes (when larger than a micro-batch) and with smaller micro-batches, and when even those
+fail its rows are transient errors, never ok rows."""
 import numpy as np
 import pytest
 
@@ -31,7 +32,14 @@ def run_actor(tiny_weights, batch, micro_batch: int, fault: dict | None) -> dict
                           backbone_kwargs=dict(TINY_VIT))
     actor = Stage1Actor(Stage1Settings(model=model, decode=DecodeSettings(), micro_batch=micro_batch, crf="none",
                                        fault=fault))
-    out = {"ok": [], "kind": [], "class": [], "error": [], "final": [], "index": []}
+    out = {"ok": [], "kind": [], "class": [], "error": [], "final": [], "index": [], "passes": []}
+    run_passes = actor.engine.run_passes
+
+    def counted(n, *args, **kwargs):
+        out["passes"].append((n, kwargs.get("micro_batch")))
+        yield from run_passes(n, *args, **kwargs)
+
+    actor.engine.run_passes = counted
     for chunk in actor(batch):
         for c in range(len(chunk["group"])):
             out["index"] += list(chunk["index"][c])
@@ -62,7 +70,57 @@ def test_an_out_of_memory_is_retried_smaller_then_becomes_transient_error_rows(t
 
 
 def test_an_out_of_memory_at_micro_batch_1_is_a_transient_error_not_an_empty_ok_mask(tiny_weights, disc_batch):
-    once = run_actor(tiny_weights, disc_batch, 1, {"oom": {"disc": 1}})
-    # no smaller micro-batch to try: the rows must say out-of-memory (transient), so that a re-run redoes them
-    assert not any(once["ok"]), [f.max() for f in once["final"]]
-    assert set(once["kind"]) == {"Stage1:OutOfMemoryError"} and set(once["class"]) == {TRANSIENT}
+    twice = run_actor(tiny_weights, disc_batch, 1, {"oom": {"disc": 2}})
+    # the one retry at micro-batch 1 is the passes (3 images); after it no smaller micro-batch is left to try: the
+    # rows must say out-of-memory (transient), so that a re-run redoes them
+    assert twice["injected"] == 2  # the batch, then the passes
+    assert not any(twice["ok"]), [f.max() for f in twice["final"]]
+    assert set(twice["kind"]) == {"Stage1:OutOfMemoryError"} and set(twice["class"]) == {TRANSIENT}
+
+
+def test_an_out_of_memory_on_a_group_larger_than_a_micro_batch_runs_it_in_passes(tiny_weights, disc_batch):
+    """What grows with a one-pass group (its tokens, maps, CRF) does not shrink with the micro-batch: a group of 3 at
+    micro-batch 2 goes to the engine's passes over its decoded images, with the masks of a run without the fault;
+    when those fail too, at micro-batches 2 then 1, its rows are transient errors."""
+    clean = run_actor(tiny_weights, disc_batch, 2, None)
+    once = run_actor(tiny_weights, disc_batch, 2, {"oom": {"disc": 1}})
+    always = run_actor(tiny_weights, disc_batch, 2, {"oom": {"disc": 99}})
+    assert clean["passes"] == [] and once["passes"] == [(3, 2)]
+    assert once["index"] == clean["index"] == [0, 1, 2] and all(once["ok"]) and once["injected"] == 1
+    assert all(np.array_equal(a, b) for a, b in zip(clean["final"], once["final"]))
+    assert always["injected"] == 3 and not any(always["ok"])  # the batch, passes at 2, passes at 1
+    assert set(always["class"]) == {TRANSIENT} and all("micro-batch 1" in e for e in always["error"])
+
+
+def test_the_retry_after_an_out_of_memory_does_not_hold_the_failed_calls_tokens(tiny_weights, disc_batch):
+    """An out-of-memory raised after the backbone: the exception kept for the error rows must not keep its frames,
+    whose locals hold the group's tokens, alive through the retry that needs that memory."""
+    import weakref
+
+    import torch
+
+    backbone, head = tiny_weights
+    model = ModelSettings(backbone=backbone, head=head, backbone_name="vit_base_patch8_224",
+                          backbone_kwargs=dict(TINY_VIT))
+    actor = Stage1Actor(Stage1Settings(model=model, decode=DecodeSettings(), micro_batch=2, crf="none"))
+    engine = actor.engine
+    tokens, after_backbone, run_passes = engine._tokens, engine._after_backbone, engine.run_passes
+    held, alive_at_retry = [], []
+
+    def recorded(*args, **kwargs):
+        out = tokens(*args, **kwargs)
+        held.append(weakref.ref(out))
+        return out
+
+    def out_of_memory_once(*args, **kwargs):
+        if len(held) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (raised after the backbone)")
+        return after_backbone(*args, **kwargs)
+
+    def retry(*args, **kwargs):
+        alive_at_retry.append(held[0]() is not None)
+        yield from run_passes(*args, **kwargs)
+
+    engine._tokens, engine._after_backbone, engine.run_passes = recorded, out_of_memory_once, retry
+    rows = [ok for chunk in actor(disc_batch) for oks in chunk["ok"] for ok in oks]
+    assert rows == [True] * 3 and alive_at_retry == [False]
