@@ -62,6 +62,7 @@ from .storage import Storage, URLOptions, redact
 
 ADAM = {"lr": 1e-4, "weight_decay": 1e-4, "betas": (0.9, 0.99)}  # the paper's optimizer
 HISTORY = "metrics.parquet"
+NO_STEP = "_no_training_step.json"  # left by the workers when an epoch had no image that decoded
 BEST = "head_best.pt"
 RUN_RECORD = "train_config.json"
 
@@ -378,10 +379,13 @@ def train_loop_per_worker(s: LoopSettings) -> None:
         sums = _all_reduce(sums).cpu()
         seconds = time.monotonic() - start
         steps = sums[3].item()
-        if not steps:  # every worker sees the same sums: they stop together
-            raise NoUsableGroupsError(
-                f"epoch {epoch + 1}: no training step had an image that decoded ({len(s.groups)} groups): nothing "
-                "to train on. Check the workers' access to the data (--storage-option) and the files.")
+        if not steps:
+            # every worker sees the same sums, so they stop together; rank 0 leaves the reason for the driver (an
+            # exception here races Ray Train's teardown, which may blame a dead worker instead, and a report's
+            # metrics reach the driver only with a checkpoint)
+            if rank == 0:
+                run.write_json(NO_STEP, {"epoch": epoch, "groups": len(s.groups)})
+            return
         metrics = {"epoch": epoch, "loss": sums[0].item() / steps, "loss_co": sums[1].item() / steps,
                    "loss_sal": sums[2].item() / steps, "groups_per_s": sums[3].item() / seconds,
                    "epoch_seconds": seconds, "workers": world, "params_identical": _params_identical(module, comm),
@@ -686,7 +690,7 @@ def run_training(cfg: TrainConfig):
         # architecture or a head of another width stops the job here, before anything is written (not in every
         # worker, after the feature-cache pass)
         digests = check_checkpoints(cfg.backbone, cfg.init_head, cfg.backbone_name, cfg.backbone_kwargs,
-                                    URLOptions(cfg.storage_options))
+                                    URLOptions(cfg.storage_options), pretrained=not cfg.random_init)
         weights, init_head = digests.get("backbone"), digests.get("head")
         fp = fingerprint(cfg, {r: listing_digest(r, listed[r]) for r in roots}, weights, init_head)
         run = Storage(cfg.run_url(), cfg.storage_options)
@@ -777,9 +781,20 @@ def run_training(cfg: TrainConfig):
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             ),
         )
+        if run.exists(NO_STEP):
+            run.remove(NO_STEP)  # left by an earlier job whose driver died before reading it
         refusals.working = True  # training: a failure from here on keeps its traceback
         with _worker_start_timeout(cfg.placement_timeout):
-            return trainer.fit()
+            result = trainer.fit()
+        if run.exists(NO_STEP):  # nothing trained: the data refuses the job
+            stopped = run.read_json(NO_STEP)
+            run.remove(NO_STEP)
+            refusals.working = False
+            raise NoUsableGroupsError(
+                f"epoch {stopped['epoch'] + 1}: no training step had an image that decoded ({stopped['groups']} "
+                "groups): nothing to train on. Check the workers' access to the data (--storage-option) and the "
+                "files.")
+    return result
 
 
 def config_defaults() -> dict:

@@ -170,11 +170,13 @@ def checkpoint_digest(source, storage_options: dict | None = None, span: int = 1
 
 
 def check_checkpoints(backbone, head, backbone_name: str, backbone_kwargs: dict | None = None,
-                      storage_options: dict | None = None) -> dict[str, str]:
+                      storage_options: dict | None = None, pretrained: bool = False) -> dict[str, str]:
     """What a job does before any work: reads both checkpoints (weights only, refusing files that carry code),
     checks that the backbone file fits the declared architecture (``backbone_name`` with ``backbone_kwargs``, key
     for key and shape for shape, as loading it will) and that the head fits the backbone's width, and returns
-    their content digests (``checkpoint_digest``) by role. ``None`` skips a role."""
+    their content digests (``checkpoint_digest``) by role. ``None`` skips a role. ``pretrained`` (no backbone
+    file): fetch timm's pretrained weights here, as every worker will, so that a machine without access to them
+    fails before the work (``BackboneUnavailableError``), not in the workers."""
     import timm
 
     from .modeling import DinoBackbone
@@ -189,6 +191,8 @@ def check_checkpoints(backbone, head, backbone_name: str, backbone_kwargs: dict 
         _check_fits(vit.state_dict(), _backbone_keys(state), _name(backbone), f"backbone ({backbone_name}{arguments})")
         dim = int(vit.embed_dim)
         digests["backbone"] = checkpoint_digest(backbone, storage_options)
+    elif pretrained:
+        DinoBackbone.create(backbone_name, **(backbone_kwargs or {}))  # into timm's cache; the model is dropped
     if head:
         load_head_checkpoint(Stage1Head(dim or DinoBackbone.width(backbone_name, **(backbone_kwargs or {}))), head,
                              storage_options)

@@ -137,8 +137,9 @@ class DinoBackbone(nn.Module):
             except Exception as exc:  # hub, HTTP and offline errors all surface here
                 raise BackboneUnavailableError(
                     f"could not fetch timm's pretrained weights for {name!r} ({type(exc).__name__}: {exc}). "
-                    "Without network access, pass the official checkpoint instead "
-                    "(backbone='/path/or/url/dino_vitbase8_pretrain.pth'), or random_init=True for tests."
+                    "Without network access, pass the official checkpoint instead (--backbone "
+                    "/path/or/url/dino_vitbase8_pretrain.pth; backbone=... in the API), or --random-init "
+                    "(random_init=True) for tests."
                 ) from exc
         return cls(vit)
 

@@ -159,11 +159,12 @@ def test_data_whose_every_image_fails_is_refused_not_trained_on(feature_cache, r
     if feature_cache:  # the cache pass found no image that decodes: refused on the driver
         with pytest.raises(NoUsableGroupsError, match="no training group has an image that decoded"):
             run_training(cfg)
-    else:  # only the workers decode: they stop together after an epoch without a step
-        with pytest.raises(WorkerGroupError, match="no training step had an image that decoded"):
+    else:  # only the workers decode: they stop together after an epoch without a step, and report why
+        with pytest.raises(NoUsableGroupsError, match="epoch 1: no training step had an image that decoded"):
             run_training(cfg)
     assert not (tmp_path / "runs" / "broken" / "head_last.pt").exists()
     assert not (tmp_path / "runs" / "broken" / "metrics.parquet").exists()
+    assert not (tmp_path / "runs" / "broken" / "_no_training_step.json").exists()  # read and removed
 
 
 def test_a_head_of_another_width_stops_training_before_anything_is_written(tiny_weights, data, tmp_path, capsys):
@@ -342,8 +343,10 @@ def test_workers_that_cannot_be_placed_in_time_fail_naming_what_holds_the_cpus(r
         def ping(self):
             return True
 
-    free = ray.available_resources().get("CPU", 0)
-    holder = Holder.options(num_cpus=free).remote()
+    total, deadline = ray.cluster_resources()["CPU"], time.monotonic() + 120
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.5)  # an earlier test's actors may still be going away
+    holder = Holder.options(num_cpus=total).remote()
     try:
         assert ray.get(holder.ping.remote(), timeout=120)
         cfg = replace(config(tiny_weights, data, tmp_path, "held", epochs=1), cpus_per_worker=1.0,
@@ -544,3 +547,19 @@ def test_params_identical_compares_the_workers_for_real(tmp_path):
     mp.spawn(_compare_in_group, args=(f"file://{tmp_path}/store", str(tmp_path / "out")), nprocs=2)
     # the same weights, then one bit apart on one worker: both workers see both answers
     assert [open(tmp_path / f"out.{rank}").read() for rank in (0, 1)] == ["[True, False]"] * 2
+
+
+def test_pretrained_weights_the_driver_cannot_fetch_stop_the_job_before_anything_is_written(data, tmp_path, capsys,
+                                                                                          monkeypatch):
+    """No --backbone and no network: every worker would fail to fetch timm's weights, after the run's record was
+    written; the driver fetches them first and stops with one line naming the flag."""
+    from jobs.train import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main(["--data", str(data / "data"), "--storage", str(tmp_path / "runs"), "--name", "offline",
+                 "--backbone-name", "vit_base_patch8_224.dino",
+                 *[a for k, v in TINY_VIT.items() for a in ("--backbone-arg", f"{k}={v}")]])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: could not fetch") and "--backbone" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
