@@ -1,8 +1,9 @@
 """SCoSPARC inference over grouped images in object storage or on disk, on Ray.
 
-On a cluster:   ray job submit --working-dir . -- python jobs/infer.py --input s3://bucket/CoCA \
-                    --output s3://bucket/runs/r1 --backbone s3://bucket/w/dino_vitbase8_pretrain.pth \
-                    --head s3://bucket/w/model_combined.pt
+On a cluster:   RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+                    python jobs/infer.py --input s3://bucket/CoCA --output s3://bucket/runs/r1 \
+                    --backbone s3://bucket/w/dino_vitbase8_pretrain.pth --head s3://bucket/w/model_combined.pt
+                (cluster.yaml's Ray uses token auth; `ray dashboard cluster.yaml` opens the tunnel to 8265)
 On a laptop:    python jobs/infer.py --input data/CoCA --output out/r1 --backbone ... --head ...
 Quick look:     python jobs/infer.py --sample --random-init     (synthetic sample, random weights)
 Plan only:      python jobs/infer.py --input ... --dry-run      (lists the input, prints the plan)

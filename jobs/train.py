@@ -1,6 +1,7 @@
 r"""Self-supervised training of the SCoSPARC stage-1 head on grouped images, with Ray Train.
 
-    ray job submit -- python jobs/train.py --data s3://b/COCO9213 --data s3://b/DUTS_class --val s3://b/CoCA \
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/train.py --data s3://b/COCO9213 --data s3://b/DUTS_class --val s3://b/CoCA \
         --storage s3://b/runs --name exp1 --workers 8 --gpu --backbone s3://b/w/dino_vitbase8_pretrain.pth
 
 Ground truth is never used for training, only for validation (--val). Running again with the same --storage and

@@ -1,8 +1,8 @@
 """A small synthetic CoSOD dataset with exact masks, built from the photos that ship with scikit-image.
 
 Each group pastes one textured object (the skimage horse silhouette, or a disc) onto varied photo
-backgrounds at random sizes and places, so the object is what the group has in common. It is the embedded
-default input of ``jobs/infer.py`` and the test data of this project.
+backgrounds at random sizes and places, so the object is what the group has in common. It is what
+``jobs/infer.py --sample`` writes and runs on, and the test data of this project.
 """
 from __future__ import annotations
 

@@ -369,8 +369,8 @@ class MetricSums:
 
 def aggregate(rows: Iterable[Mapping]) -> dict:
     """Per-image metric rows -> dataset metrics: max/mean/adaptive F, S, max/mean/adaptive E, MAE, weighted F,
-    and the mean curves. Sums are exact (those of math.fsum), so any split of the rows across workers gives the
-    same numbers; ``MetricSums`` is the same computation fed in batches."""
+    and the mean curves (256,) per threshold. Sums are exact (those of math.fsum), so any split of the rows
+    across workers gives the same numbers; ``MetricSums`` is the same computation fed in batches."""
     sums = MetricSums()
     sums.add_rows(rows)
     return sums.result()

@@ -33,7 +33,7 @@ def image_confidences(maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor
 
 
 def adaptive_threshold(confidences) -> tuple[float, float]:
-    """Per-image confidences (array or tensor, any device) -> (group confidence c, threshold tau), in float32 as
+    """Per-image confidences (N,) (array or tensor, any device) -> (group confidence c, threshold tau), in float32 as
     the paper code computes them. An empty group has no confidence; both come back NaN.
     """
     if isinstance(confidences, torch.Tensor):

@@ -20,6 +20,8 @@ def minmax_per_image(rep: torch.Tensor) -> torch.Tensor:
 
 
 def stage1_weights_from_rep(rep: torch.Tensor) -> torch.Tensor:
+    """rep (N, P), each image's patch scores -> stage-1 weights (N, P) in (0, 1): min-max per image, then a
+    sigmoid around the paper's centre and temperature."""
     return torch.sigmoid((minmax_per_image(rep) - STAGE1_CENTER) / STAGE1_TEMPERATURE)
 
 
@@ -96,7 +98,8 @@ class Stage1Head(nn.Module):
 
 
 def full_matrix_stage1(head: Stage1Head, tokens: torch.Tensor) -> torch.Tensor:
-    """The paper code's formulation, (NP x NP) similarity matrix and all: for tests and benchmarks only."""
+    """tokens (N, P, C) -> stage-1 weights (N, P), by the paper code's formulation, (NP x NP) similarity matrix
+    and all: for tests and benchmarks only."""
     n, p, c = tokens.shape
     x = head.embed(tokens)
     q = head._linear(head.query_transform, x).reshape(n * p, c)
