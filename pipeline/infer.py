@@ -118,7 +118,7 @@ def validate(cfg: InferConfig) -> None:
 def check_weights(cfg: InferConfig) -> dict:
     """Both checkpoints read and checked on the driver before any work; their digests for the run's settings."""
     return check_checkpoints(cfg.backbone, cfg.head, cfg.backbone_name, cfg.backbone_kwargs,
-                             URLOptions(cfg.storage_options))
+                             URLOptions(cfg.storage_options), pretrained=not cfg.random_init)
 
 
 def fingerprint(cfg: InferConfig, digests: dict, precision: str, crf_backend: str) -> dict:
@@ -248,11 +248,13 @@ def run_inference(cfg: InferConfig) -> dict:
 
 
 def _settle(out: Storage, listed: set[str]) -> OutputState:
-    """The output's records, after removing half-written shards and compacting superseded rows and the rows of
-    groups no longer in the input (``listed``; their mask files stay)."""
+    """The output's records, after removing half-written shards and the records of shards that are gone, and
+    compacting superseded rows and the rows of groups no longer in the input (``listed``; their mask files
+    stay)."""
     out.fs.invalidate_cache()
-    state = OutputState.load(out)
-    removed = remove_orphans(out, state)
+    state, removed, lost = remove_orphans(out, OutputState.load(out))
+    if lost:
+        _log(f"{lost} commit records whose shard is gone were dropped: their groups are done again")
     doomed = state.superseded(listed)
     if doomed:
         gone = len(set(state.groups) - listed)
@@ -262,7 +264,7 @@ def _settle(out: Storage, listed: set[str]) -> OutputState:
         out.fs.invalidate_cache()
         state = OutputState.load(out)
     if removed:
-        _log(f"removed {removed} shards of an interrupted write")
+        _log(f"removed {removed} files of interrupted writes (shards and tars without a record, temp files)")
     return state
 
 

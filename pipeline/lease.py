@@ -318,7 +318,7 @@ class _FileStore:
         with self.lock:
             if self._bytes() != token:
                 raise _Conflict(self.path)
-            self.fs.rm(self.path)
+            self.fs.rm_file(self.path)  # the exact key: s3fs's rm expands [ ] and * as a glob
 
     def _bytes(self) -> bytes | None:
         try:

@@ -1,6 +1,7 @@
 """What an output folder holds: the run's settings, the commit records of its shards, and what follows from them.
 
-A re-run of the same job reads the records (never the shards) to decide, per group, what is left:
+A re-run of the same job reads the records (and lists the shards, never reads them: a record whose shard is gone
+counts for nothing) to decide, per group, what is left:
 
 - a group with no rows, or whose files changed since (other count or names), or with rows missing (a run that
   died mid-group): done again, all of it;
@@ -31,10 +32,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import TRANSIENT
-from .predictions import COMMITS, from_ranges, group_hash, ranges, record_key
-from .storage import Storage, canonical_location, redact
+from .predictions import COMMITS, RECORD_NAME, SHARD_NAME, TAR_NAME, from_ranges, group_hash, ranges, record_key
+from .storage import TEMP, Storage, canonical_location, redact
 
 RUN_FILE = "_run.json"
+# The job's own names in each of its folders (files of other tools beside them are never touched).
+NAMES = {"predictions": SHARD_NAME, COMMITS: RECORD_NAME, "masks": TAR_NAME}
 
 
 class OtherSettingsError(RuntimeError):
@@ -67,13 +70,8 @@ class OutputState:
         self._resolve()
 
     @classmethod
-    def load(cls, out: Storage, threads: int = 32) -> "OutputState":
-        folder = out.path(COMMITS)
-        if not out.fs.exists(folder):
-            return cls([])
-        paths = [p for p in out.fs.ls(folder, detail=False) if p.endswith(".json")]
-        with ThreadPoolExecutor(threads) as pool:
-            return cls(list(pool.map(lambda p: json.loads(out.fs.cat_file(p)), paths)))
+    def load(cls, out: Storage) -> "OutputState":
+        return cls(load_records(out))
 
     def _resolve(self) -> None:
         """Per group: the latest run's size and hash, and which shard holds the row that counts for each index."""
@@ -228,22 +226,53 @@ def _subset_record(record: dict, shard: str, dropped: set[tuple[str, int]]) -> d
             "groups": groups, "replaces": record["shard"]}
 
 
-def remove_orphans(out: Storage, state: OutputState) -> int:
-    """Shards and tars without a commit record (a write that died half-way) are removed, and so are the records
-    of shards a compaction replaced (it died between writing the new record and deleting the old one)."""
-    for shard in state.stale:
-        out.remove(record_key(shard))
+def load_records(out: Storage, threads: int = 32) -> list[dict]:
+    """Every commit record under ``out`` (files of other tools in _commits/ are not records)."""
+    folder = out.path(COMMITS)
+    if not out.fs.exists(folder):
+        return []
+    paths = [p for p in out.fs.ls(folder, detail=False) if RECORD_NAME.match(posixpath.basename(p))]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda p: json.loads(out.fs.cat_file(p)), paths))
+
+
+def ours(folder: str, rel: str, groups=frozenset()) -> bool:
+    """Whether the job wrote ``rel`` (a path under ``folder``): its shards, records and tars by name, the PNGs
+    under the group folders in ``groups``, and the temp files of interrupted writes of any of those."""
+    name = posixpath.basename(rel)
+    temp = TEMP.match(name)
+    name = temp["target"] if temp else name
+    if folder == "masks" and "/" in rel:
+        return rel.split("/", 1)[0] in groups and name.endswith(".png")
+    return "/" not in rel and bool(NAMES[folder].match(name))
+
+
+def remove_orphans(out: Storage, state: OutputState) -> tuple[OutputState, int, int]:
+    """Brings files and records into line, with one listing each of predictions/, masks/ and _commits/ (O(shards
+    and groups), not O(images)):
+
+    - a record whose shard (or tar) is gone (an --overwrite cut short, a shard deleted by hand) is deleted and left
+      out of the state: its groups are redone, and no _SUCCESS is written for rows that are not there;
+    - shards and tars without a record (a write that died half-way) are deleted, and so are the temp files of
+      interrupted writes and the records of shards a compaction replaced (it died between writing the new record
+      and deleting the old one).
+
+    Returns the state without the lost records, the files removed and the records lost."""
+    files: dict[str, dict[str, str]] = {}
+    for folder in NAMES:
+        entries = out.fs.ls(out.path(folder), detail=True) if out.exists(folder) else []
+        # only files: a group folder may be named like a tar (masks/scene.tar/)
+        files[folder] = {posixpath.basename(e["name"]): e["name"] for e in entries if e["type"] == "file"}
+    present = {f"{folder}/{name}" for folder, names in files.items() for name in names}
+    lost = {r["shard"] for r in state.records
+            if r["shard"] not in present or (r.get("tar") and r["tar"] not in present)}
+    if lost:
+        state = OutputState([r for r in state.records if r["shard"] not in lost])
     committed = {r["shard"] for r in state.records} | {r["tar"] for r in state.records if r.get("tar")}
-    removed = 0
-    for folder, suffix in (("predictions", ".parquet"), ("masks", ".tar")):
-        if not out.exists(folder):
-            continue
-        for path in out.fs.ls(out.path(folder), detail=False):
-            rel = f"{folder}/{posixpath.basename(path)}"
-            if rel.endswith(suffix) and rel not in committed:
-                out.fs.rm(path)
-                removed += 1
-    return removed
+    orphans = [path for folder, names in files.items() for name, path in names.items() if ours(folder, name)
+               and (TEMP.match(name) or (folder != COMMITS and f"{folder}/{name}" not in committed))]
+    out.delete([out.path(record_key(shard)) for shard in [*state.stale, *sorted(lost)]] + orphans)
+    return state, len(orphans), len(lost)
 
 
 def check_settings(out: Storage, fingerprint: dict, output_url: str) -> int:
@@ -268,23 +297,22 @@ def check_settings(out: Storage, fingerprint: dict, output_url: str) -> int:
 
 
 def clear_output(out: Storage) -> None:
-    """--overwrite: removes what this job writes and nothing else: shards and records, mask PNGs in group folders
-    and mask tars, the run files (files of other tools beside them stay; the lease stays). Deletes go to the
-    store in bulk (s3fs: 1,000 keys per request, requests in parallel)."""
-    ours = {
-        "predictions": lambda rel: "/" not in rel and rel.startswith("part-") and rel.endswith(".parquet"),
-        COMMITS: lambda rel: "/" not in rel and rel.endswith(".json"),
-        "masks": lambda rel: rel.endswith(".png") if "/" in rel else (rel.startswith("shard-") and rel.endswith(".tar")),
-    }
+    """--overwrite: deletes what this job writes and nothing else (``ours``: files of other tools beside them
+    stay, and so does the lease; a PNG put inside a group folder cannot be told from a mask and goes). The order
+    leaves an output a re-run can resume if it stops part-way: _SUCCESS and the manifest first, then the commit
+    records (so the shards left are orphans that a resume removes, never rows it trusts), the masks of the
+    recorded groups and the tars, the shards, and _run.json last (a re-run without --overwrite still compares
+    settings). Deletes go to the store in bulk (S3: 1,000 keys per request, requests in parallel)."""
     out.fs.invalidate_cache()
-    for folder, mine in ours.items():
+    groups = {key for r in load_records(out) for key in r["groups"]}
+    out.remove("_SUCCESS")
+    out.remove("_manifest.json")
+    for folder in (COMMITS, "masks", "predictions"):
         root = out.path(folder)
         if not out.fs.exists(root):
             continue
-        found = out.fs.find(root)
-        doomed = [p for p in found if mine(p[len(root):].lstrip("/"))]
-        if doomed:
-            out.fs.rm(doomed)
+        doomed = [p for p in out.fs.find(root) if ours(folder, p[len(root):].lstrip("/"), groups)]
+        out.delete(doomed)
         if out.is_local:  # folders emptied here go too (never above the folder); object stores have none
             dirs = {root}
             for path in doomed:
@@ -297,8 +325,7 @@ def clear_output(out: Storage) -> None:
                     os.rmdir(d)
                 except OSError:
                     pass  # not empty: something else lives there
-    for key in ("_manifest.json", "_SUCCESS", RUN_FILE):
-        out.remove(key)
+    out.remove(RUN_FILE)
 
 
 _PLANS: dict = {}  # a task worker's copy of the plans, fetched once per job (keyed by the object ref)

@@ -6,13 +6,15 @@ blocks: a group's rows from one batch stay together), each written once, complet
 counts and the manifest read the records, never the shards. The shard's name is a digest of the rows it holds, so
 a write task that Ray retries writes the same object again. With ``--mask-format webdataset`` the sink also
 writes the masks of its rows as one tar beside it (``masks/shard-r<run>-<digest>.tar``, members
-``<group>/<stem>.png``); with ``parquet`` the PNG bytes stay in a ``mask_png`` column.
+``<group>/<stem>.png``, a stem's dots replaced: ``tar_member``); with ``parquet`` the PNG bytes stay in a
+``mask_png`` column.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import posixpath
+import re
 import tarfile
 from dataclasses import dataclass, field
 
@@ -26,6 +28,12 @@ from .storage import Storage
 
 MASK_FORMATS = ("png", "parquet", "webdataset")
 COMMITS = "_commits"
+# The names the job gives its files (a compaction extends a shard's stem with -c<rows dropped>): only these are
+# the job's to delete; other files in its folders belong to other tools.
+_STEM = r"part-r\d{4,}-[0-9a-f]{16}(?:-c\d+)*"
+SHARD_NAME = re.compile(rf"^{_STEM}\.parquet$")
+RECORD_NAME = re.compile(rf"^{_STEM}\.json$")
+TAR_NAME = re.compile(r"^shard-r\d{4,}-[0-9a-f]{16}\.tar$")
 
 CURVE = pa.list_(pa.float64(), CURVE_POINTS)
 SCHEMA = pa.schema(
@@ -133,7 +141,7 @@ def _with_tar(out: Storage, tar_key: str, table: pa.Table) -> pa.Table:
             if png is None:
                 uris.append(None)
                 continue
-            member = key.removeprefix("masks/")
+            member = tar_member(key)
             info = tarfile.TarInfo(member)
             info.size = len(png)
             tar.addfile(info, io.BytesIO(png))
@@ -141,6 +149,19 @@ def _with_tar(out: Storage, tar_key: str, table: pa.Table) -> pa.Table:
     out.write_bytes(tar_key, buf.getvalue())
     i = table.column_names.index("mask_uri")
     return table.set_column(i, "mask_uri", pa.array(uris, pa.string()))
+
+
+def tar_member(mask_key: str) -> str:
+    """A mask's member name in a tar: its key under masks/, with no dot in its stem. webdataset's sample key is
+    the name up to the first dot of the basename, so members ``cam1.frame1.png`` and ``cam1.frame2.png`` would be
+    one sample ``cam1`` with fields ``frame1.png`` and ``frame2.png``. A stem with dots gets them replaced and a
+    short digest of the stem as it was, so two stems never meet; the rows keep the image's group and name, and
+    mask_uri names the member."""
+    folder, name = posixpath.split(mask_key.removeprefix("masks/"))
+    stem = name.removesuffix(".png")
+    if "." in stem:
+        stem = f"{stem.replace('.', '_')}~{hashlib.sha1(stem.encode()).hexdigest()[:8]}"
+    return posixpath.join(folder, f"{stem}.png")
 
 
 @dataclass

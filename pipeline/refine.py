@@ -22,7 +22,7 @@ from .decode import read_gt, read_many
 from .errors import TRANSIENT, classify
 from .memory import keep_large_blocks_out_of_the_heap
 from .predictions import ROW_SCHEMA
-from .storage import Storage, redact_url
+from .storage import Storage, recorded_url
 
 
 @dataclass(frozen=True)
@@ -78,9 +78,9 @@ def refine_image(c: dict, i: int, gt_data, settings: RefineSettings, out: Storag
         "group_key": str(c["group_key"]),
         "index": int(c["index"][i]),
         "name": str(c["names"][i]),
-        "image_uri": redact_url(str(c["image_uris"][i])),
+        "image_uri": recorded_url(str(c["image_uris"][i])),
         "image_bytes": int(c["image_bytes"][i]),
-        "gt_uri": redact_url(str(c["gt_uris"][i])) if c["gt_uris"][i] else None,
+        "gt_uri": recorded_url(str(c["gt_uris"][i])) if c["gt_uris"][i] else None,
         "status": "ok" if ok else "error",
         "error": str(c["error"][i]) or None,
         "error_kind": str(c["error_kind"][i]) or None,
@@ -107,7 +107,7 @@ def refine_image(c: dict, i: int, gt_data, settings: RefineSettings, out: Storag
         png = to_original_size(final, h, w)
         encoded = cv2.imencode(".png", png, [cv2.IMWRITE_PNG_COMPRESSION, settings.png_compression])[1].tobytes()
         if settings.mask_format == "png":
-            rec["mask_uri"] = redact_url(out.write_bytes(rec["mask_key"], encoded))
+            rec["mask_uri"] = recorded_url(write_mask(out, rec["mask_key"], encoded))
         else:
             rec["mask_png"] = encoded
         rec.update(
@@ -117,7 +117,7 @@ def refine_image(c: dict, i: int, gt_data, settings: RefineSettings, out: Storag
             foreground_fraction=float((png >= 128).mean()),
             crf_s=t1 - t0, write_s=time.perf_counter() - t1,
         )
-    except Exception as exc:  # noqa: BLE001 - this image's error row (a failed write after retries: transient)
+    except Exception as exc:  # noqa: BLE001 - this image's error row
         info = classify(exc, "Refine")
         rec.update(status="error", error=info.text, error_kind=info.kind, error_class=info.error_class)
         return rec
@@ -132,6 +132,17 @@ def refine_image(c: dict, i: int, gt_data, settings: RefineSettings, out: Storag
             if isinstance(gt_data, BaseException) and info.error_class == TRANSIENT:
                 rec.update(status="error", error=info.text, error_kind=info.kind, error_class=TRANSIENT)
     return rec
+
+
+def write_mask(out: Storage, key: str, png: bytes) -> str:
+    """Writes one mask PNG; a failure (after the retries) is transient whatever its cause: it is the output's
+    (access denied, a read-only mount, a file where the group folder goes), not the image's, so the row must be
+    redone once the output is fixed, and _SUCCESS stays off until then."""
+    try:
+        return out.write_bytes(key, png)
+    except Exception as exc:
+        exc.error_class = TRANSIENT
+        raise
 
 
 def _finite(x) -> float | None:

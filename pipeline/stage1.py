@@ -184,20 +184,26 @@ class Stage1Actor:
 
     # -- small groups (decoded rows) ------------------------------------------------------------------------
     def _run_small(self, rows: list[dict]) -> list:
-        """Engine results (or the exception) per row, for the rows' decoded images."""
+        """Engine results (or the exception) per row, for the rows' decoded images. A batch of several groups that
+        fails is retried group by group: smaller after an out-of-memory, as it is after any other error, so that
+        only a group that fails alone gets error rows."""
         if not rows:
             return []
         pixels = [np.asarray(r["net"])[np.asarray(r["ok"], bool)] for r in rows]
         crf = [np.asarray(r["crf"])[np.asarray(r["ok"], bool)] for r in rows]
         try:
             return self._engine_run(rows, pixels, crf)
-        except Exception as err:  # noqa: BLE001 - sorted below: exit, retry smaller, or error rows
+        except Exception as err:  # noqa: BLE001 - sorted below: exit, retry smaller, group by group, or error rows
             if poisons_cuda(err):
                 self._exit(err)
-            if not is_out_of_memory(err):
-                return [err] * len(rows)
-            log.warning("out of memory on a batch of %d groups; retrying group by group", len(rows))
+            oom = is_out_of_memory(err)
+            if not oom and len(rows) == 1:
+                return [err]
+            log.warning("%s on a batch of %d groups; retrying group by group",
+                        "out of memory" if oom else classify(err).kind, len(rows))
             exc = err.with_traceback(None)  # its frames hold the failed call's tensors (the tokens): free them
+        if not oom:  # one group's failure is not its batch mates': alone, only the group that fails gets error rows
+            return [self._run_small([r])[0] for r in rows]
         return [self._retry_smaller(r, p, c, exc) for r, p, c in zip(rows, pixels, crf)]
 
     def _engine_run(self, rows: list[dict], pixels: list, crf: list, micro_batch: int | None = None) -> list:

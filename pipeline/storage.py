@@ -1,6 +1,7 @@
 """fsspec at every edge: URLs in, URLs out, credentials kept out of everything we record."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -8,9 +9,10 @@ import posixpath
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote_plus
 
 import fsspec
+from fsspec.asyn import sync
 
 DEFAULT_RETRIES = 10  # retries per S3 request after the first try (botocore's adaptive mode)
 WRITE_ATTEMPTS = 3  # Storage.write_bytes calls in all, each with the client's own retries inside
@@ -18,6 +20,9 @@ S3_PROTOCOLS = ("s3", "s3a")
 
 _SECRET_KEY = re.compile(
     r"(secret|token|password|passwd|credential|signature|session|private|^key$|access_?key|^sig$)", re.I)
+# What a write in progress is called on a local disk: a dot file beside its target (pyarrow's and Spark's dataset
+# discovery skip names that start with "." or "_", so one left by a crash does not break readers).
+TEMP = re.compile(r"^\.(?P<target>.+)\.tmp-[0-9a-f]{8}$")
 
 
 @dataclass
@@ -60,7 +65,8 @@ class Storage:
         def write():
             if _is_local(self.fs):
                 self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-                tmp = f"{path}.tmp-{hashlib.sha1(data[:4096]).hexdigest()[:8]}"
+                folder, name = posixpath.split(path)
+                tmp = posixpath.join(folder, f".{name}.tmp-{hashlib.sha1(data[:4096]).hexdigest()[:8]}")
                 self.fs.pipe_file(tmp, data)
                 self.fs.mv(tmp, path)
             else:
@@ -76,9 +82,38 @@ class Storage:
         return json.loads(self.fs.cat_file(self.path(key)))
 
     def remove(self, key: str) -> None:
-        path = self.path(key)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+        """Deletes the file at ``key``, if there is one, and that key only (never ``fs.rm``: s3fs expands each
+        path as a glob, so a key with ``[1]`` or ``*`` in it would delete other keys, another output's, and keep
+        its own). A delete that fails raises (S3's DeleteObject does; a bulk delete would not say)."""
+        try:
+            self.fs.rm_file(self.path(key))
+        except FileNotFoundError:
+            pass
+
+    def delete(self, paths: list[str]) -> None:
+        """Deletes exactly these files (full paths, as ``remove`` does one); missing ones are fine. On S3 the keys
+        go 1,000 a request (DeleteObjects), requests in parallel; s3fs does not report the keys it failed to
+        delete, so callers must cope with some left (the next run's ``remove_orphans`` does)."""
+        bulk = getattr(self.fs, "_bulk_delete", None)  # s3fs: DeleteObjects on exact keys, no expansion
+        if bulk is None:
+            for path in paths:
+                try:
+                    self.fs.rm_file(path)
+                except FileNotFoundError:
+                    pass
+            return
+
+        async def delete_all():
+            limit = asyncio.Semaphore(8)
+
+            async def one(batch):
+                async with limit:
+                    await bulk(batch)
+
+            await asyncio.gather(*(one(paths[i:i + 1000]) for i in range(0, len(paths), 1000)))
+
+        if paths:
+            sync(self.fs.loop, delete_all)
 
 
 def _is_local(fs) -> bool:
@@ -166,16 +201,28 @@ def canonical_location(url: str | None) -> str | None:
 
 
 def redact_url(url: str) -> str:
-    """Drops user:password from a URL and the values of credential-like query parameters (signed URLs)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
+    """A URL for people (messages, logs, settings): user:password dropped, and the values of credential-like
+    query parameters (signed URLs) replaced, on any scheme (a key with a ``?`` that only looks like a query may
+    lose a part, which a message can afford); everything else byte for byte."""
+    url = _URL_USERINFO.sub(r"\1", url, count=1)
+    rest, f, fragment = url.partition("#")
+    base, q, query = rest.partition("?")
+    if not q:
         return url
-    netloc = parts.netloc.rsplit("@", 1)[-1] if "@" in parts.netloc else parts.netloc
-    query = urlencode([(k, "REDACTED" if _SECRET_KEY.search(k) else v) for k, v in parse_qsl(parts.query, True)])
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    params = [p.split("=", 1) for p in query.split("&")]
+    query = "&".join(f"{p[0]}=REDACTED" if len(p) == 2 and _SECRET_KEY.search(unquote_plus(p[0])) else "=".join(p)
+                     for p in params)
+    return f"{base}?{query}{f}{fragment}"
 
 
+def recorded_url(url: str) -> str:
+    """A URL as the rows record it, to be joined back to its object: for s3://, file://, other fsspec URLs and
+    plain paths ``?`` and ``#`` belong to the key, so only user:password goes; an HTTP(S) URL (a signed one) has a
+    query, whose credential values go as in ``redact_url``."""
+    return redact_url(url) if re.match(r"https?://", url, re.I) else _URL_USERINFO.sub(r"\1", url, count=1)
+
+
+_URL_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/?#@]*@")
 _URL_IN_TEXT = re.compile(r"\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
 _USERINFO = re.compile(r"://[^/\s@'\"<>]*@")
 _PARAM_IN_TEXT = re.compile(r"(?P<name>[A-Za-z][\w.\-]*)=(?P<value>[^&\s'\"<>,;]+)")

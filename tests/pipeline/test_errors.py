@@ -276,3 +276,20 @@ def test_the_feature_cache_keeps_no_group_whose_read_failed(monkeypatch, tmp_pat
     with pytest.raises(RuntimeError, match=r"1 of the group's 3 reads failed .*horse_002.jpg: read timed out") as err:
         decode.decode_for_cache(row, {})
     assert is_transient(err.value)
+
+
+def test_a_failed_mask_write_is_transient_while_the_same_error_on_an_input_stays_permanent(tmp_path):
+    """The output's failures (a file where the group folder goes, access denied, a read-only mount) are not the
+    image's: a re-run once the output is fixed must redo the row. Reading an input that fails so stays permanent."""
+    from pipeline.refine import write_mask
+    from pipeline.storage import Storage
+
+    out = Storage(str(tmp_path))
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "g").write_text("in the way")
+    with pytest.raises(OSError) as failed:
+        write_mask(out, "masks/g/a.png", b"png")
+    assert classify(failed.value, "Refine").error_class == TRANSIENT
+    with pytest.raises(OSError) as read:
+        (tmp_path / "masks" / "g" / "a.png").read_bytes()
+    assert classify(read.value, "Read").error_class == PERMANENT

@@ -377,3 +377,78 @@ def test_a_job_without_output_for_its_stall_timeout_stops_and_the_default_allows
         run_inference(cfg)
     assert time.monotonic() - start < 100  # stopped by the timeout, not after the stalled stage 1
     assert not (tmp_path / "out" / "_SUCCESS").exists() and not (tmp_path / "out" / "_lease.json").exists()
+
+
+def test_a_rerun_redoes_groups_whose_shards_are_gone(ray_local, tiny_weights, sample, tmp_path):
+    """Records without their shards (an --overwrite cut short after the shards, shards deleted by hand): the
+    resume must not count rows that are not there and write _SUCCESS over an empty predictions/."""
+    out = tmp_path / "out"
+    cfg = config(tiny_weights, sample, out, crf="none")
+    run_inference(cfg)
+    for shard in (out / "predictions").glob("*.parquet"):
+        shard.unlink()
+    manifest = run_inference(cfg)
+    assert manifest["processed"] == {"groups": 2, "images": 7} and manifest["output"]["rows"] == 7
+    assert len(rows(out)) == 7 and (out / "_SUCCESS").exists()
+
+
+def test_a_mask_that_cannot_be_written_is_a_transient_error_redone_once_the_output_is_fixed(
+        ray_local, tiny_weights, sample, tmp_path):
+    """The failure is the output's (a file where the group folder goes; access denied, a read-only mount), not the
+    image's: the rows must not be permanent errors that no re-run redoes, and _SUCCESS stays off until then."""
+    out = tmp_path / "out"
+    (out / "masks").mkdir(parents=True)
+    (out / "masks" / "horse").write_text("in the way")
+    cfg = config(tiny_weights, sample, out, crf="none")
+    first = run_inference(cfg)
+    table = rows(out).set_index("name")
+    blocked = table.loc[[f"horse_00{i}.jpg" for i in range(3)]]
+    assert (blocked["error_class"] == "transient").all() and blocked["error_kind"].str.startswith("Refine:").all()
+    assert first["output"]["transient_errors"] == 3 and not (out / "_SUCCESS").exists()
+
+    (out / "masks" / "horse").unlink()
+    second = run_inference(cfg)
+    assert second["processed"] == {"groups": 1, "images": 3} and second["output"]["transient_errors"] == 0
+    assert (out / "_SUCCESS").exists() and len(list((out / "masks" / "horse").glob("*.png"))) == 3
+
+
+def webdataset_samples(tar_path) -> list[dict]:
+    """The samples webdataset reads from a tar. webdataset is not a dependency, so this is its rule, spelled out
+    (webdataset.tariterators: ``base_plus_ext`` and ``group_by_keys``): a member's key is its name up to the first
+    dot of its basename, the rest is the field; consecutive members with the same key are one sample."""
+    import re
+    import tarfile
+
+    samples: list[dict] = []
+    with tarfile.open(tar_path) as tar:
+        for member in tar.getmembers():
+            key, field = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", member.name).groups()
+            if not samples or samples[-1]["__key__"] != key:
+                samples.append({"__key__": key})
+            samples[-1][field] = tar.extractfile(member).read()
+    return samples
+
+
+def test_webdataset_reads_one_sample_per_image_whatever_dots_the_names_hold(ray_local, tiny_weights, tmp_path):
+    import io
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_sample(str(data), {"horse": 3, "disc": 1})
+    names = ["cam1.frame1", "cam1.frame2", "cam1_frame1"]  # the last is what the first becomes without its dot
+    for kind, ext in (("image", "jpg"), ("groundtruth", "png")):
+        group = data / kind / "horse"
+        for i, name in enumerate(names):
+            (group / f"horse_00{i}.{ext}").rename(group / f"{name}.{ext}")
+        group.rename(data / kind / "cams.v2")
+    run_inference(config(tiny_weights, data, out, crf="none", mask_format="webdataset"))
+    table = rows(out)
+    assert sorted(table["name"]) == sorted(["cam1.frame1.jpg", "cam1.frame2.jpg", "cam1_frame1.jpg", "disc_000.jpg"])
+    assert (table["status"] == "ok").all() and set(table["group"]) == {"cams.v2", "disc"}
+    (tar_path,) = (out / "masks").glob("shard-*.tar")
+    samples = {s.pop("__key__"): s for s in webdataset_samples(tar_path)}
+    assert len(samples) == len(table) and all(set(s) == {"png"} for s in samples.values())
+    for uri, h, w in zip(table["mask_uri"], table["height"], table["width"]):
+        tar_url, member = uri.split("#", 1)
+        assert tar_url.endswith(tar_path.name) and member.endswith(".png")
+        png = samples[member.removesuffix(".png")]["png"]  # the row names the sample it reads
+        assert np.asarray(Image.open(io.BytesIO(png))).shape == (h, w)

@@ -198,3 +198,143 @@ def test_another_spelling_of_the_same_input_resumes(tmp_path, monkeypatch):
     with pytest.raises(OtherSettingsError, match="input"):
         check_settings(out, {"input": canonical_location("data/other"), "crf": "coca"}, "out")
     assert canonical_location("s3://b/in/") == canonical_location("s3://b/in") == "s3://b/in"
+
+
+def finished_output(tmp_path, groups=("g",)):
+    """An output as a finished run leaves it: a shard and record per group, a mask per image, the run files."""
+    from pipeline.predictions import write_shard
+    from pipeline.storage import Storage
+
+    out = Storage(str(tmp_path / "out"), {})
+    for run, group in enumerate(groups, 1):
+        table = shard_rows(list(range(6)))
+        table = table.set_column(0, "group_key", [[group] * 6])
+        write_shard(out, run, table, "png")
+        for i in range(6):
+            out.write_bytes(f"masks/{group}/img_{i}.png", b"png")
+    for key in ("_run.json", "_manifest.json"):
+        out.write_json(key, {"run": len(groups)})
+    out.write_bytes("_SUCCESS", b"")
+    return out
+
+
+def files(root) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def test_a_record_whose_shard_is_gone_counts_for_nothing(tmp_path):
+    """Records are what a resume reads; a shard deleted since (by hand, or by an --overwrite cut short) must not
+    leave rows that are counted but not there: its record goes and its groups are done again."""
+    from pipeline.output_state import remove_orphans
+    from pipeline.predictions import record_key
+
+    out = finished_output(tmp_path, ("g", "h"))
+    root = tmp_path / "out"
+    (gone,) = [r for r in OutputState.load(out).records if "h" in r["groups"]]
+    (root / gone["shard"]).unlink()
+    state, removed, lost = remove_orphans(out, OutputState.load(out))
+    assert (removed, lost) == (0, 1)
+    assert set(state.plans()) == {"g"} and state.counts()["rows"] == 6  # h has no rows: it is redone in full
+    assert [p for p in files(root) if p.startswith("_commits/")] == [record_key(r["shard"]) for r in state.records]
+    assert OutputState.load(out).counts() == state.counts()  # and the next load agrees
+
+
+def test_an_overwrite_cut_short_leaves_no_record_a_resume_would_trust(tmp_path, monkeypatch):
+    """--overwrite deletes _SUCCESS and the records before the shards: a delete that fails part-way (throttled,
+    Ctrl-C) leaves shards without records, which the resume removes, never records without shards; _run.json
+    goes last, so a re-run without --overwrite still compares settings."""
+    import os
+
+    from pipeline.output_state import clear_output, remove_orphans
+
+    out = finished_output(tmp_path, ("g", "h"))
+    root = tmp_path / "out"
+    remove = os.remove
+
+    def failing(path, *args, **kwargs):
+        if "/predictions/" in str(path):
+            raise TimeoutError("the delete timed out")
+        return remove(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "remove", failing)
+    with pytest.raises(TimeoutError):
+        clear_output(out)
+    monkeypatch.setattr(os, "remove", remove)
+    left = files(root)
+    assert "_SUCCESS" not in left and "_manifest.json" not in left and "_run.json" in left
+    assert not [p for p in left if p.startswith("_commits/")]
+    assert len([p for p in left if p.startswith("predictions/")]) == 2
+    state, removed, lost = remove_orphans(out, OutputState.load(out))
+    assert (removed, lost) == (2, 0) and state.plans() == {} and state.counts()["rows"] == 0
+    assert files(root) == ["_run.json"]
+
+
+def test_a_group_folder_named_like_a_tar_is_a_folder_not_an_orphan(tmp_path):
+    from pipeline.output_state import remove_orphans
+
+    out = finished_output(tmp_path, ("backup.tar",))
+    state, removed, lost = remove_orphans(out, OutputState.load(out))
+    assert (removed, lost) == (0, 0) and state.counts()["rows"] == 6
+    assert (tmp_path / "out" / "masks" / "backup.tar" / "img_0.png").exists()
+
+
+def test_a_write_cut_short_leaves_a_dot_file_that_readers_skip_and_the_next_run_removes(tmp_path, monkeypatch):
+    """A local write is a temp file renamed into place; one cut off before the rename (a crash, Ctrl-C) leaves the
+    temp file, which pyarrow's dataset discovery must skip (it skips names starting with '.' or '_'), and which
+    the next run's settling or --overwrite removes."""
+    import pyarrow.dataset as pads
+
+    from pipeline.output_state import clear_output, remove_orphans
+    from pipeline.predictions import write_shard
+
+    out = finished_output(tmp_path)
+    root = tmp_path / "out"
+    mv, moves = out.fs.mv, []
+
+    def cut_short(src, dst, **kw):
+        moves.append(dst)
+        if len(moves) in (1, 3):  # the first shard's rename; the second shard's record's rename
+            raise KeyboardInterrupt
+        return mv(src, dst, **kw)
+
+    monkeypatch.setattr(out.fs, "mv", cut_short)
+    for run in (2, 3):
+        with pytest.raises(KeyboardInterrupt):
+            write_shard(out, run, shard_rows([0, 1]).set_column(0, "group_key", [[f"new{run}"] * 2]), "png")
+    monkeypatch.setattr(out.fs, "mv", mv)
+    temps = [p for p in files(root) if ".tmp-" in p]
+    assert len(temps) == 2 and {p.split("/")[0] for p in temps} == {"predictions", "_commits"}
+    assert pads.dataset(str(root / "predictions"), format="parquet").to_table().num_rows == 6 + 2
+    state, removed, lost = remove_orphans(out, OutputState.load(out))
+    assert (removed, lost) == (3, 0)  # the two temp files and the shard whose record was never written
+    assert not [p for p in files(root) if ".tmp-" in p] and state.counts()["rows"] == 6
+    assert pads.dataset(str(root / "predictions"), format="parquet").to_table().num_rows == 6
+
+    monkeypatch.setattr(out.fs, "mv", cut_short)
+    moves.clear()
+    with pytest.raises(KeyboardInterrupt):
+        write_shard(out, 4, shard_rows([0]), "png")
+    monkeypatch.setattr(out.fs, "mv", mv)
+    clear_output(out)
+    assert files(root) == []
+
+
+def test_overwrite_and_resume_touch_only_the_names_the_job_gives(tmp_path):
+    """Files of other tools in the job's folders - a PNG beside the group folders, a JSON beside the records, a
+    Parquet file or tar named like ours but not by us - stay through --overwrite, and the resume neither reads them
+    as records nor removes them as orphans."""
+    from pipeline.output_state import clear_output, remove_orphans
+
+    out = finished_output(tmp_path)
+    root = tmp_path / "out"
+    foreign = {"masks/reviewed/gt_fixed.png": b"png", "masks/overview.png": b"png", "masks/shard-mine.tar": b"tar",
+               "_commits/notes.json": b'{"by": "a person"}', "predictions/part-foreign.parquet": b"parquet",
+               "predictions/.part-r0001-0123456789abcdef.parquet.tmp-nothex!": b"x"}
+    for key, data in foreign.items():
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        (root / key).write_bytes(data)
+    state, removed, lost = remove_orphans(out, OutputState.load(out))
+    assert (removed, lost) == (0, 0) and state.counts()["rows"] == 6
+    clear_output(out)
+    assert files(root) == sorted(foreign)
+    assert all((root / key).read_bytes() == data for key, data in foreign.items())

@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import TINY_VIT, make_bucket
 from pipeline.infer import InferConfig, run_inference
 from pipeline.sample import write_sample
-from pipeline.storage import storage_options
+from pipeline.storage import Storage, storage_options
 
 KEY, SECRET = "AKIAIDLEAKCHECK0001", "s3cr3t-must-never-be-written-0001"
 
@@ -49,3 +49,44 @@ def test_job_reads_and_writes_the_bucket_and_keeps_credentials_out(ray_local, bu
     for blob in written + [logs.out.encode(), logs.err.encode(), json.dumps(manifest).encode()]:
         assert KEY.encode() not in blob and SECRET.encode() not in blob
     assert json.loads(fs.cat_file("cosod/runs/r1/_manifest.json"))["config"]["storage_options"]["secret"] == "REDACTED"
+
+
+def test_keys_with_glob_characters_delete_exactly_themselves(s3_server):
+    """s3fs's rm reads ``[1]`` in a key as a character class: an output ``exp[1]`` would delete ``exp1``'s files
+    (another output) and keep its own, or raise when nothing matches. Every delete of the job is exact."""
+    import pyarrow as pa
+
+    from pipeline.output_state import OutputState, clear_output, remove_orphans
+    from pipeline.predictions import write_shard
+
+    fs = make_bucket(s3_server, "globs")
+    opts = storage_options(s3_server, extra={"key": "testing", "secret": "testing"})
+
+    def finished(url: str, group: str) -> Storage:
+        out = Storage(url, opts)
+        table = pa.table({"group_key": [group] * 2, "index": pa.array([0, 1], pa.int32()), "status": ["ok"] * 2,
+                          "error_kind": [None] * 2, "error_class": [None] * 2, "image_bytes": pa.array([9, 9]),
+                          "group_size": pa.array([2, 2], pa.int32()), "group_hash": ["h"] * 2,
+                          "mask_key": [f"masks/{group}/a.png", f"masks/{group}/b.png"]})
+        write_shard(out, 1, table, "png")
+        for key in (f"masks/{group}/a.png", f"masks/{group}/b.png", "_run.json", "_manifest.json", "_SUCCESS"):
+            out.write_bytes(key, b"x")
+        return out
+
+    def keys(prefix: str) -> list[str]:
+        fs.invalidate_cache()
+        return sorted(p.removeprefix(f"globs/{prefix}/") for p in fs.find(f"globs/{prefix}"))
+
+    ours, other = finished("s3://globs/exp[1]", "g[1]"), finished("s3://globs/exp1", "g1")
+    theirs = keys("exp1")
+    ours.remove("_SUCCESS")
+    assert "_SUCCESS" not in keys("exp[1]") and keys("exp1") == theirs
+    Storage("s3://globs/exp[lr]", opts).remove("_SUCCESS")  # nothing to match: no error either
+
+    ours.write_bytes("predictions/part-r0002-0123456789abcdef.parquet", b"half a write")  # no record: an orphan
+    state, removed, lost = remove_orphans(ours, OutputState.load(ours))
+    assert (removed, lost) == (1, 0) and state.counts()["rows"] == 2 and keys("exp1") == theirs
+    clear_output(ours)
+    assert keys("exp[1]") == [] and keys("exp1") == theirs
+    clear_output(other)
+    assert keys("exp1") == []

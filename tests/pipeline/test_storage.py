@@ -10,8 +10,8 @@ import s3fs
 
 from pipeline import errors
 from pipeline.errors import classify
-from pipeline.storage import (DEFAULT_RETRIES, WRITE_ATTEMPTS, Storage, fs_options, open_url, redact, redact_text,
-                              redact_url, storage_options)
+from pipeline.storage import (DEFAULT_RETRIES, WRITE_ATTEMPTS, Storage, fs_options, open_url, recorded_url, redact,
+                              redact_text, redact_url, storage_options)
 from conftest import make_bucket
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "reliability"))
@@ -193,3 +193,35 @@ def test_checkpoints_over_https_are_read_with_the_job_s_s3_options(http_folder, 
     loaded = model.engine.backbone.state_dict()
     local = torch.load(backbone, map_location="cpu", weights_only=True)
     assert torch.equal(loaded["vit.pos_embed"], local["pos_embed"])
+
+
+def test_a_question_mark_is_part_of_a_key_except_in_http_urls():
+    """For s3://, file:// and plain paths ``?`` and ``#`` belong to the object's key: the rows record such URLs as
+    given (a rewritten one points at an object that does not exist). Only HTTP(S) URLs (signed ones) have a query,
+    and there only the credential values change; messages redact any credential-like value, the rest byte for
+    byte."""
+    keys = ["s3://b/CoCA/image/Q&A?/a b.jpg", "file:///data/g?token=1/x.jpg", "/data/what?/x.jpg",
+            "gs://b/what?sig=x#1/a.jpg", "relative/what?/x.jpg"]
+    for key in keys:
+        assert recorded_url(key) == key
+    assert recorded_url("s3://AKIA:SECRET@bucket/what?/k") == "s3://bucket/what?/k"
+    signed = ("https://u:pw@h.example/a%20b.jpg?response-content-disposition=attachment%3B%20filename%3Da.jpg&"
+              "X-Amz-Credential=AKIA%2F2025&X-Amz-Signature=dead&flag#frag")
+    redacted = ("https://h.example/a%20b.jpg?response-content-disposition=attachment%3B%20filename%3Da.jpg&"
+                "X-Amz-Credential=REDACTED&X-Amz-Signature=REDACTED&flag#frag")
+    assert recorded_url(signed) == redact_url(signed) == redacted
+    assert redact_url("s3://b/CoCA/image/Q&A?/a b.jpg") == "s3://b/CoCA/image/Q&A?/a b.jpg"  # not re-encoded
+    assert redact_url("file:///data/g?token=1") == "file:///data/g?token=REDACTED"  # a message: better safe
+
+
+def test_rows_keep_image_and_ground_truth_uris_with_a_question_mark_as_given():
+    from pipeline.refine import RefineSettings, refine_image
+
+    image, gt = "s3://b/CoCA/image/what?/a b.jpg", "file:///data/groundtruth/g?token=1/a b.png"
+    chunk = {"group": "what?", "group_key": "what_~1", "index": [0], "names": ["a b.jpg"], "image_uris": [image],
+             "image_bytes": [10], "gt_uris": [gt], "ok": [False], "error": ["CorruptImage: x"],
+             "error_kind": ["CorruptImage"], "error_class": ["permanent"], "threshold": float("nan"),
+             "confidence": float("nan"), "decode_s": 0.0, "mask_keys": ["masks/what_~1/a b.png"], "group_size": 1,
+             "group_hash": "h"}
+    row = refine_image(chunk, 0, None, RefineSettings(output="unused"), None)
+    assert (row["image_uri"], row["gt_uri"]) == (image, gt)

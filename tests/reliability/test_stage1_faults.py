@@ -124,3 +124,41 @@ def test_the_retry_after_an_out_of_memory_does_not_hold_the_failed_calls_tokens(
     engine._tokens, engine._after_backbone, engine.run_passes = recorded, out_of_memory_once, retry
     rows = [ok for chunk in actor(disc_batch) for oks in chunk["ok"] for ok in oks]
     assert rows == [True] * 3 and alive_at_retry == [False]
+
+
+def test_a_group_that_fails_in_a_batch_of_groups_does_not_fail_its_batch_mates(tiny_weights, tmp_path):
+    """A deterministic error (not an out-of-memory) on a batch of several groups: the batch is retried group by
+    group, so only the group that fails alone gets error rows (permanent: it fails the same way again); its batch
+    mates get the masks they get in a batch of their own."""
+    write_sample(str(tmp_path), {"disc": 3, "horse": 2})
+    rows = [decode_group(mark_todo(group_row(spec), None)[0], DecodeSettings())
+            for spec in list_layout(Storage(str(tmp_path)))]
+    batch = {k: [r[k] for r in rows] for k in rows[0]}
+    horse_alone = run_actor(tiny_weights, {k: [v[1]] for k, v in batch.items()}, 4, None)
+
+    backbone, head = tiny_weights
+    model = ModelSettings(backbone=backbone, head=head, backbone_name="vit_base_patch8_224",
+                          backbone_kwargs=dict(TINY_VIT))
+    actor = Stage1Actor(Stage1Settings(model=model, decode=DecodeSettings(), micro_batch=4, crf="none"))
+    run, calls = actor.engine.run, []
+
+    def fails_on_disc(pixels, *args, **kwargs):  # disc's three images: an input the engine cannot handle
+        calls.append([len(p) for p in pixels])
+        if any(len(p) == 3 for p in pixels):
+            raise ValueError("cannot handle this group's images")
+        return run(pixels, *args, **kwargs)
+
+    actor.engine.run = fails_on_disc
+    got: dict[str, dict] = {}
+    for chunk in actor(batch):
+        for c, group in enumerate(chunk["group"]):
+            g = got.setdefault(group, {"ok": [], "kind": [], "class": [], "final": []})
+            g["ok"] += list(chunk["ok"][c])
+            g["kind"] += list(chunk["error_kind"][c])
+            g["class"] += list(chunk["error_class"][c])
+            g["final"] += list(chunk["final"][c])
+    assert calls == [[3, 2], [3], [2]]
+    assert not any(got["disc"]["ok"]) and set(got["disc"]["kind"]) == {"Stage1:ValueError"}
+    assert set(got["disc"]["class"]) == {"permanent"}
+    assert got["horse"]["ok"] == [True, True] and set(got["horse"]["kind"]) == {""}
+    assert all(np.array_equal(a, b) for a, b in zip(got["horse"]["final"], horse_alone["final"]))
