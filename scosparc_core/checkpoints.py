@@ -191,11 +191,11 @@ def check_checkpoints(backbone, head, backbone_name: str, backbone_kwargs: dict 
         _check_fits(vit.state_dict(), _backbone_keys(state), _name(backbone), f"backbone ({backbone_name}{arguments})")
         dim = int(vit.embed_dim)
         digests["backbone"] = checkpoint_digest(backbone, storage_options)
-    elif pretrained:
-        DinoBackbone.create(backbone_name, **(backbone_kwargs or {}))  # into timm's cache; the model is dropped
     if head:
         load_head_checkpoint(Stage1Head(dim or DinoBackbone.width(backbone_name, **(backbone_kwargs or {}))), head,
                              storage_options)
         digests["head"] = checkpoint_digest(head, storage_options)
+    if pretrained and not backbone:  # last: a download, after the checks that read small files
+        DinoBackbone.create(backbone_name, **(backbone_kwargs or {}))  # into timm's cache; the model is dropped
     return digests
 
