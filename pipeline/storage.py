@@ -85,8 +85,11 @@ class Storage:
         """Deletes the file at ``key``, if there is one, and that key only (never ``fs.rm``: s3fs expands each
         path as a glob, so a key with ``[1]`` or ``*`` in it would delete other keys, another output's, and keep
         its own). A delete that fails raises (S3's DeleteObject does; a bulk delete would not say)."""
+        self._remove_path(self.path(key))
+
+    def _remove_path(self, path: str) -> None:
         try:
-            self.fs.rm_file(self.path(key))
+            self.fs.rm_file(path)
         except FileNotFoundError:
             pass
 
@@ -97,10 +100,7 @@ class Storage:
         bulk = getattr(self.fs, "_bulk_delete", None)  # s3fs: DeleteObjects on exact keys, no expansion
         if bulk is None:
             for path in paths:
-                try:
-                    self.fs.rm_file(path)
-                except FileNotFoundError:
-                    pass
+                self._remove_path(path)
             return
 
         async def delete_all():
