@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model
 from pipeline.sample import synthetic_group
 from scosparc_core.image import crf_image, network_pixels
-from scosparc_core.region_filter import label_regions, patch_masks
+from scosparc_core.region_filter import label_regions, patch_masks, stage2_masks
 
 
 def _blobs(rng, n):
@@ -37,6 +37,20 @@ def test_patch_masks_equal_opencv_per_region():
     expected = [cv2.resize((labels[i] == k).astype(np.uint8), (32, 32), interpolation=cv2.INTER_LINEAR).reshape(-1)
                 for i in range(5) for k in range(1, counts[i] + 1)]
     np.testing.assert_array_equal(odd, np.stack(expected).astype(np.float32))
+
+
+def test_stage2_masks_are_each_images_kept_regions():
+    rng = np.random.default_rng(5)
+    labels, counts = label_regions(_blobs(rng, 30))
+    keep = rng.random(int(counts.sum())) < 0.5
+    got = stage2_masks(labels, counts, keep)
+    assert got.dtype == np.uint8 and got.shape == labels.shape
+    start = 0
+    for i, count in enumerate(counts):
+        kept = 1 + np.flatnonzero(keep[start:start + count])
+        np.testing.assert_array_equal(got[i], np.isin(labels[i], kept).astype(np.uint8))
+        start += count
+    assert got.any() and not got.all()
 
 
 def _group(kind, n, seed=0):
