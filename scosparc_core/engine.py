@@ -115,6 +115,7 @@ class GroupEngine:
         self.profile = False  # synchronise the device at each stage so that timings are per stage (benchmarks)
         self._local = threading.local()
         self._backbone_lock = threading.Lock()
+        self._backbone_done: torch.cuda.Event | None = None  # the end of the last backbone work queued (CUDA)
         self._pool: ProcessPoolExecutor | None = None
         self._crf_warm: set[tuple[int, int, float]] = set()  # (H, W, Gaussian sxy) whose cached lattice is built
 
@@ -289,14 +290,31 @@ class GroupEngine:
             spans = [(int(a + s), int(min(a + s + mb, b))) for a, b in zip(starts[:-1], starts[1:])
                      for s in range(0, b - a, mb)]
         out = torch.empty((total, self.backbone.num_patches, self.backbone.embed_dim), device=self.device)
-        for start, stop in spans:
-            inputs = self.backbone.preprocess(host[start:stop].to(self.device, non_blocking=True))
-            with self._backbone_lock:
+        with self._backbone_lock:
+            self._after_previous_backbone()
+            for start, stop in spans:
+                inputs = self.backbone.preprocess(host[start:stop].to(self.device, non_blocking=True))
                 out[start:stop] = self.backbone.tokens(inputs, self.precision)
+            self._backbone_queued()
         if self.cuda:  # the pinned buffer is refilled by this thread's next call: not before these copies are done
             self._local.copied = torch.cuda.Event()
             self._local.copied.record()
         return out
+
+    def _after_previous_backbone(self) -> None:
+        """On CUDA, this thread's stream waits (on the device, not the host) for the backbone work queued before.
+
+        Each calling thread has its own stream; left alone, two threads' backbone batches share the device and
+        finish together, and then both threads do their CPU steps while the device idles. Queued one after the
+        other, one thread's CPU steps run while the other's backbone runs. Called with the backbone lock held."""
+        if self.cuda and self._backbone_done is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._backbone_done)
+
+    def _backbone_queued(self) -> None:
+        """Marks the end of the backbone work this thread just queued (backbone lock held)."""
+        if self.cuda:
+            self._backbone_done = torch.cuda.Event()
+            self._backbone_done.record(torch.cuda.current_stream(self.device))
 
     def _host_pixels(self, groups: Sequence[np.ndarray], total: int) -> torch.Tensor:
         """The groups' pixels in one (N, 224, 224, 3) uint8 host tensor: pinned and reused per thread on CUDA."""
