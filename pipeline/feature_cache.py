@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import posixpath
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from scosparc_core import DinoBackbone
+from scosparc_core.engine import thread_stream
 from scosparc_core.modeling import DEFAULT_BACKBONE, cls_attention_maps
 from scosparc_core.precision import resolve
 
@@ -35,7 +37,7 @@ from .decode import decode_for_cache
 from .listing import GroupSpec
 from .storage import Storage, URLOptions, safe_component
 
-FEATURE_DTYPE = np.float16
+FEATURE_DTYPE = torch.float16  # converted where the features are (on the GPU: half the bytes to the host)
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ class FeatureCache:
         version = hashlib.sha1(json.dumps([listed_uris, sizes, uris]).encode()).hexdigest()[:12]
         for suffix, array in (("tokens", tokens), ("attention", attention)):
             buf = io.BytesIO()
-            np.save(buf, array.detach().cpu().numpy().astype(FEATURE_DTYPE))
+            np.save(buf, array.detach().to(FEATURE_DTYPE).cpu().numpy())  # as numpy's astype rounds
             self.store.write_bytes(f"{key}.{version}.{suffix}.npy", buf.getvalue())
         index = {"names": names, "image_uris": uris, "count": len(names), "listed_uris": listed_uris,
                  "sizes": sizes, "version": version}
@@ -210,6 +212,7 @@ class CachePlan:
     num_gpus: float
     batch_size: int = 1  # groups per actor call; an integer, as Ray Data needs for GPU actors
     cpu_threads: int = 0
+    calls: int = 1  # calls one actor works on at once: two on a GPU, so one's copy and write overlap the other's backbone
 
     @property
     def ray_args(self) -> dict:
@@ -222,7 +225,7 @@ def plan_cache(gpu: bool, cluster: dict) -> CachePlan:
     if gpu:
         gpus = float(cluster.get("GPU", 0))
         return CachePlan(actors=max(1, int(gpus)), num_cpus=1.0 if cpus >= 2 * max(1, int(gpus)) else 0.5,
-                         num_gpus=1.0 if gpus >= 1 else gpus)
+                         num_gpus=1.0 if gpus >= 1 else gpus, calls=2)
     return CachePlan(actors=1, num_cpus=min(1.0, cpus / 2), num_gpus=0.0, cpu_threads=max(1, int(cpus)))
 
 
@@ -235,6 +238,9 @@ class FeatureActor:
         self.backbone, self.device, self.dtype = build_backbone(settings)
         self.storage_options = settings.storage_options
         self.caches: dict[str, FeatureCache] = {}  # by folder: one pass fills the training and validation caches
+        self._caches_lock = threading.Lock()  # calls run at once on a GPU (CachePlan.calls)
+        self._backbone_lock = threading.Lock()
+        self._local = threading.local()  # each call's CUDA stream: one call's copy waits for its own work only
         self.micro_batch = settings.micro_batch
 
     def __call__(self, batch: dict) -> dict:
@@ -248,12 +254,17 @@ class FeatureActor:
             folder = str(row["cache"])
             index = None
             if names:
-                if folder not in self.caches:
-                    self.caches[folder] = FeatureCache(folder, self.storage_options)
-                tokens, attention = features(self.backbone, row["net"], self.device, self.dtype, self.micro_batch)
-                index = self.caches[folder].write(str(row["key"]), names, uris, tokens, attention,
-                                                  listed_uris=[str(u) for u in row["image_uris"]],
-                                                  sizes=[int(s) for s in row["sizes"]])
+                with self._caches_lock:
+                    if folder not in self.caches:
+                        self.caches[folder] = FeatureCache(folder, self.storage_options)
+                    cache = self.caches[folder]
+                with thread_stream(torch.device(self.device), self._local):
+                    with self._backbone_lock:  # queues the work only; the format switches are process-wide
+                        tokens, attention = features(self.backbone, row["net"], self.device, self.dtype,
+                                                     self.micro_batch)
+                    index = cache.write(str(row["key"]), names, uris, tokens, attention,
+                                        listed_uris=[str(u) for u in row["image_uris"]],
+                                        sizes=[int(s) for s in row["sizes"]])
             out["cache"].append(folder)
             out["key"].append(str(row["key"]))
             out["index"].append(json.dumps(index))  # text: one column type whatever the index holds
@@ -301,7 +312,9 @@ def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings,
     ds.context.wait_for_min_actors_s = max(1, int(start_timeout))
     ds = ds.map(decode_for_cache, fn_kwargs={"storage_options": settings.storage_options}, num_cpus=0.25)
     ds = ds.map_batches(FeatureActor, fn_constructor_kwargs={"settings": settings, "cpu_threads": plan.cpu_threads},
-                        batch_size=plan.batch_size, compute=ray.data.ActorPoolStrategy(size=plan.actors),
+                        batch_size=plan.batch_size,
+                        compute=ray.data.ActorPoolStrategy(size=plan.actors, max_concurrent_calls_per_actor=plan.calls,
+                                                           enable_true_multi_threading=plan.calls > 1),
                         **plan.ray_args)
     try:
         for row in ds.iter_rows():

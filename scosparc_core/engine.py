@@ -449,20 +449,8 @@ class GroupEngine:
             weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
         return self._pool
 
-    @contextmanager
     def _stream_context(self):
-        """On CUDA each calling thread queues its work on a stream of its own: a thread waiting for its copies
-        back waits for its own work only, so two threads keep the device busy in turn."""
-        if not self.cuda:
-            yield
-            return
-        stream = getattr(self._local, "stream", None)
-        if stream is None:
-            stream = self._local.stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            yield
-        stream.synchronize()
+        return thread_stream(self.device, self._local)
 
     @contextmanager
     def _timed(self, timings: dict, key: str):
@@ -471,6 +459,23 @@ class GroupEngine:
         if self.profile and self.cuda:
             torch.cuda.current_stream(self.device).synchronize()
         timings[key] += time.perf_counter() - start
+
+
+@contextmanager
+def thread_stream(device: torch.device, local: threading.local):
+    """On CUDA each calling thread queues its work on a stream of its own (kept in ``local``): a thread waiting
+    for its copies back waits for its own work only, so two threads keep the device busy in turn. Elsewhere a
+    no-op."""
+    if device.type != "cuda":
+        yield
+        return
+    stream = getattr(local, "stream", None)
+    if stream is None:
+        stream = local.stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        yield
+    stream.synchronize()
 
 
 def _tick(progress, step: str, done: int) -> None:

@@ -95,6 +95,40 @@ def test_a_data_root_names_one_cache_folder_with_or_without_its_trailing_slash()
         "s3://c", "s3://b/y", "m")
 
 
+def test_a_feature_actor_on_two_groups_at_once_writes_what_it_writes_one_at_a_time(tiny_weights, data, tmp_path):
+    """On a GPU the cache actor takes two calls at once (its copy and write overlap the other's backbone): the
+    arrays and indexes must be those of calls one after the other, rounded to float16 as numpy rounds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.decode import decode_for_cache
+    from pipeline.feature_cache import BackboneSettings, FeatureActor, FeatureCache, features, plan_cache
+
+    assert plan_cache(True, {"GPU": 2.0, "CPU": 16.0}).calls == 2 and plan_cache(False, {"CPU": 2.0}).calls == 1
+    settings = BackboneSettings(checkpoint=tiny_weights[0], kwargs=dict(TINY_VIT))
+    actor = FeatureActor(settings)
+    folders = sorted((data / "data" / "image").iterdir())
+
+    def batch(cache, folder):
+        files = sorted(folder.iterdir())
+        row = decode_for_cache({"cache": str(cache), "key": folder.name, "names": [f.name for f in files],
+                                "image_uris": [str(f) for f in files], "sizes": [f.stat().st_size for f in files]}, {})
+        return {k: [v] for k, v in row.items()}
+
+    alone = [actor(batch(tmp_path / "alone", f)) for f in folders]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda f: actor(batch(tmp_path / "together", f)), folders))
+    assert [r["index"] for r in together] == [r["index"] for r in alone] and len(folders) == 3
+    for folder, result in zip(folders, alone):
+        index = json.loads(result["index"][0])
+        one, two = FeatureCache(str(tmp_path / "alone")), FeatureCache(str(tmp_path / "together"))
+        rows = range(index["count"])
+        for a, b in zip(one.read(folder.name, index["version"], rows), two.read(folder.name, index["version"], rows)):
+            assert torch.equal(a, b)
+        tokens, attention = features(actor.backbone, batch(tmp_path, folder)["net"][0], "cpu", "float32")
+        expected = tokens.numpy().astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(one.read(folder.name, index["version"], rows)[0].numpy(), expected)
+
+
 def test_help_shows_the_defaults_and_they_are_train_config_s(capsys):
     from jobs.train import parse_args
 
