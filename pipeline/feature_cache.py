@@ -35,6 +35,7 @@ from scosparc_core.precision import resolve
 
 from .decode import decode_for_cache
 from .listing import GroupSpec
+from .resources import PlacementError
 from .storage import Storage, URLOptions, safe_component
 
 FEATURE_DTYPE = torch.float16  # converted where the features are (on the GPU: half the bytes to the host)
@@ -113,10 +114,6 @@ def backbone_id(settings: BackboneSettings, weights_digest: str | None) -> str:
              "name": settings.name, "kwargs": settings.kwargs,
              "precision": resolve(settings.precision, settings.device)}
     return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-class PlacementError(RuntimeError):
-    """The cluster cannot place what the job asks for (within the bounded wait)."""
 
 
 class FeatureCache:

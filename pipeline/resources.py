@@ -30,6 +30,10 @@ class NoGPUError(RuntimeError):
     """Stage 1 was planned on GPUs and none appeared within the wait (nothing was started)."""
 
 
+class PlacementError(RuntimeError):
+    """The cluster cannot place what the job asks for (within the bounded wait)."""
+
+
 @dataclass(frozen=True)
 class ClusterView:
     """What the cluster has now (``ray.cluster_resources()``) and, on an autoscaling cluster, the node types

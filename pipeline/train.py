@@ -53,11 +53,11 @@ from scosparc_core.threshold import adaptive_threshold, image_confidences, stage
 
 from .decode import decode_network_views, read_gt, read_many
 from .errors import Refusals
-from .feature_cache import (BackboneSettings, FeatureCache, PlacementError, backbone_id, build_backbone, build_cache,
+from .feature_cache import (BackboneSettings, FeatureCache, backbone_id, build_backbone, build_cache,
                             cache_folder, check_cuda, features, plan_cache)
 from .lease import Lease
 from .listing import GroupSpec, list_layout
-from .resources import cluster_can_grow
+from .resources import PlacementError, cluster_can_grow
 from .storage import Storage, URLOptions, redact
 
 ADAM = {"lr": 1e-4, "weight_decay": 1e-4, "betas": (0.9, 0.99)}  # the paper's optimizer
