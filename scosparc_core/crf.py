@@ -15,12 +15,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-try:  # the fused CUDA kernel of the mean field (scosparc_core.permutohedral has the lattice's)
-    import triton
-    import triton.language as tl
-except Exception:  # not installed (CPU workers), or unusable: torch ops then
-    triton = None
-
 if TYPE_CHECKING:
     import torch
 
@@ -311,12 +305,14 @@ def _fused_step(filtered_gauss, filtered_bilateral, s_gauss, s_bilateral, fg, gi
     messages, Potts, expAndNormalize with glibc's expf, and the next inputs of both lattices."""
     import torch
 
+    from .crf_kernels import mean_field_step_kernel, triton
+
     batch, n = s_bilateral.shape
     q = torch.empty(batch, n, 2, dtype=torch.float32, device=fg.device)
     values_gauss = torch.empty(n, batch * 2, dtype=torch.float32, device=fg.device)
     values_bilateral = torch.empty(batch * n, 2, dtype=torch.float32, device=fg.device)
     block = 512
-    _mean_field_step_kernel[(triton.cdiv(batch * n, block),)](
+    mean_field_step_kernel[(triton.cdiv(batch * n, block),)](
         filtered_gauss, filtered_bilateral, s_gauss, s_bilateral, fg, q, values_gauss, values_bilateral,
         _expf_constants(str(fg.device)), _expf_table(str(fg.device)), n, batch, -given, -other, -w_gauss,
         -w_bilateral, BLOCK=block, enable_fp_fusion=False)
@@ -330,51 +326,3 @@ def _expf_constants(device: str) -> torch.Tensor:
 
     return torch.tensor([_EXPF_INV_LN2_N, *_EXPF_POLY, 1.0, float.fromhex("0x1.8p52")], dtype=torch.float64, device=device)
 
-
-if triton is not None:
-
-    @triton.jit
-    def _mean_field_step_kernel(filtered_gauss, filtered_bilateral, s_gauss, s_bilateral, fg, q_out,
-                                gauss_out, bilateral_out, expf_constants, expf_table, n, batch, minus_given,
-                                minus_other, minus_wg, minus_wb, BLOCK: tl.constexpr):
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # image-major pixel: b·N + p
-        live = i < batch * n
-        image = i // n
-        g = (i % n) * batch + image  # the same pixel in the Gaussian layout (N, B)
-        sg = tl.load(s_gauss + i % n, mask=live, other=0.0)
-        sb = tl.load(s_bilateral + i, mask=live, other=0.0)
-        is_fg = tl.load(fg + i, mask=live, other=0) != 0
-        t0 = tl.where(is_fg, minus_other, minus_given)
-        t1 = tl.where(is_fg, minus_given, minus_other)
-        t0 = t0 - (tl.load(filtered_gauss + 2 * g, mask=live, other=0.0) * sg) * minus_wg
-        t1 = t1 - (tl.load(filtered_gauss + 2 * g + 1, mask=live, other=0.0) * sg) * minus_wg
-        t0 = t0 - (tl.load(filtered_bilateral + 2 * i, mask=live, other=0.0) * sb) * minus_wb
-        t1 = t1 - (tl.load(filtered_bilateral + 2 * i + 1, mask=live, other=0.0) * sb) * minus_wb
-        delta = t1 - t0
-        # glibc expf of min - max = -|delta|, in double (see _expf).
-        z = (-tl.abs(delta)).to(tl.float64) * tl.load(expf_constants)
-        shift = tl.load(expf_constants + 5)
-        kd = (z + shift) - shift  # round to nearest, ties to even
-        r = z - kd
-        k = kd.to(tl.int64)
-        idx = k & 31
-        scale = (tl.load(expf_table + idx, mask=live, other=0) + (k - idx) * 140737488355328).to(
-            tl.float64, bitcast=True)  # 2^(k/32); 140737488355328 = 2^47
-        c0 = tl.load(expf_constants + 1)
-        c1 = tl.load(expf_constants + 2)
-        c2 = tl.load(expf_constants + 3)
-        one = tl.load(expf_constants + 4)
-        e = (((r * c0 + c1) * (r * r) + (r * c2 + one)) * scale).to(tl.float32)
-        # IEEE division: Triton's '/' on float32 is the approximate one.
-        sum_e = 1.0 + e
-        big = tl.math.div_rn(tl.full((BLOCK,), 1.0, tl.float32), sum_e)
-        small = tl.math.div_rn(e, sum_e)
-        ahead = delta > 0
-        q0 = tl.where(ahead, small, big)
-        q1 = tl.where(ahead, big, small)
-        tl.store(q_out + 2 * i, q0, mask=live)
-        tl.store(q_out + 2 * i + 1, q1, mask=live)
-        tl.store(gauss_out + 2 * g, q0 * sg, mask=live)
-        tl.store(gauss_out + 2 * g + 1, q1 * sg, mask=live)
-        tl.store(bilateral_out + 2 * i, q0 * sb, mask=live)
-        tl.store(bilateral_out + 2 * i + 1, q1 * sb, mask=live)

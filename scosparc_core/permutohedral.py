@@ -36,11 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-try:  # the fused CUDA kernels; torch ops where Triton is missing
-    import triton
-    import triton.language as tl
-except Exception:  # not installed (CPU workers), or unusable: torch ops then
-    triton = None
+from .crf_kernels import blur_kernel, slice_kernel, splat_kernel, triton
 
 
 class LatticeTooLarge(ValueError):
@@ -139,17 +135,17 @@ class PermutohedralLattice:
         launch = dict(BLOCK=_BLOCK, enable_fp_fusion=False)  # no FMA: every product is rounded, as in the C++
         buffer = values.new_empty(rows, channels)
         # The splat loops to the longest segment of its block: small blocks waste less on uneven segments.
-        _splat_kernel[(triton.cdiv(rows * channels, _SPLAT_BLOCK),)](
+        splat_kernel[(triton.cdiv(rows * channels, _SPLAT_BLOCK),)](
             values, self.splat_points, self.splat_weights, self.splat_offsets, buffer, rows * channels, channels,
             BLOCK=_SPLAT_BLOCK, enable_fp_fusion=False)
         grid = (triton.cdiv(rows * channels, _BLOCK),)
         other = torch.empty_like(buffer)
         for axis in range(self.d + 1):
-            _blur_kernel[grid](buffer, other, self.blur_rows[axis], rows * channels, channels, **launch)
+            blur_kernel[grid](buffer, other, self.blur_rows[axis], rows * channels, channels, **launch)
             buffer, other = other, buffer
         del other
         out = values.new_empty(self.num_points, channels)
-        _slice_kernel[(triton.cdiv(self.num_points * channels, _BLOCK),)](
+        slice_kernel[(triton.cdiv(self.num_points * channels, _BLOCK),)](
             buffer, self.slice_rows, self.slice_weights, out, self.num_points * channels, channels, _alpha(self.d),
             D1=self.d + 1, **launch)
         return out
@@ -162,56 +158,6 @@ _SPLAT_BLOCK = 128
 def _use_triton(values: torch.Tensor) -> bool:
     # The interpreter (TRITON_INTERPRET=1) runs the same kernels on CPU tensors: that is how CI tests them.
     return triton is not None and (values.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-
-
-if triton is not None:
-
-    @triton.jit
-    def _splat_kernel(values, points, weights, offsets, out, n, channels, BLOCK: tl.constexpr):
-        """out[row, c] = Σ_e weights[e]·values[points[e], c] over the row's entries, in entry order."""
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        live = i < n
-        row = i // channels
-        c = i % channels
-        start = tl.load(offsets + row, mask=live, other=0)
-        count = tl.load(offsets + row + 1, mask=live, other=0) - start
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for k in range(0, tl.max(count, axis=0)):
-            take = live & (k < count)
-            point = tl.load(points + start + k, mask=take, other=0).to(tl.int64)
-            w = tl.load(weights + start + k, mask=take, other=0.0)
-            v = tl.load(values + point * channels + c, mask=take, other=0.0)
-            acc = tl.where(take, acc + w * v, acc)
-        tl.store(out + i, acc, mask=live)
-
-    @triton.jit
-    def _blur_kernel(src, dst, neighbours, n, channels, BLOCK: tl.constexpr):
-        """dst[row] = src[row] + 0.5·(src[n1] + src[n2]); row 0 (n1 = n2 = 0, value 0) stays 0."""
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        live = i < n
-        row = i // channels
-        c = i % channels
-        n1 = tl.load(neighbours + 2 * row, mask=live, other=0).to(tl.int64)
-        n2 = tl.load(neighbours + 2 * row + 1, mask=live, other=0).to(tl.int64)
-        a = tl.load(src + n1 * channels + c, mask=live, other=0.0)
-        b = tl.load(src + n2 * channels + c, mask=live, other=0.0)
-        old = tl.load(src + i, mask=live, other=0.0)
-        tl.store(dst + i, old + (a + b) * 0.5, mask=live)
-
-    @triton.jit
-    def _slice_kernel(src, rows, weights, out, n, channels, alpha, D1: tl.constexpr, BLOCK: tl.constexpr):
-        """out[p, c] = Σ_r (weights[p, r]·src[rows[p, r], c])·alpha, r = 0..d in order."""
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        live = i < n
-        point = i // channels
-        c = i % channels
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for r in tl.static_range(D1):
-            vertex = tl.load(rows + point * D1 + r, mask=live, other=0).to(tl.int64)
-            w = tl.load(weights + point * D1 + r, mask=live, other=0.0)
-            v = tl.load(src + vertex * channels + c, mask=live, other=0.0)
-            acc = acc + (w * v) * alpha
-        tl.store(out + i, acc, mask=live)
 
 
 def _elevate(features: torch.Tensor) -> torch.Tensor:

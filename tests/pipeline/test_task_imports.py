@@ -6,11 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 HEAVY = ("torch", "timm", "torchvision", "sklearn", "py_sod_metrics")
 
 
-def imported_by(statement: str) -> list[str]:
-    code = f"import sys\n{statement}\nprint(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
+def imported_by(statement: str, heavy: tuple = HEAVY) -> list[str]:
+    code = f"import sys\n{statement}\nprint(' '.join(m for m in {heavy!r} if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).parents[2], timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -36,3 +38,11 @@ def test_the_model_does_import_them():
              "DinoBackbone.create('vit_base_patch8_224', random_init=True, embed_dim=24, depth=1, num_heads=1)")
     assert {"torch", "timm"} <= set(imported_by(build))
     assert "timm" not in imported_by("import jobs.infer")
+
+
+def test_the_cpu_refine_actor_loads_neither_torch_nor_triton():
+    """The refine actors (pydensecrf, masks at original size, metrics) fill the CPU nodes, a dozen a node: Triton
+    (~60 MB a process) and torch belong to the GPU CRF, whose kernels live apart (scosparc_core.crf_kernels)."""
+    assert imported_by("import pipeline.refine", ("torch", "triton")) == []
+    pytest.importorskip("triton")  # the check can fail: the torch CRF's lattice does bring Triton
+    assert imported_by("import scosparc_core.permutohedral", ("triton",)) == ["triton"]
