@@ -15,6 +15,7 @@ The pass that fills the cache is a Ray Data job: group rows -> decode (CPU tasks
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import io
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from scosparc_core import DinoBackbone
-from scosparc_core.engine import thread_stream
+from scosparc_core.engine import DeviceQueue, thread_stream
 from scosparc_core.modeling import DEFAULT_BACKBONE, cls_attention_maps
 from scosparc_core.precision import resolve
 
@@ -92,11 +93,13 @@ def build_backbone(settings: BackboneSettings) -> tuple[DinoBackbone, str, str]:
     return backbone.to(device), device, resolve(settings.precision, device)
 
 
-def features(backbone: DinoBackbone, pixels: np.ndarray, device: str, dtype: str, micro_batch: int = 32):
+def features(backbone: DinoBackbone, pixels: np.ndarray, device: str, dtype: str, micro_batch: int = 32,
+             queue: DeviceQueue | None = None):
     """(N, 224, 224, 3) uint8 network pixels -> tokens (N, P, C) and resampled CLS attention (N, h, w), float32,
-    on ``device``."""
+    on ``device``. With ``queue`` (callers at once), the backbone runs in the caller's turn."""
     inputs = backbone.preprocess(torch.from_numpy(np.array(pixels)).to(device))
-    tokens, raw = backbone.extract(inputs, micro_batch=micro_batch, dtype=dtype)
+    with queue.turn() if queue is not None else contextlib.nullcontext():
+        tokens, raw = backbone.extract(inputs, micro_batch=micro_batch, dtype=dtype)
     return tokens, cls_attention_maps(raw)[1]
 
 
@@ -236,7 +239,7 @@ class FeatureActor:
         self.storage_options = settings.storage_options
         self.caches: dict[str, FeatureCache] = {}  # by folder: one pass fills the training and validation caches
         self._caches_lock = threading.Lock()  # calls run at once on a GPU (CachePlan.calls)
-        self._backbone_lock = threading.Lock()
+        self._backbone = DeviceQueue(self.device)  # two calls at once on a GPU: their backbones in turns
         self._local = threading.local()  # each call's CUDA stream: one call's copy waits for its own work only
         self.micro_batch = settings.micro_batch
 
@@ -256,9 +259,8 @@ class FeatureActor:
                         self.caches[folder] = FeatureCache(folder, self.storage_options)
                     cache = self.caches[folder]
                 with thread_stream(torch.device(self.device), self._local):
-                    with self._backbone_lock:  # queues the work only; the format switches are process-wide
-                        tokens, attention = features(self.backbone, row["net"], self.device, self.dtype,
-                                                     self.micro_batch)
+                    tokens, attention = features(self.backbone, row["net"], self.device, self.dtype,
+                                                 self.micro_batch, self._backbone)
                     index = cache.write(str(row["key"]), names, uris, tokens, attention,
                                         listed_uris=[str(u) for u in row["image_uris"]],
                                         sizes=[int(s) for s in row["sizes"]])

@@ -114,8 +114,7 @@ class GroupEngine:
         self.crf_workers = crf_workers
         self.profile = False  # synchronise the device at each stage so that timings are per stage (benchmarks)
         self._local = threading.local()
-        self._backbone_lock = threading.Lock()
-        self._backbone_done: torch.cuda.Event | None = None  # the end of the last backbone work queued (CUDA)
+        self._backbone = DeviceQueue(self.device)
         self._pool: ProcessPoolExecutor | None = None
         self._crf_warm: set[tuple[int, int, float]] = set()  # (H, W, Gaussian sxy) whose cached lattice is built
 
@@ -290,31 +289,15 @@ class GroupEngine:
             spans = [(int(a + s), int(min(a + s + mb, b))) for a, b in zip(starts[:-1], starts[1:])
                      for s in range(0, b - a, mb)]
         out = torch.empty((total, self.backbone.num_patches, self.backbone.embed_dim), device=self.device)
-        with self._backbone_lock:
-            self._after_previous_backbone()
+        pixels = host.to(self.device, non_blocking=True)  # before the turn: overlaps the other caller's backbone
+        with self._backbone.turn():
             for start, stop in spans:
-                inputs = self.backbone.preprocess(host[start:stop].to(self.device, non_blocking=True))
-                out[start:stop] = self.backbone.tokens(inputs, self.precision)
-            self._backbone_queued()
+                out[start:stop] = self.backbone.tokens(self.backbone.preprocess(pixels[start:stop]), self.precision)
+        del pixels
         if self.cuda:  # the pinned buffer is refilled by this thread's next call: not before these copies are done
             self._local.copied = torch.cuda.Event()
             self._local.copied.record()
         return out
-
-    def _after_previous_backbone(self) -> None:
-        """On CUDA, this thread's stream waits (on the device, not the host) for the backbone work queued before.
-
-        Each calling thread has its own stream; left alone, two threads' backbone batches share the device and
-        finish together, and then both threads do their CPU steps while the device idles. Queued one after the
-        other, one thread's CPU steps run while the other's backbone runs. Called with the backbone lock held."""
-        if self.cuda and self._backbone_done is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._backbone_done)
-
-    def _backbone_queued(self) -> None:
-        """Marks the end of the backbone work this thread just queued (backbone lock held)."""
-        if self.cuda:
-            self._backbone_done = torch.cuda.Event()
-            self._backbone_done.record(torch.cuda.current_stream(self.device))
 
     def _host_pixels(self, groups: Sequence[np.ndarray], total: int) -> torch.Tensor:
         """The groups' pixels in one (N, 224, 224, 3) uint8 host tensor: pinned and reused per thread on CUDA."""
@@ -428,7 +411,7 @@ class GroupEngine:
             # runs alone and is synchronised before anyone else uses that lattice.
             key = (int(labels.shape[1]), int(labels.shape[2]), float(params.gaussian_sxy))
             if key not in self._crf_warm:
-                with self._backbone_lock:
+                with self._backbone.lock:
                     outs.append(split(*pieces.pop(0)))
                     if self.cuda:
                         torch.cuda.synchronize(self.device)
@@ -459,6 +442,33 @@ class GroupEngine:
         if self.profile and self.cuda:
             torch.cuda.current_stream(self.device).synchronize()
         timings[key] += time.perf_counter() - start
+
+
+class DeviceQueue:
+    """Work that concurrent callers queue on one device runs one caller's after the other's.
+
+    On CUDA each calling thread has its own stream (``thread_stream``); left alone, two threads' backbone batches
+    share the device and finish together, and then both threads do their CPU steps while the device idles. In
+    turns, each caller's stream waits (on the device, not the host) for the work queued in the turn before, so one
+    caller's CPU steps run while the other's backbone does. The lock also keeps process-wide switches (the
+    number format's) to one caller at a time. Elsewhere only the lock."""
+
+    def __init__(self, device: str | torch.device):
+        self.device = torch.device(device)
+        self.lock = threading.Lock()
+        self._done: torch.cuda.Event | None = None  # the end of the work queued in the last turn (CUDA)
+
+    @contextmanager
+    def turn(self):
+        """Queue work on the current stream inside this; it runs after the work of the turns before."""
+        with self.lock:
+            cuda = self.device.type == "cuda"
+            if cuda and self._done is not None:
+                torch.cuda.current_stream(self.device).wait_event(self._done)
+            yield
+            if cuda:
+                self._done = torch.cuda.Event()
+                self._done.record(torch.cuda.current_stream(self.device))
 
 
 @contextmanager

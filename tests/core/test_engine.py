@@ -256,7 +256,7 @@ def test_the_torch_crf_warms_up_once_per_gaussian_lattice():
         def __exit__(self, *exc):
             return self.lock.__exit__(*exc)
 
-    engine._backbone_lock = CountingLock()
+    engine._backbone.lock = CountingLock()
     rgb, labels = _crf_images(2, 16, seed=9)
     for preset in ("coca", "coca", "cosal2015", "cosod3k", "cosal2015"):  # sxy 10, 10, 20, 10, 20
         engine._crf(rgb, labels, CRF_PRESETS[preset], "torch")

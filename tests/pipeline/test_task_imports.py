@@ -42,7 +42,7 @@ def test_the_model_does_import_them():
 
 def test_the_cpu_refine_actor_loads_neither_torch_nor_triton():
     """The refine actors (pydensecrf, masks at original size, metrics) fill the CPU nodes, a dozen a node: Triton
-    (~60 MB a process) and torch belong to the GPU CRF, whose kernels live apart (scosparc_core.crf_kernels)."""
+    (~85 MB a process) and torch belong to the GPU CRF, whose kernels live apart (scosparc_core.crf_kernels)."""
     assert imported_by("import pipeline.refine", ("torch", "triton")) == []
     pytest.importorskip("triton")  # the check can fail: the torch CRF's lattice does bring Triton
     assert imported_by("import scosparc_core.permutohedral", ("triton",)) == ["triton"]
