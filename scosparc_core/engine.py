@@ -146,7 +146,7 @@ class GroupEngine:
         if not live:
             return results
         timings: dict = defaultdict(float)
-        with self._stream_context():
+        with thread_stream(self.device, self._local):
             with self._timed(timings, "backbone"):
                 tokens = self._tokens([pixels[g] for g in live], micro_batch)
             live_results = self._after_backbone(tokens, [sizes[g] for g in live], [crf_rgb[g] for g in live],
@@ -162,7 +162,7 @@ class GroupEngine:
         """Everything after the backbone, for groups whose tokens (n_g, P, C) are already on the device
         (``run`` calls this; tests feed it the paper code's tokens)."""
         crf_rgb = list(crf_rgb) if crf_rgb is not None else [None] * len(tokens)
-        with self._stream_context():
+        with thread_stream(self.device, self._local):
             all_tokens = torch.cat([t.to(self.device, torch.float32) for t in tokens])
             return self._after_backbone(all_tokens, [len(t) for t in tokens], crf_rgb, crf_params(crf),
                                         self.crf_backend(crf_backend), details, defaultdict(float))
@@ -216,7 +216,7 @@ class GroupEngine:
         def tokens(start: int, stop: int) -> torch.Tensor:
             return self._tokens([load(start, stop)[0]], mb)
 
-        with self._stream_context():
+        with thread_stream(self.device, self._local):
             sums = []
             for start, stop in spans:
                 sums.append(tokens(start, stop).sum(dim=1))
@@ -290,13 +290,12 @@ class GroupEngine:
                      for s in range(0, b - a, mb)]
         out = torch.empty((total, self.backbone.num_patches, self.backbone.embed_dim), device=self.device)
         pixels = host.to(self.device, non_blocking=True)  # before the turn: overlaps the other caller's backbone
+        if self.cuda:  # the pinned buffer is refilled by this thread's next call: not before this copy is done
+            self._local.copied = torch.cuda.Event()
+            self._local.copied.record()
         with self._backbone.turn():
             for start, stop in spans:
                 out[start:stop] = self.backbone.tokens(self.backbone.preprocess(pixels[start:stop]), self.precision)
-        del pixels
-        if self.cuda:  # the pinned buffer is refilled by this thread's next call: not before these copies are done
-            self._local.copied = torch.cuda.Event()
-            self._local.copied.record()
         return out
 
     def _host_pixels(self, groups: Sequence[np.ndarray], total: int) -> torch.Tensor:
@@ -432,9 +431,6 @@ class GroupEngine:
             weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
         return self._pool
 
-    def _stream_context(self):
-        return thread_stream(self.device, self._local)
-
     @contextmanager
     def _timed(self, timings: dict, key: str):
         start = time.perf_counter()
@@ -461,8 +457,8 @@ class DeviceQueue:
     @contextmanager
     def turn(self):
         """Queue work on the current stream inside this; it runs after the work of the turns before."""
+        cuda = self.device.type == "cuda"
         with self.lock:
-            cuda = self.device.type == "cuda"
             if cuda and self._done is not None:
                 torch.cuda.current_stream(self.device).wait_event(self._done)
             yield
