@@ -36,7 +36,7 @@ from scosparc_core.precision import resolve
 
 from .decode import decode_for_cache
 from .listing import GroupSpec
-from .resources import PlacementError
+from .resources import PlacementError, check_placement
 from .storage import Storage, URLOptions, safe_component
 
 FEATURE_DTYPE = torch.float16  # converted where the features are (on the GPU: half the bytes to the host)
@@ -283,9 +283,9 @@ def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings,
     training reads, so it reads no index itself, and the arrays of that version whatever is written later. The
     file sizes the listing gives make a cached group stale when they change.
 
-    The pool's actors must be able to start within ``start_timeout`` seconds (Ray Data's
-    ``wait_for_min_actors_s``), else this raises PlacementError instead of waiting for resources that may never
-    come. When the pass ends, every reference to the dataset is dropped and collected, so Ray ends the pool's
+    The pool's actors must be placeable within ``start_timeout`` seconds (a placement group, then Ray Data's
+    ``wait_for_min_actors_s`` for the pool itself), else this raises PlacementError instead of waiting for
+    resources that may never come. When the pass ends, every reference to the dataset is dropped and collected, so Ray ends the pool's
     actors and their GPUs are free for training (Ray Data releases actors by reference counting, not
     ``ray.kill``).
     """
@@ -307,6 +307,10 @@ def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings,
     if not rows:
         return summaries, present
     start = time.perf_counter()
+    # Checked first with a placement group that is given back: a pool whose actors Ray Data cannot start in time
+    # leaves a pending actor behind that starts later and holds its CPUs or GPU while this process lives.
+    check_placement({"CPU": plan.num_cpus, "GPU": plan.num_gpus}, plan.actors, start_timeout,
+                    f"the feature cache's {plan.actors} actor(s)")
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 10_000))
     ds.context.wait_for_min_actors_s = max(1, int(start_timeout))
     ds = ds.map(decode_for_cache, fn_kwargs={"storage_options": settings.storage_options}, num_cpus=0.25)

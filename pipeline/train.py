@@ -57,7 +57,7 @@ from .feature_cache import (BackboneSettings, FeatureCache, backbone_id, build_b
                             cache_folder, check_cuda, features, plan_cache)
 from .lease import Lease
 from .listing import GroupSpec, list_layout
-from .resources import PlacementError, cluster_can_grow
+from .resources import check_placement
 from .storage import Storage, URLOptions, redact
 
 ADAM = {"lr": 1e-4, "weight_decay": 1e-4, "betas": (0.9, 0.99)}  # the paper's optimizer
@@ -575,78 +575,6 @@ def has_progress(run: Storage) -> bool:
 def _short(value) -> str:
     text = json.dumps(value, sort_keys=True, default=str)
     return text if len(text) <= 90 else text[:87] + "..."
-
-
-# ---------------------------------------------------------------------------------------- resources
-def check_placement(bundle: dict, count: int, timeout: float, what: str) -> None:
-    """Waits at most ``timeout`` s for the cluster to place ``count`` bundles (a placement group, PACK, as Ray
-    Train reserves its workers), then gives them back. Raises PlacementError naming what is missing. A resource
-    no node has, on a cluster that cannot grow (no autoscaler), fails at once."""
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-
-    bundle = {k: v for k, v in bundle.items() if v}
-    total = ray.cluster_resources()
-    if any(not total.get(k) for k in bundle) and not cluster_can_grow():
-        raise PlacementError(placement_message(bundle, count, None, what))
-    pg = placement_group([bundle] * count, strategy="PACK")
-    try:
-        if pg.wait(timeout_seconds=max(1, int(timeout))):
-            return
-    finally:
-        remove_placement_group(pg)
-    raise PlacementError(placement_message(bundle, count, timeout, what))
-
-
-def placement_message(bundle: dict, count: int, waited: float | None, what: str) -> str:
-    """What is missing for ``count`` x ``bundle``; ``waited``: the bounded wait that ran out (None: not waited,
-    the cluster cannot grow)."""
-    import ray
-
-    total, free = ray.cluster_resources(), ray.available_resources()
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    problems = []
-    for k, v in bundle.items():
-        need = v * count
-        if not total.get(k):
-            hint = " (drop --gpu, or run on a machine or cluster with GPUs)" if k == "GPU" else ""
-            problems.append(f"{k}: {need:g} needed, the cluster has none{hint}")
-        elif total[k] < need:
-            problems.append(f"{k}: {need:g} needed, the cluster has {total[k]:g} in all")
-        elif free.get(k, 0) < need:
-            problems.append(f"{k}: {need:g} needed, {free.get(k, 0):g} of {total[k]:g} free now (held by others)")
-    if not problems and not any(all(node.get(k, 0) >= v for k, v in bundle.items()) for node in nodes):
-        problems.append(f"no single node has {bundle} for one of them")
-    actors = live_actors()
-    when = (f"within {waited:g} s (--placement-timeout)" if waited is not None
-            else "(not waiting: the cluster lacks it and has no autoscaler to add nodes)")
-    return (f"cannot place {what}: {count} x {bundle} {when}. "
-            f"{'; '.join(problems) or 'resources look sufficient but were not granted in time'}. "
-            f"Cluster: {_resources(total)}; free: {_resources(free)}; live actors: {actors}")
-
-
-def _resources(r: dict) -> str:
-    skip = ("node:", "memory", "object_store")
-    return ", ".join(f"{k} {v:g}" for k, v in sorted(r.items()) if not k.startswith(skip))
-
-
-def live_actors() -> list[str]:
-    """Class names of the cluster's live actors with what they hold (state API; names alone without it)."""
-    import ray
-
-    try:
-        from ray.util.state import list_actors
-
-        rows = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
-                           detail=True, limit=200, raise_on_missing_output=False, timeout=10)
-        return [f"{a.class_name} {a.required_resources or {}}" for a in rows]
-    except Exception:  # noqa: BLE001 - no dashboard here: the GCS's actor table has the names
-        try:
-            from ray._private import state
-
-            return [a["ActorClassName"] for a in state.actors().values() if a["State"] == "ALIVE"]
-        except Exception as exc:  # noqa: BLE001
-            return [f"(unavailable: {type(exc).__name__})"]
 
 
 @contextlib.contextmanager

@@ -18,9 +18,10 @@ import torch
 from ray.train import WorkerGroupError
 
 from conftest import TINY_ARGS, TINY_VIT, make_bucket
+from pipeline.resources import PlacementError, live_actors
 from pipeline.sample import write_sample
 from pipeline.storage import Storage, storage_options
-from pipeline.train import (NoUsableGroupsError, PlacementError, RunMismatchError, TrainConfig, _params_identical,
+from pipeline.train import (NoUsableGroupsError, RunMismatchError, TrainConfig, _params_identical,
                             claim_run, epoch_assignment, fingerprint, run_training, sample_rows)
 from scosparc_core import Stage1Head, load_head_checkpoint
 
@@ -303,6 +304,12 @@ def test_cache_actors_that_cannot_be_placed_in_time_are_a_one_line_refusal(ray_l
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
     assert errors[0].startswith("error: cannot place the feature cache's 1 actor(s)") and "within 3 s" in errors[0]
     assert not (tmp_path / "cache-held" / "metrics.parquet").exists()
+    # nothing of the refused pass starts once the CPUs are free again (a pending pool actor once did, and held one)
+    total, deadline = ray.cluster_resources()["CPU"], time.monotonic() + 20
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)
+    assert ray.available_resources().get("CPU", 0) == total, live_actors()
 
 
 def test_settings_with_tuples_resume_their_own_run(tmp_path):
