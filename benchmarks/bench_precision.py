@@ -6,7 +6,8 @@ The same random ViT-B/8 and head (seeded; the formats are compared with each oth
 the engine on each group of real photos on the CPU in float32 (the reference, equal to the paper code) and on
 CUDA in float32 (TF32 off), tf32, float16 and bfloat16 autocast. Masks are compared after the CRF (pydensecrf on
 both sides, so only the backbone's format differs) and without it, as IoU of the binary masks at 224. The backbone's
-speed per format comes from the same run. The fastest format with mean IoU >= 0.995 and min IoU >= 0.98 is what
+speed per format comes from the same run (``--control`` adds the CPU with a float64 backbone: the masks' movement
+when only the rounding changes, no GPU involved). The fastest format with mean IoU >= 0.995 and min IoU >= 0.98 is what
 ``--dtype auto`` should pick on CUDA (``scosparc_core.precision.AUTO``); the script says which.
 """
 from __future__ import annotations
@@ -55,14 +56,36 @@ def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
+def float64_backbone(engine) -> None:
+    """The engine's backbone forward in float64, its tokens rounded back to float32 (the control row)."""
+    import copy
+
+    double = copy.deepcopy(engine.backbone).double()
+    engine.backbone.tokens = lambda x, precision: double.tokens(x.double(), precision).float()
+
+
+def worst(got: dict, ref: dict, groups: dict, k: int = 3) -> list[dict]:
+    """The ``k`` photos of lowest IoU, with their mask sizes: a few pixels weigh much on a small mask."""
+    rows = []
+    for g in groups:
+        for i, score in enumerate(iou(got[g], ref[g])):
+            rows.append({"iou": float(score), "group": g, "index": i, "reference_pixels": int(ref[g][i].sum()),
+                         "pixels": int(got[g][i].sum()), "pixels_differ": int((got[g][i] != ref[g][i]).sum())})
+    return sorted(rows, key=lambda r: r["iou"])[:k]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--photos", default=str(ROOT / "tests" / "realphotos"))
     ap.add_argument("--limit", type=int, default=None, help="photos per group (quick checks)")
-    ap.add_argument("--formats", nargs="+", default=["float32", "tf32", "float16", "bfloat16"])
+    ap.add_argument("--formats", nargs="*", default=["float32", "tf32", "float16", "bfloat16"],
+                    help="formats on --device (none: only --control)")
     ap.add_argument("--tiny", action="store_true", help="a tiny ViT (quick checks of this script)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="the device under test (cpu only to check this script)")
+    ap.add_argument("--control", action="store_true",
+                    help="also the CPU with its backbone in float64 (tokens back to float32): how far the masks "
+                         "move when only the rounding changes, with no GPU involved")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     from bench_engine import backbone_rate, make_engine
@@ -77,10 +100,14 @@ def main(argv=None) -> dict:
     del reference
     rows = []
     pixels = [p for p, _ in groups.values()]
-    for fmt in a.formats:
+    for fmt in [*a.formats, *(["float64-backbone-cpu"] if a.control else [])]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            engine = make_engine(a.device, fmt, 128 if a.device == "cuda" else 32, kwargs, crf_workers=8)
+            if fmt == "float64-backbone-cpu":
+                engine = make_engine("cpu", "float32", 32, kwargs, crf_workers=8)
+                float64_backbone(engine)
+            else:
+                engine = make_engine(a.device, fmt, 128 if a.device == "cuda" else 32, kwargs, crf_workers=8)
         row = {"format": fmt, "backbone_images_per_s": backbone_rate(engine, pixels, 3 if a.device == "cuda" else 1)}
         found = masks(engine, groups)
         for crf in ("coca", "none"):
@@ -88,21 +115,28 @@ def main(argv=None) -> dict:
             scores = np.concatenate([iou(got[g], ref[crf][g]) for g in groups])
             pixels_differ = float(np.mean(np.concatenate([(got[g] != ref[crf][g]).ravel() for g in groups])))
             row[crf] = {"mean_iou": float(scores.mean()), "min_iou": float(scores.min()),
-                        "pixels_differ": pixels_differ}
-        row["keeps_masks"] = row["coca"]["mean_iou"] >= MEAN_IOU and row["coca"]["min_iou"] >= MIN_IOU
+                        "pixels_differ": pixels_differ, "worst": worst(got, ref[crf], groups)}
+        row["keeps_masks"] = (row["coca"]["mean_iou"] >= MEAN_IOU and row["coca"]["min_iou"] >= MIN_IOU
+                              and fmt in a.formats)
         rows.append(row)
         print(f"{fmt:>9}: backbone {row['backbone_images_per_s']:8.1f} img/s; with CRF mean IoU "
               f"{row['coca']['mean_iou']:.4f} min {row['coca']['min_iou']:.4f} ({100 * row['coca']['pixels_differ']:.3f}% "
               f"pixels differ); without CRF mean {row['none']['mean_iou']:.4f} min {row['none']['min_iou']:.4f}"
               f"{'  keeps the masks' if row['keeps_masks'] else ''}", flush=True)
+        w = row["coca"]["worst"][0]
+        print(f"{'':>11}lowest with CRF: {w['group']} #{w['index']}, {w['pixels_differ']} pixels differ of a mask of "
+              f"{w['reference_pixels']} (here {w['pixels']})", flush=True)
         del engine
         if a.device == "cuda":
             torch.cuda.empty_cache()
     keeping = [r for r in rows if r["keeps_masks"]]
     choice = max(keeping, key=lambda r: r["backbone_images_per_s"])["format"] if keeping else "float32"
     print(f"fastest format that keeps the masks (mean IoU >= {MEAN_IOU}, min >= {MIN_IOU}): {choice}")
+    areas = np.concatenate([m.reshape(len(m), -1).sum(1) for m in ref["coca"].values()])
     result = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
-              "photos": n, "tiny": a.tiny, "rows": rows, "auto_choice": choice}
+              "photos": n, "tiny": a.tiny, "rows": rows, "auto_choice": choice,
+              "reference_crf_mask_pixels": {"min": int(areas.min()), "median": float(np.median(areas)),
+                                            "under_500": int((areas < 500).sum())}}
     write_result(result, a.out, "precision.json")
     return result
 
