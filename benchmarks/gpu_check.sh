@@ -40,7 +40,7 @@ choice() {
     || $PY -c "from scosparc_core.precision import resolve; print(resolve('auto', 'cuda'))"
 }
 if [ "$QUICK" = 1 ]; then
-  precision() { part precision 200 $PY benchmarks/bench_precision.py --device cpu --tiny --limit 3 --formats float32 float16 --control --out "$OUT"; }
+  precision() { part precision 200 $PY benchmarks/bench_precision.py --device cpu --tiny --limit 3 --formats float32 float64 --out "$OUT"; }
   infer() { part infer 300 $PY benchmarks/bench_infer.py --device cpu --tiny --groups 4 --per-group 4 --crf none coca \
     --dtype float32 --work /tmp/gpu-check-infer --out "$OUT"; }
   crf() { part crf 200 $PY benchmarks/bench_crf.py --check --device cpu --quick --out "$OUT/crf"; }
@@ -48,7 +48,7 @@ if [ "$QUICK" = 1 ]; then
   train() { part train 300 $PY benchmarks/bench_train.py --device-check --quick --out "$OUT/train"; }
 else
   precision() {
-    part precision ${PRECISION_S:-110} $PY benchmarks/bench_precision.py --device cuda --formats ${FORMATS:-float32 tf32 float16 bfloat16} --control --out "$OUT"
+    part precision ${PRECISION_S:-140} $PY benchmarks/bench_precision.py --device cuda --formats ${FORMATS:-float32 tf32 float16 bfloat16 float64} --out "$OUT"
     echo "precision choice: $(choice)" >> "$OUT/parts.txt"; }
   infer() { part infer ${INFER_S:-190} $PY benchmarks/bench_infer.py --device cuda --groups 200 --per-group 25 --crf none coca \
     --dtype "$(choice)" --work /tmp/gpu-check-infer --out "$OUT"; }

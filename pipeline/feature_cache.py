@@ -32,7 +32,7 @@ import torch
 from scosparc_core import DinoBackbone
 from scosparc_core.engine import DeviceQueue, thread_stream
 from scosparc_core.modeling import DEFAULT_BACKBONE, cls_attention_maps
-from scosparc_core.precision import resolve
+from scosparc_core.precision import backbone_dtype, resolve
 
 from .decode import decode_for_cache
 from .listing import GroupSpec
@@ -90,7 +90,8 @@ def build_backbone(settings: BackboneSettings) -> tuple[DinoBackbone, str, str]:
         storage_options=URLOptions(settings.storage_options),
         **settings.kwargs,
     )
-    return backbone.to(device), device, resolve(settings.precision, device)
+    precision = resolve(settings.precision, device)
+    return backbone.to(device, backbone_dtype(precision)), device, precision
 
 
 def features(backbone: DinoBackbone, pixels: np.ndarray, device: str, dtype: str, micro_batch: int = 32,

@@ -93,9 +93,10 @@ class DinoBackbone(nn.Module):
         return self.pixel_mean.device
 
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(..., 224, 224, 3) uint8 pixels -> (..., 3, 224, 224) float32 network input: /255, then ImageNet
+        """(..., 224, 224, 3) uint8 pixels -> (..., 3, 224, 224) network input in the weights' dtype (float32
+        unless ``float64`` was asked for): /255, then ImageNet
         mean/std. The same operations, in the same order, as to_tensor -> normalize in the paper code."""
-        x = pixels.movedim(-1, -3).float().div(255)
+        x = pixels.movedim(-1, -3).to(self.pixel_mean.dtype).div(255)
         return x.sub_(self.pixel_mean).div_(self.pixel_std)
 
     @classmethod
@@ -157,6 +158,7 @@ class DinoBackbone(nn.Module):
         """images: (B, 3, H, W) normalised -> BackboneOutput (see its docstring)."""
         vit = self.vit
         prefix = vit.num_prefix_tokens
+        images = images.to(self.pixel_mean.dtype)  # float64 weights (precision float64) take float64 inputs
         if not with_attention:
             feats = self._features(images)
             return BackboneOutput(tokens=feats[:, prefix:], cls_token=feats[:, 0], cls_attention=None)

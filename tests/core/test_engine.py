@@ -274,3 +274,26 @@ def test_cls_attention_is_float32_under_autocast():
     assert attention.dtype == torch.float32
     # float32 softmax values are almost never bfloat16 numbers; bfloat16 arithmetic gives nothing else
     assert (attention != attention.bfloat16().float()).float().mean() > 0.9
+
+
+def test_a_float64_backbone_rounds_its_tokens_once(groups):
+    """precision float64: the backbone's weights and arithmetic in float64 (timm's own forward in float64, bit for
+    bit), its tokens rounded once to float32; the same model in float32 is not changed by it."""
+    from scosparc_core.precision import resolve
+
+    assert resolve("float64", "cuda") == resolve("float64", "cpu") == "float64"
+    engine64, engine32 = tiny_model(dtype="float64").engine, tiny_model().engine
+    assert engine64.precision == "float64" and {p.dtype for p in engine64.backbone.parameters()} == {torch.float64}
+    pixels, rgb = groups[0]
+    with torch.inference_mode():
+        got, in_float32 = engine64._tokens([pixels]), engine32._tokens([pixels])
+        vit = tiny_model().backbone.vit.double()
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).double().div(255)
+        mean, std = engine32.backbone.pixel_mean.double(), engine32.backbone.pixel_std.double()
+        expected = vit.forward_features((x - mean) / std)[:, vit.num_prefix_tokens:].float()
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert not torch.equal(got, in_float32)  # float32's rounding is not float64's
+    torch.testing.assert_close(got, in_float32, rtol=1e-4, atol=1e-4)
+    assert {p.dtype for p in engine32.backbone.parameters()} == {torch.float32}
+    result = engine64.run([pixels], [rgb], crf="coca")[0]
+    assert result.final.shape == (len(pixels), 224, 224) and result.final.dtype == np.uint8
