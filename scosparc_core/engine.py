@@ -96,7 +96,8 @@ class GroupResult:
 class GroupEngine:
     """Runs the method on groups of decoded images with one backbone and head on one device.
 
-    precision: a name from ``scosparc_core.precision`` (``auto`` resolves per device); micro_batch: images per
+    precision: a name from ``scosparc_core.precision`` (``auto`` resolves per device; the backbone is moved to the
+    device, and for ``float64`` converted to float64, in place: one backbone, one precision); micro_batch: images per
     backbone forward; crf_workers >= 2: pydensecrf CRFs in that many processes (spawned, so a script that uses
     them needs the ``if __name__ == "__main__":`` guard).
     """

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..image import IMAGENET_MEAN, IMAGENET_STD
-from ..precision import backbone_precision, resolve
+from ..precision import backbone_dtype, backbone_precision, resolve
 
 DEFAULT_BACKBONE = "vit_base_patch8_224.dino"
 # The paper code upsamples each head's attention map by 16 (nearest) before averaging and normalising.
@@ -185,8 +185,17 @@ class DinoBackbone(nn.Module):
     def tokens(self, inputs: torch.Tensor, precision: str = "float32") -> torch.Tensor:
         """(B, 3, 224, 224) network inputs on the backbone's device -> patch tokens (B, P, C) float32, no
         attention. ``precision``: a name resolved by ``scosparc_core.precision.resolve``."""
+        self._check_weights(precision)
         with backbone_precision(precision, inputs.device):
             return self.forward(inputs, with_attention=False).tokens.float()
+
+    def _check_weights(self, precision: str) -> None:
+        """float64 runs on float64 weights, every other precision on float32 ones: a mismatch is a caller's error,
+        not something to run in the weights' format instead."""
+        want = backbone_dtype(precision)
+        if self.pixel_mean.dtype != want:
+            raise ValueError(f"precision {precision!r} needs the backbone's weights in {want}; they are in "
+                             f"{self.pixel_mean.dtype} (convert with backbone.to({want}))")
 
     @torch.inference_mode()
     def extract(
@@ -203,6 +212,7 @@ class DinoBackbone(nn.Module):
         """
         device = self.device
         precision = resolve(dtype, device)
+        self._check_weights(precision)
         out_device = device if out_device is None else torch.device(out_device)
         n = images.shape[0]
         tokens = torch.empty((n, self.num_patches, self.embed_dim), dtype=torch.float32, device=out_device)

@@ -295,5 +295,7 @@ def test_a_float64_backbone_rounds_its_tokens_once(groups):
     assert not torch.equal(got, in_float32)  # float32's rounding is not float64's
     torch.testing.assert_close(got, in_float32, rtol=1e-4, atol=1e-4)
     assert {p.dtype for p in engine32.backbone.parameters()} == {torch.float32}
+    with pytest.raises(ValueError, match="needs the backbone's weights in torch.float64"):
+        engine32.backbone.tokens(engine32.backbone.preprocess(torch.from_numpy(pixels[:1])), "float64")
     result = engine64.run([pixels], [rgb], crf="coca")[0]
     assert result.final.shape == (len(pixels), 224, 224) and result.final.dtype == np.uint8
