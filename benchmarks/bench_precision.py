@@ -57,11 +57,12 @@ def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
-def worst(got: dict, ref: dict, groups: dict, k: int = 3) -> list[dict]:
-    """The ``k`` photos of lowest IoU, with their mask sizes: a few pixels weigh much on a small mask."""
+def worst(scores: dict, got: dict, ref: dict, k: int = 3) -> list[dict]:
+    """The ``k`` photos of lowest IoU (``scores``: group -> per-photo IoU), with their mask sizes: a few pixels
+    weigh much on a small mask."""
     rows = []
-    for g in groups:
-        for i, score in enumerate(iou(got[g], ref[g])):
+    for g, group_scores in scores.items():
+        for i, score in enumerate(group_scores):
             rows.append({"iou": float(score), "group": g, "index": i, "reference_pixels": int(ref[g][i].sum()),
                          "pixels": int(got[g][i].sum()), "pixels_differ": int((got[g][i] != ref[g][i]).sum())})
     return sorted(rows, key=lambda r: r["iou"])[:k]
@@ -97,10 +98,11 @@ def main(argv=None) -> dict:
         found = masks(engine, groups)
         for crf in ("coca", "none"):
             got = found[crf]
-            scores = np.concatenate([iou(got[g], ref[crf][g]) for g in groups])
+            by_group = {g: iou(got[g], ref[crf][g]) for g in groups}
+            scores = np.concatenate(list(by_group.values()))
             pixels_differ = float(np.mean(np.concatenate([(got[g] != ref[crf][g]).ravel() for g in groups])))
             row[crf] = {"mean_iou": float(scores.mean()), "min_iou": float(scores.min()),
-                        "pixels_differ": pixels_differ, "worst": worst(got, ref[crf], groups)}
+                        "pixels_differ": pixels_differ, "worst": worst(by_group, got, ref[crf])}
         row["keeps_masks"] = row["coca"]["mean_iou"] >= MEAN_IOU and row["coca"]["min_iou"] >= MIN_IOU
         rows.append(row)
         print(f"{fmt:>9}: backbone {row['backbone_images_per_s']:8.1f} img/s; with CRF mean IoU "

@@ -32,7 +32,7 @@ import torch
 from scosparc_core import DinoBackbone
 from scosparc_core.engine import DeviceQueue, thread_stream
 from scosparc_core.modeling import DEFAULT_BACKBONE, cls_attention_maps
-from scosparc_core.precision import backbone_dtype, resolve
+from scosparc_core.precision import resolve
 
 from .decode import decode_for_cache
 from .listing import GroupSpec
@@ -91,7 +91,7 @@ def build_backbone(settings: BackboneSettings) -> tuple[DinoBackbone, str, str]:
         **settings.kwargs,
     )
     precision = resolve(settings.precision, device)
-    return backbone.to(device, backbone_dtype(precision)), device, precision
+    return backbone.to_precision(device, precision), device, precision
 
 
 def features(backbone: DinoBackbone, pixels: np.ndarray, device: str, dtype: str, micro_batch: int = 32,
@@ -286,9 +286,9 @@ def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings,
 
     The pool's actors must be placeable within ``start_timeout`` seconds (a placement group, then Ray Data's
     ``wait_for_min_actors_s`` for the pool itself), else this raises PlacementError instead of waiting for
-    resources that may never come. When the pass ends, every reference to the dataset is dropped and collected, so Ray ends the pool's
-    actors and their GPUs are free for training (Ray Data releases actors by reference counting, not
-    ``ray.kill``).
+    resources that may never come. When the pass ends, every reference to the dataset is dropped and collected,
+    so Ray ends the pool's actors and their GPUs are free for training (Ray Data releases actors by reference
+    counting, not ``ray.kill``).
     """
     import ray
 

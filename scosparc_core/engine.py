@@ -31,7 +31,7 @@ from .crf import CRFParams, crf_params, dense_crf
 from .modeling.backbone import DinoBackbone
 from .modeling.stage1 import Stage1Head
 from .permutohedral import LatticeTooLarge
-from .precision import backbone_dtype, resolve
+from .precision import resolve
 from .region_filter import (foreground_means, group_prototype, keep_regions, label_regions, patch_masks,
                             prototype_cosines, prototype_from_means, region_embeddings, stage2_masks)
 from .threshold import adaptive_threshold, image_confidences, stage1_map
@@ -109,7 +109,7 @@ class GroupEngine:
         self.device = torch.device(device)
         self.precision = resolve(precision, self.device)
         self.micro_batch = max(1, int(micro_batch))
-        self.backbone = backbone.to(self.device, backbone_dtype(self.precision)).eval()
+        self.backbone = backbone.to_precision(self.device, self.precision).eval()
         self.head = head.to(self.device).eval()
         self.grid = backbone.grid_size
         self.crf_workers = crf_workers

@@ -189,6 +189,11 @@ class DinoBackbone(nn.Module):
         with backbone_precision(precision, inputs.device):
             return self.forward(inputs, with_attention=False).tokens.float()
 
+    def to_precision(self, device: str | torch.device, precision: str) -> "DinoBackbone":
+        """Moves the backbone to ``device`` with its weights in the dtype ``precision`` (resolved) runs on, in
+        place: float64 for ``float64``, float32 otherwise."""
+        return self.to(device, backbone_dtype(precision))
+
     def _check_weights(self, precision: str) -> None:
         """float64 runs on float64 weights, every other precision on float32 ones: a mismatch is a caller's error,
         not something to run in the weights' format instead."""

@@ -280,6 +280,14 @@ def test_storage_the_run_cannot_use_is_a_one_line_refusal(tiny_weights, data, tm
     assert damaged.read_text() == '{"fingerprint": '  # left as it was
 
 
+def wait_for_free_cpus(ray, seconds: float = 120.0) -> float:
+    """Waits at most ``seconds`` for every CPU of the cluster to be free; returns the cluster's CPU count."""
+    total, deadline = ray.cluster_resources()["CPU"], time.monotonic() + seconds
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return total
+
+
 def test_cache_actors_that_cannot_be_placed_in_time_are_a_one_line_refusal(ray_local, tiny_weights, data, tmp_path,
                                                                              capsys):
     """The workers fit, the feature cache's actor does not: a bounded wait, then exit 2 naming it."""
@@ -306,9 +314,7 @@ def test_cache_actors_that_cannot_be_placed_in_time_are_a_one_line_refusal(ray_l
     assert errors[0].startswith("error: cannot place the feature cache's 1 actor(s)") and "within 3 s" in errors[0]
     assert not (tmp_path / "cache-held" / "metrics.parquet").exists()
     # nothing of the refused pass starts once the CPUs are free again (a pending pool actor once did, and held one)
-    total, deadline = ray.cluster_resources()["CPU"], time.monotonic() + 120  # as long as the test below allows
-    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
-        time.sleep(0.5)
+    total = wait_for_free_cpus(ray)
     time.sleep(3)
     assert ray.available_resources().get("CPU", 0) == total, live_actors()
 
@@ -385,9 +391,7 @@ def test_workers_that_cannot_be_placed_in_time_fail_naming_what_holds_the_cpus(r
         def ping(self):
             return True
 
-    total, deadline = ray.cluster_resources()["CPU"], time.monotonic() + 120
-    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
-        time.sleep(0.5)  # an earlier test's actors may still be going away
+    total = wait_for_free_cpus(ray)  # an earlier test's actors may still be going away
     holder = Holder.options(num_cpus=total).remote()
     try:
         assert ray.get(holder.ping.remote(), timeout=120)
