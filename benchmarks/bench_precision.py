@@ -9,7 +9,8 @@ CUDA in float32 (TF32 off), tf32, float16 and bfloat16 autocast, and float64. Ma
 224. The backbone's speed per format comes from the same run. float64 (the backbone in float64, tokens rounded to
 float32) shows how far masks move when the only difference is the reference's own float32 rounding;
 ``--device cpu --formats float64`` measures that without a GPU. The fastest format with mean IoU >= 0.995 and min
-IoU >= 0.98 is what ``--dtype auto`` should pick on CUDA (``scosparc_core.precision.AUTO``); the script says which.
+IoU >= 0.98 is what ``--dtype auto`` should pick on CUDA; the script says which, and what ``auto`` picks on this
+card (``scosparc_core.precision.resolve``: float64 on cards with fast float64, else float32).
 """
 from __future__ import annotations
 
@@ -117,10 +118,14 @@ def main(argv=None) -> dict:
             torch.cuda.empty_cache()
     keeping = [r for r in rows if r["keeps_masks"]]
     choice = max(keeping, key=lambda r: r["backbone_images_per_s"])["format"] if keeping else "float32"
-    print(f"fastest format that keeps the masks (mean IoU >= {MEAN_IOU}, min >= {MIN_IOU}): {choice}")
+    from scosparc_core.precision import resolve
+
+    auto = resolve("auto", a.device)
+    print(f"fastest format that keeps the masks (mean IoU >= {MEAN_IOU}, min >= {MIN_IOU}): {choice}; "
+          f"--dtype auto here: {auto}{'' if auto == choice else '  (they differ)'}")
     areas = np.concatenate([m.reshape(len(m), -1).sum(1) for m in ref["coca"].values()])
     result = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
-              "photos": n, "tiny": a.tiny, "rows": rows, "auto_choice": choice,
+              "photos": n, "tiny": a.tiny, "rows": rows, "auto_choice": choice, "auto_here": auto,
               "reference_crf_mask_pixels": {"min": int(areas.min()), "median": float(np.median(areas)),
                                             "under_500": int((areas < 500).sum())}}
     write_result(result, a.out, "precision.json")

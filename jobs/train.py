@@ -26,7 +26,7 @@ from jobs.arguments import Formatter, KeyValues, add_storage_args, key_value, st
 from pipeline.listing import LAYOUTS  # noqa: E402
 from pipeline.storage import redact_text  # noqa: E402
 from pipeline.train import TrainConfig, config_defaults, run_training  # noqa: E402
-from scosparc_core.precision import AUTO, PRECISIONS  # noqa: E402
+from scosparc_core.precision import PRECISIONS  # noqa: E402
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -61,7 +61,7 @@ def parse_args(argv=None) -> TrainConfig:
     ap.add_argument("--random-init", action="store_true", help="random backbone when none is given (tests)")
     ap.add_argument("--init-head", help="start from this stage-1 checkpoint")
     ap.add_argument("--dtype", default=d["dtype"], choices=PRECISIONS,
-                    help=f"the backbone's number format (auto: {AUTO['cuda']} on CUDA, {AUTO['cpu']} on CPU)")
+                    help="the backbone's number format (auto: float32, on CUDA too: training needs no mask-exact float64)")
     ap.add_argument("--micro-batch", type=int, default=d["micro_batch"], help="backbone images per forward pass")
     ap.add_argument("--seed", type=int, default=d["seed"], help="seeds the head, the group order and the sampling")
     ap.add_argument("--max-failures", type=int, default=d["max_failures"],

@@ -65,6 +65,12 @@ class BackboneSettings:
     def device(self) -> str:
         return "cuda" if self.gpu else "cpu"
 
+    @property
+    def resolved_precision(self) -> str:
+        """``precision`` resolved, the same in the driver and on every worker: ``auto`` is float32 on CUDA here
+        too, whatever the card (training's features need no mask-exact float64, which would halve the cache pass)."""
+        return resolve(self.precision, self.device, accelerators=())
+
 
 def check_cuda(where: str) -> None:
     """Ray gave this process a GPU: torch must see it, or the work would silently run on the CPU."""
@@ -90,7 +96,7 @@ def build_backbone(settings: BackboneSettings) -> tuple[DinoBackbone, str, str]:
         storage_options=URLOptions(settings.storage_options),
         **settings.kwargs,
     )
-    precision = resolve(settings.precision, device)
+    precision = settings.resolved_precision
     return backbone.to_precision(device, precision), device, precision
 
 
@@ -116,7 +122,7 @@ def backbone_id(settings: BackboneSettings, weights_digest: str | None) -> str:
     """Names the features a backbone gives: its weights (by content), architecture and resolved precision."""
     ident = {"weights": weights_digest or ("random-init" if settings.random_init else "timm-pretrained"),
              "name": settings.name, "kwargs": settings.kwargs,
-             "precision": resolve(settings.precision, settings.device)}
+             "precision": settings.resolved_precision}
     return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -179,7 +179,7 @@ def run_inference(cfg: InferConfig) -> dict:
         lease = stack.enter_context(Lease(out, ttl=cfg.lease_ttl, holder={"job": "infer"},
                                           stop_main=True))
         device, view = choose_device(cfg.device, view, cfg.gpu_wait, cfg.gpu_actors or 1)
-        precision = resolve(cfg.dtype, device)
+        precision = resolve(cfg.dtype, device, view.accelerators())
         listing = group_dataset(cfg.spec()).materialize()
         summary = summarize(listing)
         plan, micro_batch = _plan(cfg, view, device, summary)
@@ -285,7 +285,7 @@ def _dry_run(cfg: InferConfig, view) -> dict:
     summary = summarize(group_dataset(cfg.spec()).materialize())
     device, _ = choose_device(cfg.device, view, cfg.gpu_wait, wait=False)
     plan, _ = _plan(cfg, view, device, summary)
-    report = {"input": summary, "device": device, "precision": resolve(cfg.dtype, device),
+    report = {"input": summary, "device": device, "precision": resolve(cfg.dtype, device, view.accelerators()),
               "plan": asdict(plan), "cluster": view.resources}
     _log(f"dry run: {summary['groups']} groups, {summary['images']} images "
          f"(largest group {summary['largest_group']}); stage 1 on {device} "

@@ -48,7 +48,7 @@ from scosparc_core.checkpoints import check_checkpoints, head_state_dict
 from scosparc_core.image import INPUT_SIZE
 from scosparc_core.metrics import aggregate, image_metrics
 from scosparc_core.modeling import DEFAULT_BACKBONE, DinoBackbone
-from scosparc_core.precision import PRECISIONS, resolve
+from scosparc_core.precision import PRECISIONS
 from scosparc_core.threshold import adaptive_threshold, image_confidences, stage1_map
 
 from .decode import decode_network_views, read_gt, read_many
@@ -512,7 +512,7 @@ def fingerprint(cfg: TrainConfig, digests: dict[str, str], weights: str | None, 
         "backbone_name": cfg.backbone_name,
         "backbone_kwargs": dict(cfg.backbone_kwargs),
         "init_head": init_head,
-        "precision": resolve(cfg.dtype, "cuda" if cfg.gpu else "cpu"),
+        "precision": cfg.backbone_settings().resolved_precision,
         "feature_cache": cfg.feature_cache,
         "max_images": cfg.max_images,
         "lr": cfg.lr,
