@@ -79,8 +79,8 @@ def main(argv=None) -> dict:
     from scosparc_core.precision import resolve
 
     cuda = a.device == "cuda"
-    mb = a.micro_batch or default_micro_batch(a.device)
     precision = resolve(a.dtype, a.device)
+    mb = a.micro_batch or default_micro_batch(a.device, precision)
     kwargs = dict(embed_dim=96, depth=2, num_heads=3) if a.tiny else {}
     work = Path(a.work or tempfile.mkdtemp(prefix="bench-infer-"))
     data = work / "data"

@@ -69,7 +69,7 @@ def parse_args(argv=None) -> tuple[InferConfig, bool]:
     run.add_argument("--gpu-wait", type=float, default=d.gpu_wait,
                      help="seconds to wait for an autoscaling cluster's first GPU before failing")
     run.add_argument("--micro-batch", type=int, default=d.micro_batch,
-                     help="backbone images per forward (default: 128 on CUDA, 32 on CPU)")
+                     help="backbone images per forward (default: 128 on CUDA, 64 there in float64, 32 on CPU)")
     run.add_argument("--chunk-size", type=int, default=d.chunk_size, help="images per row after stage 1")
     run.add_argument("--gpu-actors", type=int, default=d.gpu_actors,
                      help="most stage-1 actors (default: one per GPU the cluster has or can have)")

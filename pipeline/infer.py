@@ -58,7 +58,7 @@ class InferConfig:
     crf_backend: str = "auto"  # auto: torch beside stage 1 on GPUs, pydensecrf on CPU workers otherwise
     device: str = "auto"  # auto | cuda | cpu
     dtype: str = "auto"  # the backbone's number format (scosparc_core.precision)
-    micro_batch: int | None = None  # backbone images per forward; None: 128 on CUDA, 32 on CPU
+    micro_batch: int | None = None  # backbone images per forward; None: 128 on CUDA (64 in float64), 32 on CPU
     chunk_size: int = 32  # images per row after stage 1
     compile: bool = False
     gpu_actors: int | None = None  # None: one per GPU the cluster has or can have
@@ -182,7 +182,7 @@ def run_inference(cfg: InferConfig) -> dict:
         precision = resolve(cfg.dtype, device, view.accelerators())
         listing = group_dataset(cfg.spec()).materialize()
         summary = summarize(listing)
-        plan, micro_batch = _plan(cfg, view, device, summary)
+        plan, micro_batch = _plan(cfg, view, device, precision, summary)
         crf_backend = {"torch": "torch", "defer": "pydensecrf", "none": "none"}[plan.crf_backend]
         settings = fingerprint(cfg, digests, precision, crf_backend)
         if cfg.overwrite:
@@ -268,9 +268,9 @@ def _settle(out: Storage, listed: set[str]) -> OutputState:
     return state
 
 
-def _plan(cfg: InferConfig, view, device: str, summary: dict) -> tuple[Plan, int]:
+def _plan(cfg: InferConfig, view, device: str, precision: str, summary: dict) -> tuple[Plan, int]:
     """The resource plan for the listed input, and the backbone's micro-batch."""
-    micro_batch = cfg.micro_batch or default_micro_batch(device)
+    micro_batch = cfg.micro_batch or default_micro_batch(device, precision)
     mean_group = summary["images"] / max(summary["groups"] - summary["empty_groups"]["count"], 1)
     plan = plan_resources(view, device, gpu_actors=cfg.gpu_actors, gpus_per_actor=cfg.gpus_per_actor, crf=cfg.crf,
                           crf_backend=cfg.crf_backend, micro_batch=micro_batch, mean_group=mean_group)
@@ -284,8 +284,9 @@ def _dry_run(cfg: InferConfig, view) -> dict:
     """Lists the input and prints the plan; starts nothing, writes nothing, waits for no GPU."""
     summary = summarize(group_dataset(cfg.spec()).materialize())
     device, _ = choose_device(cfg.device, view, cfg.gpu_wait, wait=False)
-    plan, _ = _plan(cfg, view, device, summary)
-    report = {"input": summary, "device": device, "precision": resolve(cfg.dtype, device, view.accelerators()),
+    precision = resolve(cfg.dtype, device, view.accelerators())
+    plan, micro_batch = _plan(cfg, view, device, precision, summary)
+    report = {"input": summary, "device": device, "precision": precision, "micro_batch": micro_batch,
               "plan": asdict(plan), "cluster": view.resources}
     _log(f"dry run: {summary['groups']} groups, {summary['images']} images "
          f"(largest group {summary['largest_group']}); stage 1 on {device} "

@@ -44,8 +44,11 @@ MICRO_BATCH = {"cpu": 32, "cuda": 128}
 TORCH_CRF_IMAGES = 256
 
 
-def default_micro_batch(device: str | torch.device) -> int:
-    return MICRO_BATCH.get(torch.device(device).type, 32)
+def default_micro_batch(device: str | torch.device, precision: str = "float32") -> int:
+    """Backbone images per forward for a device and a resolved precision: half on CUDA in float64, whose
+    attention runs unfused (batch x heads x 785 x 785 float64 scores and their softmax: ~15 GB at 128)."""
+    kind = torch.device(device).type
+    return MICRO_BATCH.get(kind, 32) // (2 if kind == "cuda" and precision == "float64" else 1)
 
 
 @dataclass
@@ -103,12 +106,12 @@ class GroupEngine:
     """
 
     def __init__(self, backbone: DinoBackbone, head: Stage1Head, device: str | torch.device = "cpu",
-                 precision: str = "auto", micro_batch: int = 32, crf_workers: int = 0):
+                 precision: str = "auto", micro_batch: int | None = None, crf_workers: int = 0):
         if head.dim != backbone.embed_dim:
             raise ValueError(f"head width {head.dim} does not match backbone width {backbone.embed_dim}")
         self.device = torch.device(device)
         self.precision = resolve(precision, self.device)
-        self.micro_batch = max(1, int(micro_batch))
+        self.micro_batch = max(1, int(micro_batch or default_micro_batch(self.device, self.precision)))
         self.backbone = backbone.to_precision(self.device, self.precision).eval()
         self.head = head.to(self.device).eval()
         self.grid = backbone.grid_size

@@ -10,7 +10,7 @@ import torch
 
 from .checkpoints import load_head_checkpoint, save_head_checkpoint
 from .crf import CRFParams, crf_params
-from .engine import GroupEngine, default_micro_batch
+from .engine import GroupEngine
 from .image import crf_image, network_pixels, to_original_size, to_rgb
 from .modeling.backbone import DEFAULT_BACKBONE, DinoBackbone
 from .modeling.stage1 import Stage1Head
@@ -79,8 +79,8 @@ class SCoSPARC:
         crf_workers: int = 0,
     ):
         device = torch.device(device)
-        self.engine = GroupEngine(backbone, head, device=device, precision=dtype,
-                                  micro_batch=micro_batch or default_micro_batch(device), crf_workers=crf_workers)
+        self.engine = GroupEngine(backbone, head, device=device, precision=dtype, micro_batch=micro_batch,
+                                  crf_workers=crf_workers)
         if compile:
             backbone.compile_forward()
 

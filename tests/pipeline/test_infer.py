@@ -24,7 +24,7 @@ def config(tiny_weights, input, output, **kw):
     backbone, head = tiny_weights
     return InferConfig(input=str(input), output=str(output), backbone=backbone, head=head,
                        backbone_name="vit_base_patch8_224", backbone_kwargs=dict(TINY_VIT),
-                       micro_batch=16, progress_interval=0.5, **kw)
+                       **{"micro_batch": 16, "progress_interval": 0.5, **kw})
 
 
 def rows(output):
@@ -228,8 +228,11 @@ def test_dry_run_lists_and_plans_without_writing(ray_local, tiny_weights, sample
         monkeypatch.setattr(infer, "cluster_view", lambda view=view: view)
         for dtype, want in (("auto", expected), ("float32", "float32")):
             report = run_inference(config(tiny_weights, sample, tmp_path / "out", dry_run=True, device="auto",
-                                          dtype=dtype))
+                                          dtype=dtype, micro_batch=None))
             assert (report["device"], report["precision"]) == ("cuda" if cards else "cpu", want), (cards, dtype)
+            # float64's unfused attention on CUDA: half the micro-batch
+            assert report["micro_batch"] == {"cpu": 32, "float32": 128, "float64": 64}[report["device"] == "cuda"
+                                                                                       and want or "cpu"]
     # an autoscaling cluster before its GPU nodes start: the declared GPU node type names its card
     declared = {"gpu": {"resources": {"CPU": 8, "GPU": 1, "accelerator_type:A100": 1}, "max_workers": 2},
                 "cpu": {"resources": {"CPU": 32, "accelerator_type:L4": 1}, "max_workers": 2}}  # no GPU: ignored
