@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -245,7 +246,8 @@ class Stage1Actor:
         self._inject([row], micro_batch)
         s = self.settings
         parts = list(self.engine.run_passes(len(pixels), lambda a, b: (pixels[a:b], crf[a:b]), crf=s.crf,
-                                            crf_backend=s.crf_backend, chunk=micro_batch, micro_batch=micro_batch))
+                                            crf_backend=s.crf_backend, chunk=micro_batch, micro_batch=micro_batch,
+                                            spill=tempfile.gettempdir()))
         return _joined(parts)
 
     # -- large groups (read here) ---------------------------------------------------------------------------
@@ -288,8 +290,9 @@ class Stage1Actor:
 
         out = 0  # images of ``ok`` whose rows are out
         try:
+            # tokens kept on the node's disk when it has room: each image read and through the backbone once
             for part in self.engine.run_passes(len(ok), load, crf=s.crf, crf_backend=s.crf_backend,
-                                               chunk=s.chunk_size, progress=tick):
+                                               chunk=s.chunk_size, progress=tick, spill=tempfile.gettempdir()):
                 part_idx = ok[part.start:part.start + len(part)]
                 # a deferred CRF's colour views come with the part: memory per chunk, not per group
                 yield self._chunks({**row, "crf": part.crf_rgb, "crf_indices": part_idx}, part, start,

@@ -21,6 +21,10 @@ import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+import contextlib
+import os
+import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -197,7 +201,7 @@ class GroupEngine:
     def run_passes(self, n: int, load: Callable[[int, int], tuple[np.ndarray, np.ndarray | None]],
                    crf: str | CRFParams | None = "coca", crf_backend: str = "auto", chunk: int | None = None,
                    progress: Callable[[str, int], None] | None = None,
-                   micro_batch: int | None = None) -> Iterator[GroupResult]:
+                   micro_batch: int | None = None, spill: str | None = None) -> Iterator[GroupResult]:
         """A group of ``n`` images too large to hold, streamed: ``load(start, stop)`` returns the network pixels
         (m, 224, 224, 3) and the CRF's colour input (or None) of images start..stop-1, each time it is called.
 
@@ -205,11 +209,17 @@ class GroupEngine:
         ``micro_batch`` images: (1) the key sums K_i; (2) the stage-1 weights given the group's K (kept: n x P
         floats) and the confidences, hence the threshold; (3) each image's foreground mean (hence the prototype)
         and its regions' token sums (kept: R x C floats); (4) the region filter's decisions and the CRF, yielding
-        GroupResults of ``chunk`` images. The backbone runs three times per image; device and host memory grow
+        GroupResults of ``chunk`` images. The backbone runs three times per image (once with ``spill``); device and host memory grow
         with the micro-batch and n x P + R x C, not with n x P x C. The numbers are those of ``run`` on the
         same group: the head and the filter see the same micro-batches. Pass (4) reads only the colour inputs,
         and only when a CRF is asked for; with ``crf_backend="defer"`` they come back on the results
         (``GroupResult.crf_rgb``).
+
+        ``spill``: a folder on a local disk. When it has room for the group's tokens (n x P x C float32, 2.4 MB
+        an image for ViT-B/8), pass (1) writes them to an unnamed temporary file there and passes (2) and (3)
+        read them back: ``load`` and the backbone run once per image instead of three times, with the same
+        numbers. Without room (twice the file, and 1 GiB, free: others write there too), when a write fails, or
+        with None, the passes recompute them.
         """
         if n == 0:
             return
@@ -217,10 +227,18 @@ class GroupEngine:
         mb = micro_batch or self.micro_batch
         spans = [(s, min(s + mb, n)) for s in range(0, n, mb)]
 
-        def tokens(start: int, stop: int) -> torch.Tensor:
-            return self._tokens([load(start, stop)[0]], mb)
+        store = TokenFile.open(spill, n, self.backbone.num_patches * self.backbone.embed_dim) if spill else None
 
-        with thread_stream(self.device, self._local):
+        def tokens(start: int, stop: int) -> torch.Tensor:
+            if store is not None and store.written >= stop:  # 0 after a failed write
+                return torch.from_numpy(store.read(start, stop)).view(stop - start, self.backbone.num_patches,
+                                                                      -1).to(self.device)
+            computed = self._tokens([load(start, stop)[0]], mb)
+            if store is not None:
+                store.append(computed)
+            return computed
+
+        with thread_stream(self.device, self._local), store if store is not None else contextlib.nullcontext():
             sums = []
             for start, stop in spans:
                 sums.append(tokens(start, stop).sum(dim=1))
@@ -486,6 +504,53 @@ def thread_stream(device: torch.device, local: threading.local):
     with torch.cuda.stream(stream):
         yield
     stream.synchronize()
+
+
+class TokenFile:
+    """A group's tokens on a local disk, written in image order, read back by image range: an unnamed temporary
+    file (gone with the process, whatever happens to it), float32 as computed, so reads give the same numbers.
+    A failed write (a disk filled by others since) closes it and sets ``written`` to 0: the caller recomputes."""
+
+    def __init__(self, file, per_image: int):
+        self.file, self.per_image, self.written = file, per_image, 0
+
+    @classmethod
+    def open(cls, folder: str, n: int, per_image: int, margin: int = 2**30) -> "TokenFile | None":
+        """A token file for ``n`` images of ``per_image`` floats in ``folder``, or None when its disk lacks room
+        (twice the file, plus ``margin``) or cannot be written."""
+        try:
+            if shutil.disk_usage(folder).free < 2 * n * per_image * 4 + margin:
+                return None
+            return cls(tempfile.TemporaryFile(dir=folder, prefix="scosparc-tokens-"), per_image)
+        except OSError:
+            return None
+
+    def append(self, tokens: torch.Tensor) -> None:
+        """The next images' tokens (m, P, C) float32."""
+        if self.file.closed:
+            return
+        try:
+            self.file.write(tokens.cpu().numpy().tobytes())
+            self.file.flush()
+        except OSError:
+            self.file.close()
+            self.written = 0
+            return
+        self.written += len(tokens)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Images start..stop-1 -> (stop - start, P * C) float32."""
+        buf = np.empty((stop - start, self.per_image), np.float32)
+        got = os.preadv(self.file.fileno(), [memoryview(buf).cast("B")], start * self.per_image * 4)
+        if got != buf.nbytes:
+            raise OSError(f"token file: read {got} of {buf.nbytes} bytes")
+        return buf
+
+    def __enter__(self) -> "TokenFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
 
 
 def _tick(progress, step: str, done: int) -> None:

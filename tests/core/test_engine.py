@@ -100,6 +100,58 @@ def test_passes_equal_one_pass(engine):
             np.testing.assert_array_equal(getattr(c, field), getattr(whole, field)[sl], err_msg=field)
 
 
+def test_passes_with_a_spill_read_the_tokens_back_instead_of_recomputing_them(engine, tmp_path, monkeypatch):
+    """spill: the backbone and ``load`` run once per image (plus ``load`` for the CRF's colours), the masks are
+    those of the passes without it, and no file is left; a disk without room falls back to recomputing."""
+    import errno
+    import io
+    import shutil
+
+    import scosparc_core.engine as engine_module
+
+    pixels, rgb = _group("horse", 29, seed=4)
+    plain = list(engine.run_passes(len(pixels), lambda a, b: (pixels[a:b], rgb[a:b]), crf="coca", chunk=10))
+    calls = {"backbone": 0, "pixels": 0}
+    tokens = engine._tokens
+
+    def counted_tokens(groups, micro_batch=None):
+        calls["backbone"] += sum(len(g) for g in groups)
+        return tokens(groups, micro_batch)
+
+    def load(start, stop):
+        calls["pixels"] += stop - start
+        return pixels[start:stop], rgb[start:stop]
+
+    monkeypatch.setattr(engine, "_tokens", counted_tokens)
+    spilled = list(engine.run_passes(len(pixels), load, crf="coca", chunk=10, spill=str(tmp_path)))
+    assert calls == {"backbone": 29, "pixels": 2 * 29}  # pass 1, then the CRF's colours in pass 4
+    assert list(tmp_path.iterdir()) == []  # an unnamed file: nothing to clean up
+    for a, b in zip(plain, spilled, strict=True):
+        for field in ("image_confidence", "regions_found", "regions_kept", "fallback", "stage2", "final"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+    # a disk that fills up during pass 1: the passes recompute everything, with the same masks
+    writes = []
+
+    class FillingFile(io.BytesIO):
+        def write(self, data):
+            writes.append(len(data))
+            if len(writes) > 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    monkeypatch.setattr(engine_module.tempfile, "TemporaryFile", lambda **kwargs: FillingFile())
+    calls.update(backbone=0, pixels=0)
+    refilled = list(engine.run_passes(len(pixels), load, crf="coca", chunk=10, spill=str(tmp_path)))
+    assert len(writes) == 3 and calls == {"backbone": 3 * 29, "pixels": 4 * 29}
+    for a, b in zip(plain, refilled, strict=True):
+        np.testing.assert_array_equal(a.final, b.final)
+    full = shutil.disk_usage(tmp_path)._replace(free=0)  # no room at the start: no file at all
+    monkeypatch.setattr(engine_module.shutil, "disk_usage", lambda path: full)
+    calls.update(backbone=0, pixels=0)
+    list(engine.run_passes(len(pixels), load, crf="none", chunk=10, spill=str(tmp_path)))
+    assert calls == {"backbone": 3 * 29, "pixels": 3 * 29} and len(writes) == 3
+
+
 def test_deferred_crf_leaves_the_stage2_mask_for_cpu_workers(engine, groups):
     pixels, rgb = groups[0]
     done = engine.run([pixels], [rgb], crf="coca", crf_backend="pydensecrf")[0]

@@ -117,18 +117,19 @@ def test_by_default_the_actor_runs_a_group_above_its_devices_limit_in_passes(tin
 
 
 def test_passes_decode_the_colour_views_only_for_a_crf_and_give_each_chunk_its_own(tiny_weights, tmp_path):
-    """Without a CRF the last pass reads nothing (each image decoded by the probe and three backbone passes only);
-    a deferred CRF's rows carry the colour views of their own images."""
+    """The passes keep the tokens on the node's disk, so each image is decoded by the probe and the first pass
+    only; the last pass reads the colour views only for a CRF, and a deferred CRF's rows carry those of their own
+    images."""
     from pipeline.decode import DecodeSettings, decode_images
 
     batch = _group(tmp_path, 7, row_images=4)
     none = _actor(tiny_weights, crf="none", one_pass_images=4, chunk_size=3)
     list(none(batch))
     assert none.passes == [7] and none.decoded[0] == (7, False)
-    assert sum(n for n, keep in none.decoded if keep) == 3 * 7  # keys, weights, regions: no fourth read
+    assert sum(n for n, keep in none.decoded if keep) == 7  # keys; weights and regions read the tokens back
     deferred = _actor(tiny_weights, crf="coca", crf_backend="defer", one_pass_images=4, chunk_size=3)
     out = list(deferred(batch))
-    assert deferred.passes == [7] and sum(n for n, keep in deferred.decoded if keep) == 4 * 7
+    assert deferred.passes == [7] and sum(n for n, keep in deferred.decoded if keep) == 2 * 7  # + colours
     views = decode_images(list(batch["image_uris"][0]), DecodeSettings()).crf
     rows = [(idx, crf, pending) for c in out for idx, crf, pending in zip(c["index"], c["crf"], c["crf_pending"])]
     assert sorted(i for idx, _, _ in rows for i in idx) == list(range(7)) and len(rows) == 3
