@@ -273,7 +273,8 @@ def _plan(cfg: InferConfig, view, device: str, precision: str, summary: dict) ->
     micro_batch = cfg.micro_batch or default_micro_batch(device, precision)
     mean_group = summary["images"] / max(summary["groups"] - summary["empty_groups"]["count"], 1)
     plan = plan_resources(view, device, gpu_actors=cfg.gpu_actors, gpus_per_actor=cfg.gpus_per_actor, crf=cfg.crf,
-                          crf_backend=cfg.crf_backend, micro_batch=micro_batch, mean_group=mean_group)
+                          crf_backend=cfg.crf_backend, micro_batch=micro_batch, mean_group=mean_group,
+                          precision=precision)
     problem = unplaceable(plan.stage1_args, view)
     if problem:  # before any work: Ray would keep the actor pending until the stall timeout
         raise ValueError(problem)

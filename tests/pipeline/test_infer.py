@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import TINY_ARGS, TINY_VIT
 from pipeline.infer import InferConfig, run_inference, stall_timeout
-from pipeline.resources import GIB, ClusterView, plan_resources
+from pipeline.resources import CPU_FLOAT64_EXTRA, GIB, ClusterView, plan_resources
 from pipeline.sample import write_sample
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,6 +133,8 @@ def test_rerun_with_other_settings_or_weights_is_refused_unless_overwrite(ray_lo
 
 def test_plan_for_a_laptop_a_gpu_cluster_and_an_autoscaling_one():
     laptop = plan_resources(ClusterView({"CPU": 2.0, "memory": 16.0 * GIB}), "cpu")
+    wide = plan_resources(ClusterView({"CPU": 2.0, "memory": 16.0 * GIB}), "cpu", precision="float64")
+    assert wide.stage1_args["memory"] - laptop.stage1_args["memory"] == CPU_FLOAT64_EXTRA  # float64's larger peak
     assert laptop.stage1_args == {"num_gpus": 0, "num_cpus": 0.25, "memory": 3 * GIB} and laptop.cpu_threads == 2
     small = plan_resources(ClusterView({"CPU": 2.0, "memory": 4.0 * GIB}), "cpu")
     assert small.stage1_args["memory"] == 2 * GIB  # never more than half of what Ray has: it must be placeable
