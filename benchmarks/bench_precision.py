@@ -73,7 +73,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--photos", default=str(ROOT / "tests" / "realphotos"))
     ap.add_argument("--limit", type=int, default=None, help="photos per group (quick checks)")
-    ap.add_argument("--formats", nargs="+", default=["float32", "tf32", "float16", "bfloat16", "float64"])
+    ap.add_argument("--formats", nargs="+", default=["float32", "float64", "float16", "tf32", "bfloat16"],
+                    help="measured in this order (the candidates for auto first)")
     ap.add_argument("--tiny", action="store_true", help="a tiny ViT (quick checks of this script)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="the device under test (cpu only to check this script)")
@@ -116,20 +117,25 @@ def main(argv=None) -> dict:
         del engine
         if a.device == "cuda":
             torch.cuda.empty_cache()
-    keeping = [r for r in rows if r["keeps_masks"]]
-    choice = max(keeping, key=lambda r: r["backbone_images_per_s"])["format"] if keeping else "float32"
+        result = summary(rows, ref, n, a)  # after each format: a run cut short by a time limit keeps what it did
+        write_result(result, a.out, "precision.json")
+    print(f"fastest format that keeps the masks (mean IoU >= {MEAN_IOU}, min >= {MIN_IOU}): {result['auto_choice']}; "
+          f"--dtype auto here: {result['auto_here']}"
+          f"{'' if result['auto_here'] == result['auto_choice'] else '  (they differ)'}")
+    return result
+
+
+def summary(rows: list[dict], ref: dict, n: int, a) -> dict:
+    """The result file's content for the formats measured so far."""
     from scosparc_core.precision import resolve
 
-    auto = resolve("auto", a.device)
-    print(f"fastest format that keeps the masks (mean IoU >= {MEAN_IOU}, min >= {MIN_IOU}): {choice}; "
-          f"--dtype auto here: {auto}{'' if auto == choice else '  (they differ)'}")
+    keeping = [r for r in rows if r["keeps_masks"]]
+    choice = max(keeping, key=lambda r: r["backbone_images_per_s"])["format"] if keeping else "float32"
     areas = np.concatenate([m.reshape(len(m), -1).sum(1) for m in ref["coca"].values()])
-    result = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
-              "photos": n, "tiny": a.tiny, "rows": rows, "auto_choice": choice, "auto_here": auto,
-              "reference_crf_mask_pixels": {"min": int(areas.min()), "median": float(np.median(areas)),
-                                            "under_500": int((areas < 500).sum())}}
-    write_result(result, a.out, "precision.json")
-    return result
+    return {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
+            "photos": n, "tiny": a.tiny, "rows": rows, "auto_choice": choice, "auto_here": resolve("auto", a.device),
+            "reference_crf_mask_pixels": {"min": int(areas.min()), "median": float(np.median(areas)),
+                                          "under_500": int((areas < 500).sum())}}
 
 
 if __name__ == "__main__":

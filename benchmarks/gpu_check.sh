@@ -48,7 +48,7 @@ if [ "$QUICK" = 1 ]; then
   train() { part train 300 $PY benchmarks/bench_train.py --device-check --quick --out "$OUT/train"; }
 else
   precision() {
-    part precision ${PRECISION_S:-140} $PY benchmarks/bench_precision.py --device cuda --formats ${FORMATS:-float32 tf32 float16 bfloat16 float64} --out "$OUT"
+    part precision ${PRECISION_S:-140} $PY benchmarks/bench_precision.py --device cuda --formats ${FORMATS:-float32 float64 float16 tf32 bfloat16} --out "$OUT"
     echo "precision choice: $(choice)" >> "$OUT/parts.txt"; }
   infer() { part infer ${INFER_S:-190} $PY benchmarks/bench_infer.py --device cuda --groups 200 --per-group 25 --crf none coca \
     --dtype "$(choice)" --work /tmp/gpu-check-infer --out "$OUT"; }
