@@ -121,6 +121,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     from scosparc_core.engine import default_micro_batch
+    from scosparc_core.precision import resolve
 
     cuda = torch.device(a.device).type == "cuda"
     mb = a.micro_batch or default_micro_batch(a.device)
@@ -138,12 +139,16 @@ def main(argv=None) -> dict:
     print(f"{'format':>9} {'crf':>5} {'backbone img/s':>15} {'engine img/s':>13} {'ratio':>6}   split outside the backbone "
           "(ms/img)")
     for precision in precisions:
-        engine = make_engine(a.device, precision, mb, kwargs)
+        # the stage-1 actor's micro-batch for this format (float64 on CUDA: half), and its groups per call
+        own = a.micro_batch or default_micro_batch(a.device, resolve(precision, a.device))
+        calls = max(1, round(2 * own / a.group_size))
+        engine = make_engine(a.device, precision, own, kwargs)
         bb = backbone_rate(engine, pixels, repeat)
         for crf in a.crf:
-            rate = engine_rate(engine, pixels, rgbs, crf, per_call, threads, repeat)
-            steps = split(engine, pixels, rgbs, crf, per_call)
-            row = {"precision": precision, "crf": crf, "backbone_images_per_s": bb, "engine_images_per_s": rate,
+            rate = engine_rate(engine, pixels, rgbs, crf, calls, threads, repeat)
+            steps = split(engine, pixels, rgbs, crf, calls)
+            row = {"precision": precision, "crf": crf, "micro_batch": own, "groups_per_call": calls,
+                   "backbone_images_per_s": bb, "engine_images_per_s": rate,
                    "ratio": rate / bb, "split_s_per_image": steps,
                    "backbone_tflops": bb * VIT_B8_GFLOP / 1e3 if not a.tiny else None}
             result["rows"].append(row)

@@ -84,6 +84,10 @@ def parse_args(argv=None) -> tuple[InferConfig, bool]:
                      help="groups with more images run stage 1 in passes (memory bounded by the micro-batch); default: "
                           "what fits the stage-1 actor: ~250 on CPUs (ViT-B/8), from free GPU memory on CUDA, "
                           "at most 2048")
+    run.add_argument("--token-dir", default=d.token_dir,
+                     help="a local folder where groups run in passes keep their tokens (2.4 MB an image for ViT-B/8) "
+                          "between passes, so each image is read and run through the backbone once; default: each "
+                          "node's temp folder, when it has room and is not RAM-backed; none: recompute them")
     run.add_argument("--progress-interval", type=float, default=d.progress_interval, help="seconds")
     run.add_argument("--stall-timeout", type=float, default=d.stall_timeout,
                      help="seconds without a row out before the job stops (-1: never); default: 1800 plus 4 s "
@@ -98,8 +102,8 @@ def parse_args(argv=None) -> tuple[InferConfig, bool]:
         crf=a.crf, crf_backend=a.crf_backend, device=a.device, dtype=a.dtype, micro_batch=a.micro_batch,
         chunk_size=a.chunk_size, compile=a.compile, gpu_actors=a.gpu_actors, gpus_per_actor=a.gpus_per_actor,
         gpu_wait=a.gpu_wait, max_pixels=a.max_pixels, fast_decode=a.fast_decode, row_images=a.row_images,
-        one_pass_images=a.one_pass_images, mask_format=a.mask_format, rows_per_shard=a.rows_per_shard,
-        storage_options=storage_from(a), overwrite=a.overwrite, accept_transient_errors=a.accept_transient_errors,
+        one_pass_images=a.one_pass_images, token_dir=a.token_dir, mask_format=a.mask_format,
+        rows_per_shard=a.rows_per_shard, storage_options=storage_from(a), overwrite=a.overwrite, accept_transient_errors=a.accept_transient_errors,
         dry_run=a.dry_run, progress_interval=a.progress_interval, stall_timeout=a.stall_timeout,
     )
     return cfg, a.sample

@@ -68,6 +68,7 @@ class InferConfig:
     fast_decode: bool = False
     row_images: int = 32  # larger groups are read by the stage-1 actor
     one_pass_images: int | None = None  # larger groups run stage 1 in passes; None: per device (stage1.one_pass_limit)
+    token_dir: str = ""  # where groups in passes keep their tokens on each node: "" its temp folder, "none" nowhere
     mask_format: str = "png"  # png | parquet | webdataset
     rows_per_shard: int = 10_000
     storage_options: dict = field(default_factory=dict)
@@ -320,7 +321,8 @@ def _run_dataset(cfg: InferConfig, plan: Plan, todo, groups: int, images: int, r
     stage1 = Stage1Settings(model=model, decode=decode, device=device, precision=precision, micro_batch=micro_batch,
                             compile=cfg.compile, cpu_threads=plan.cpu_threads, crf=cfg.crf,
                             crf_backend=plan.crf_backend if plan.crf_backend != "none" else "defer",
-                            chunk_size=cfg.chunk_size, one_pass_images=cfg.one_pass_images, fault=cfg.fault)
+                            chunk_size=cfg.chunk_size, one_pass_images=cfg.one_pass_images,
+                            token_dir=cfg.token_dir, fault=cfg.fault)
     refine = RefineSettings(output=cfg.output, storage_options=dict(cfg.storage_options), crf=cfg.crf,
                             mask_format=cfg.mask_format)
     state = JobState.remote(groups, images)

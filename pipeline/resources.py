@@ -52,12 +52,15 @@ class ClusterView:
         return min((float(n.get("CPU", 0)) for n in self.nodes if n.get("GPU", 0) >= 1), default=0.0)
 
     def accelerators(self) -> list[str] | None:
-        """The card types (Ray's ``accelerator_type:<name>`` resources) of the alive GPU nodes and of the declared
-        GPU node types that name one: what ``auto`` precision is resolved for. None when none is named (then
-        ``resolve`` looks at this process's card, if any)."""
+        """The card types (Ray's ``accelerator_type:<name>`` resources) of the alive GPU nodes and the declared GPU
+        node types, "" for one that names none (an unknown card): what ``auto`` precision is resolved for. None
+        when there is no GPU node at all (then ``resolve`` looks at this process's card, if any)."""
         declared = [t.get("resources", {}) for t in self.node_types.values()]
-        return sorted({key.split(":", 1)[1] for r in (*self.nodes, *declared) if r.get("GPU", 0) >= 1
-                       for key in r if key.startswith(ACCELERATOR)}) or None
+        names = set()
+        for r in (*self.nodes, *declared):
+            if float(r.get("GPU", 0)) >= 1:
+                names.add(next((key.split(":", 1)[1] for key in r if key.startswith(ACCELERATOR)), ""))
+        return sorted(names) or None
 
     @property
     def ours(self) -> bool:

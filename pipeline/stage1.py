@@ -91,6 +91,7 @@ class Stage1Settings:
     crf_backend: str = "defer"
     chunk_size: int = 32
     one_pass_images: int | None = None
+    token_dir: str = ""  # where groups in passes keep their tokens: "" the node's temp folder, "none" nowhere
     decode_threads: int = 4
     max_attempts: int = 3
     fault: dict | None = None
@@ -247,8 +248,13 @@ class Stage1Actor:
         s = self.settings
         parts = list(self.engine.run_passes(len(pixels), lambda a, b: (pixels[a:b], crf[a:b]), crf=s.crf,
                                             crf_backend=s.crf_backend, chunk=micro_batch, micro_batch=micro_batch,
-                                            spill=tempfile.gettempdir()))
+                                            spill=self._token_dir()))
         return _joined(parts)
+
+    def _token_dir(self) -> str | None:
+        """Where the engine's passes keep a group's tokens (``GroupEngine.run_passes``'s spill), or None."""
+        d = self.settings.token_dir
+        return None if d == "none" else d or tempfile.gettempdir()
 
     # -- large groups (read here) ---------------------------------------------------------------------------
     def _run_large(self, row: dict) -> Iterator[list[dict]]:
@@ -292,7 +298,7 @@ class Stage1Actor:
         try:
             # tokens kept on the node's disk when it has room: each image read and through the backbone once
             for part in self.engine.run_passes(len(ok), load, crf=s.crf, crf_backend=s.crf_backend,
-                                               chunk=s.chunk_size, progress=tick, spill=tempfile.gettempdir()):
+                                               chunk=s.chunk_size, progress=tick, spill=self._token_dir()):
                 part_idx = ok[part.start:part.start + len(part)]
                 # a deferred CRF's colour views come with the part: memory per chunk, not per group
                 yield self._chunks({**row, "crf": part.crf_rgb, "crf_indices": part_idx}, part, start,

@@ -14,17 +14,17 @@ stages are put together. It is written for the GPU first, without changing a bit
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
+import shutil
+import tempfile
 import threading
 import time
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-import contextlib
-import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -209,7 +209,8 @@ class GroupEngine:
         ``micro_batch`` images: (1) the key sums K_i; (2) the stage-1 weights given the group's K (kept: n x P
         floats) and the confidences, hence the threshold; (3) each image's foreground mean (hence the prototype)
         and its regions' token sums (kept: R x C floats); (4) the region filter's decisions and the CRF, yielding
-        GroupResults of ``chunk`` images. The backbone runs three times per image (once with ``spill``); device and host memory grow
+        GroupResults of ``chunk`` images. The backbone runs three times per image (once with ``spill``); device and
+        host memory grow
         with the micro-batch and n x P + R x C, not with n x P x C. The numbers are those of ``run`` on the
         same group: the head and the filter see the same micro-batches. Pass (4) reads only the colour inputs,
         and only when a CRF is asked for; with ``crf_backend="defer"`` they come back on the results
@@ -218,8 +219,8 @@ class GroupEngine:
         ``spill``: a folder on a local disk. When it has room for the group's tokens (n x P x C float32, 2.4 MB
         an image for ViT-B/8), pass (1) writes them to an unnamed temporary file there and passes (2) and (3)
         read them back: ``load`` and the backbone run once per image instead of three times, with the same
-        numbers. Without room (twice the file, and 1 GiB, free: others write there too), when a write fails, or
-        with None, the passes recompute them.
+        numbers. Without room (``TokenFile.open``), on a RAM-backed folder, when a write or a read fails, or with
+        None, the passes recompute them.
         """
         if n == 0:
             return
@@ -230,9 +231,9 @@ class GroupEngine:
         store = TokenFile.open(spill, n, self.backbone.num_patches * self.backbone.embed_dim) if spill else None
 
         def tokens(start: int, stop: int) -> torch.Tensor:
-            if store is not None and store.written >= stop:  # 0 after a failed write
-                return torch.from_numpy(store.read(start, stop)).view(stop - start, self.backbone.num_patches,
-                                                                      -1).to(self.device)
+            kept = store.read(start, stop) if store is not None else None  # None: not written, or failed
+            if kept is not None:
+                return torch.from_numpy(kept).view(stop - start, self.backbone.num_patches, -1).to(self.device)
             computed = self._tokens([load(start, stop)[0]], mb)
             if store is not None:
                 store.append(computed)
@@ -264,6 +265,8 @@ class GroupEngine:
                 embeds.append(self._region_embeddings(labels, cnt, t))
                 counts.append(cnt)
                 _tick(progress, "regions", stop)
+            if store is not None:
+                store.close()  # read for the last time: its disk is free while the masks stream out
             prototype = prototype_from_means(torch.cat(means), torch.cat(has_fg))
             counts = np.concatenate(counts)
             cosines = self._cosines(torch.cat(embeds), counts, prototype[None], np.zeros(n, np.int64))
@@ -509,48 +512,91 @@ def thread_stream(device: torch.device, local: threading.local):
 class TokenFile:
     """A group's tokens on a local disk, written in image order, read back by image range: an unnamed temporary
     file (gone with the process, whatever happens to it), float32 as computed, so reads give the same numbers.
-    A failed write (a disk filled by others since) closes it and sets ``written`` to 0: the caller recomputes."""
+    A failed write or read closes it, and it reads nothing more: the caller recomputes."""
 
-    def __init__(self, file, per_image: int):
-        self.file, self.per_image, self.written = file, per_image, 0
+    _reserved = 0  # bytes of the open token files of this process: two groups at once check against one disk
+    _lock = threading.Lock()
+
+    def __init__(self, fd: int, per_image: int, size: int):
+        self.fd, self.per_image, self.size, self.written = fd, per_image, size, 0
 
     @classmethod
     def open(cls, folder: str, n: int, per_image: int, margin: int = 2**30) -> "TokenFile | None":
-        """A token file for ``n`` images of ``per_image`` floats in ``folder``, or None when its disk lacks room
-        (twice the file, plus ``margin``) or cannot be written."""
+        """A token file for ``n`` images of ``per_image`` floats in ``folder``, or None: when the disk lacks room
+        (twice the file beside the other open ones, plus ``margin``: others write there too), when ``folder`` is
+        RAM-backed (tmpfs: memory that no resource request covers), or when it cannot be written."""
+        size = n * per_image * 4
+        if not hasattr(os, "pwrite") or _memory_fs(folder):
+            return None
         try:
-            if shutil.disk_usage(folder).free < 2 * n * per_image * 4 + margin:
-                return None
-            return cls(tempfile.TemporaryFile(dir=folder, prefix="scosparc-tokens-"), per_image)
+            with cls._lock:
+                if shutil.disk_usage(folder).free - cls._reserved < 2 * size + margin:
+                    return None
+                fd, path = tempfile.mkstemp(dir=folder, prefix="scosparc-tokens-")
+                os.unlink(path)
+                cls._reserved += size
+            return cls(fd, per_image, size)
         except OSError:
             return None
 
     def append(self, tokens: torch.Tensor) -> None:
         """The next images' tokens (m, P, C) float32."""
-        if self.file.closed:
+        if self.fd < 0:
             return
+        data = memoryview(np.ascontiguousarray(tokens.cpu().numpy())).cast("B")
+        offset = self.written * self.per_image * 4
         try:
-            self.file.write(tokens.cpu().numpy().tobytes())
-            self.file.flush()
+            while data:
+                done = os.pwrite(self.fd, data, offset)
+                data, offset = data[done:], offset + done
         except OSError:
-            self.file.close()
-            self.written = 0
+            self.close()
             return
         self.written += len(tokens)
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Images start..stop-1 -> (stop - start, P * C) float32."""
+    def read(self, start: int, stop: int) -> np.ndarray | None:
+        """Images start..stop-1 -> (stop - start, P * C) float32; None when they are not there to read."""
+        if self.fd < 0 or stop > self.written:
+            return None
         buf = np.empty((stop - start, self.per_image), np.float32)
-        got = os.preadv(self.file.fileno(), [memoryview(buf).cast("B")], start * self.per_image * 4)
-        if got != buf.nbytes:
-            raise OSError(f"token file: read {got} of {buf.nbytes} bytes")
+        view, offset = memoryview(buf).cast("B"), start * self.per_image * 4
+        try:
+            while view:
+                chunk = os.pread(self.fd, min(len(view), 2**30), offset)  # Linux reads < 2 GiB a call
+                if not chunk:
+                    raise OSError("token file ended early")
+                view[:len(chunk)] = chunk
+                view, offset = view[len(chunk):], offset + len(chunk)
+        except OSError:
+            self.close()
+            return None
         return buf
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            with TokenFile._lock:
+                TokenFile._reserved -= self.size
 
     def __enter__(self) -> "TokenFile":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.file.close()
+        self.close()
+
+
+def _memory_fs(folder: str) -> bool:
+    """Whether ``folder`` is on a RAM-backed filesystem (Linux's mount table; False where there is none)."""
+    try:
+        with open("/proc/self/mounts") as f:
+            mounts = [line.split()[1:3] for line in f if len(line.split()) > 2]
+    except OSError:
+        return False
+    path = os.path.realpath(folder)
+    mount = max((m for m in mounts if path == m[0] or path.startswith(m[0].rstrip("/") + "/")),
+                key=lambda m: len(m[0]), default=None)
+    return mount is not None and mount[1] in ("tmpfs", "ramfs")
 
 
 def _tick(progress, step: str, done: int) -> None:

@@ -1,4 +1,5 @@
 """The group engine: its shortcuts against the plain forms, passes against one pass, threads against serial."""
+import os
 import threading
 
 import cv2
@@ -102,9 +103,9 @@ def test_passes_equal_one_pass(engine):
 
 def test_passes_with_a_spill_read_the_tokens_back_instead_of_recomputing_them(engine, tmp_path, monkeypatch):
     """spill: the backbone and ``load`` run once per image (plus ``load`` for the CRF's colours), the masks are
-    those of the passes without it, and no file is left; a disk without room falls back to recomputing."""
+    those of the passes without it, and no file is left. A write or a read that fails, a disk without room (also
+    when other groups' files hold it) and a RAM-backed folder fall back to recomputing, with the same masks."""
     import errno
-    import io
     import shutil
 
     import scosparc_core.engine as engine_module
@@ -122,34 +123,45 @@ def test_passes_with_a_spill_read_the_tokens_back_instead_of_recomputing_them(en
         calls["pixels"] += stop - start
         return pixels[start:stop], rgb[start:stop]
 
+    def run() -> dict:
+        calls.update(backbone=0, pixels=0)
+        reserved = engine_module.TokenFile._reserved
+        for a, b in zip(plain, engine.run_passes(len(pixels), load, crf="coca", chunk=10, spill=str(tmp_path)),
+                        strict=True):
+            for field in ("image_confidence", "regions_found", "regions_kept", "fallback", "stage2", "final"):
+                np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+        assert list(tmp_path.iterdir()) == []  # an unnamed file: nothing to clean up
+        assert engine_module.TokenFile._reserved == reserved  # given back
+        return dict(calls)
+
     monkeypatch.setattr(engine, "_tokens", counted_tokens)
-    spilled = list(engine.run_passes(len(pixels), load, crf="coca", chunk=10, spill=str(tmp_path)))
-    assert calls == {"backbone": 29, "pixels": 2 * 29}  # pass 1, then the CRF's colours in pass 4
-    assert list(tmp_path.iterdir()) == []  # an unnamed file: nothing to clean up
-    for a, b in zip(plain, spilled, strict=True):
-        for field in ("image_confidence", "regions_found", "regions_kept", "fallback", "stage2", "final"):
-            np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
-    # a disk that fills up during pass 1: the passes recompute everything, with the same masks
-    writes = []
+    monkeypatch.setattr(engine_module, "_memory_fs", lambda folder: False)  # whatever this machine's /tmp is
+    assert run() == {"backbone": 29, "pixels": 2 * 29}  # pass 1, then the CRF's colours in pass 4
+    recomputed = {"backbone": 3 * 29, "pixels": 4 * 29}
+    writes, pwrite, pread = [], os.pwrite, os.pread
 
-    class FillingFile(io.BytesIO):
-        def write(self, data):
-            writes.append(len(data))
-            if len(writes) > 2:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return super().write(data)
+    def filling(fd, data, offset):  # the disk fills up during pass 1
+        writes.append(len(data))
+        if len(writes) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return pwrite(fd, data, offset)
 
-    monkeypatch.setattr(engine_module.tempfile, "TemporaryFile", lambda **kwargs: FillingFile())
-    calls.update(backbone=0, pixels=0)
-    refilled = list(engine.run_passes(len(pixels), load, crf="coca", chunk=10, spill=str(tmp_path)))
-    assert len(writes) == 3 and calls == {"backbone": 3 * 29, "pixels": 4 * 29}
-    for a, b in zip(plain, refilled, strict=True):
-        np.testing.assert_array_equal(a.final, b.final)
-    full = shutil.disk_usage(tmp_path)._replace(free=0)  # no room at the start: no file at all
-    monkeypatch.setattr(engine_module.shutil, "disk_usage", lambda path: full)
-    calls.update(backbone=0, pixels=0)
-    list(engine.run_passes(len(pixels), load, crf="none", chunk=10, spill=str(tmp_path)))
-    assert calls == {"backbone": 3 * 29, "pixels": 3 * 29} and len(writes) == 3
+    monkeypatch.setattr(os, "pwrite", filling)
+    assert run() == recomputed and len(writes) == 3
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "pread", lambda *args: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    assert run() == recomputed
+    monkeypatch.setattr(os, "pread", pread)
+    monkeypatch.setattr(engine_module, "_memory_fs", lambda folder: True)  # tmpfs: memory, not disk
+    assert run() == recomputed
+    monkeypatch.setattr(engine_module, "_memory_fs", lambda folder: False)
+    per_image = engine.backbone.num_patches * engine.backbone.embed_dim
+    room = shutil.disk_usage(tmp_path)._replace(free=2 * 29 * per_image * 4 + 2**30)  # for one such group
+    monkeypatch.setattr(engine_module.shutil, "disk_usage", lambda path: room)
+    other = engine_module.TokenFile.open(str(tmp_path), 29, per_image)  # another group's file takes it
+    assert other is not None and run() == recomputed
+    other.close()
+    assert run() == {"backbone": 29, "pixels": 2 * 29}
 
 
 def test_deferred_crf_leaves_the_stage2_mask_for_cpu_workers(engine, groups):
@@ -344,7 +356,7 @@ def test_auto_is_float64_only_where_every_card_has_fast_float64(monkeypatch):
 
     fast = [["NVIDIA H100 80GB HBM3"], ["NVIDIA A100-SXM4-40GB"], ["NVIDIA H200"], ["H100", "A100-80G", "H200"]]
     slow = [["NVIDIA L40S"], ["NVIDIA H20"], ["NVIDIA GH200 480GB"], ["Tesla T4"], ["A10G"], ["NVIDIA B200"],
-            ["H100", "L40S"], []]
+            ["H100", "L40S"], ["H100", ""], []]  # "": a GPU node that names no card
     assert [resolve("auto", "cuda", cards) for cards in fast] == ["float64"] * len(fast)
     assert [resolve("auto", "cuda", cards) for cards in slow] == ["float32"] * len(slow)
     assert resolve("auto", "cpu", ["H100"]) == "float32" and resolve("float16", "cuda", ["H100"]) == "float16"

@@ -239,6 +239,9 @@ def test_dry_run_lists_and_plans_without_writing(ray_local, tiny_weights, sample
     declared = {"gpu": {"resources": {"CPU": 8, "GPU": 1, "accelerator_type:A100": 1}, "max_workers": 2},
                 "cpu": {"resources": {"CPU": 32, "accelerator_type:L4": 1}, "max_workers": 2}}  # no GPU: ignored
     assert ClusterView({"CPU": 0.0, "scosparc_head": 1.0}, declared).accelerators() == ["A100"]
+    unnamed = {**declared, "other": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 2}}  # an unknown card
+    view = ClusterView({"CPU": 0.0}, unnamed, ({"CPU": 8.0, "GPU": 1.0, "accelerator_type:H100": 1.0},))
+    assert view.accelerators() == ["", "A100", "H100"]  # which auto resolves to float32
 
 
 def test_a_stage1_failure_turns_its_group_into_error_rows(tiny_weights, sample):

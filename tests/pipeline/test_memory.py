@@ -116,17 +116,23 @@ def test_by_default_the_actor_runs_a_group_above_its_devices_limit_in_passes(tin
     assert actor.passes == [7] and sum(ok for c in out for oks in c["ok"] for ok in oks) == 7
 
 
-def test_passes_decode_the_colour_views_only_for_a_crf_and_give_each_chunk_its_own(tiny_weights, tmp_path):
-    """The passes keep the tokens on the node's disk, so each image is decoded by the probe and the first pass
-    only; the last pass reads the colour views only for a CRF, and a deferred CRF's rows carry those of their own
-    images."""
+def test_passes_decode_the_colour_views_only_for_a_crf_and_give_each_chunk_its_own(tiny_weights, tmp_path,
+                                                                                   monkeypatch):
+    """The passes keep the tokens on the node's disk (--token-dir), so each image is decoded by the probe and the
+    first pass only (with ``none``: by all three); the last pass reads the colour views only for a CRF, and a
+    deferred CRF's rows carry those of their own images."""
+    import scosparc_core.engine as engine_module
     from pipeline.decode import DecodeSettings, decode_images
 
+    monkeypatch.setattr(engine_module, "_memory_fs", lambda folder: False)  # whatever this machine's /tmp is
     batch = _group(tmp_path, 7, row_images=4)
     none = _actor(tiny_weights, crf="none", one_pass_images=4, chunk_size=3)
     list(none(batch))
     assert none.passes == [7] and none.decoded[0] == (7, False)
     assert sum(n for n, keep in none.decoded if keep) == 7  # keys; weights and regions read the tokens back
+    again = _actor(tiny_weights, crf="none", one_pass_images=4, chunk_size=3, token_dir="none")
+    list(again(batch))
+    assert sum(n for n, keep in again.decoded if keep) == 3 * 7  # keys, weights, regions
     deferred = _actor(tiny_weights, crf="coca", crf_backend="defer", one_pass_images=4, chunk_size=3)
     out = list(deferred(batch))
     assert deferred.passes == [7] and sum(n for n, keep in deferred.decoded if keep) == 2 * 7  # + colours
