@@ -110,7 +110,8 @@ def test_passes_with_a_spill_read_the_tokens_back_instead_of_recomputing_them(en
 
     import scosparc_core.engine as engine_module
 
-    pixels, rgb = _group("horse", 29, seed=4)
+    pixels, rgb = _group("horse", 19, seed=4)  # 3 micro-batches of 8
+    n = len(pixels)
     plain = list(engine.run_passes(len(pixels), lambda a, b: (pixels[a:b], rgb[a:b]), crf="coca", chunk=10))
     calls = {"backbone": 0, "pixels": 0}
     tokens = engine._tokens
@@ -136,8 +137,8 @@ def test_passes_with_a_spill_read_the_tokens_back_instead_of_recomputing_them(en
 
     monkeypatch.setattr(engine, "_tokens", counted_tokens)
     monkeypatch.setattr(engine_module, "_memory_fs", lambda folder: False)  # whatever this machine's /tmp is
-    assert run() == {"backbone": 29, "pixels": 2 * 29}  # pass 1, then the CRF's colours in pass 4
-    recomputed = {"backbone": 3 * 29, "pixels": 4 * 29}
+    assert run() == {"backbone": n, "pixels": 2 * n}  # pass 1, then the CRF's colours in pass 4
+    recomputed = {"backbone": 3 * n, "pixels": 4 * n}
     writes, pwrite, pread = [], os.pwrite, os.pread
 
     def filling(fd, data, offset):  # the disk fills up during pass 1
@@ -156,12 +157,12 @@ def test_passes_with_a_spill_read_the_tokens_back_instead_of_recomputing_them(en
     assert run() == recomputed
     monkeypatch.setattr(engine_module, "_memory_fs", lambda folder: False)
     per_image = engine.backbone.num_patches * engine.backbone.embed_dim
-    room = shutil.disk_usage(tmp_path)._replace(free=2 * 29 * per_image * 4 + 2**30)  # for one such group
+    room = shutil.disk_usage(tmp_path)._replace(free=2 * n * per_image * 4 + 2**30)  # for one such group
     monkeypatch.setattr(engine_module.shutil, "disk_usage", lambda path: room)
-    other = engine_module.TokenFile.open(str(tmp_path), 29, per_image)  # another group's file takes it
+    other = engine_module.TokenFile.open(str(tmp_path), n, per_image)  # another group's file takes it
     assert other is not None and run() == recomputed
     other.close()
-    assert run() == {"backbone": 29, "pixels": 2 * 29}
+    assert run() == {"backbone": n, "pixels": 2 * n}
 
 
 def test_deferred_crf_leaves_the_stage2_mask_for_cpu_workers(engine, groups):
