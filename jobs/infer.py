@@ -60,8 +60,8 @@ def parse_args(argv=None) -> tuple[InferConfig, bool]:
     model.add_argument("--crf-backend", default=d.crf_backend, choices=CRF_BACKEND_CHOICES,
                        help="auto: the torch CRF beside stage 1 on GPUs, pydensecrf on CPU workers otherwise")
     model.add_argument("--dtype", default=d.dtype, choices=PRECISIONS,
-                       help="the backbone's number format; auto: float32 on CPU, on CUDA float64 where every card is an "
-                            "A100/H100/H200 (fast float64) and float32 elsewhere (README, Precision on GPUs)")
+                       help="the backbone's number format; auto: float32 on CPU, on CUDA float64 where every card "
+                            "is an A100/H100/H200 (fast float64) and float32 elsewhere (README, Precision on GPUs)")
     model.add_argument("--compile", action="store_true", help="torch.compile the backbone (long runs)")
     run = ap.add_argument_group("resources")
     run.add_argument("--device", default=d.device, choices=DEVICES,
@@ -103,7 +103,8 @@ def parse_args(argv=None) -> tuple[InferConfig, bool]:
         chunk_size=a.chunk_size, compile=a.compile, gpu_actors=a.gpu_actors, gpus_per_actor=a.gpus_per_actor,
         gpu_wait=a.gpu_wait, max_pixels=a.max_pixels, fast_decode=a.fast_decode, row_images=a.row_images,
         one_pass_images=a.one_pass_images, token_dir=a.token_dir, mask_format=a.mask_format,
-        rows_per_shard=a.rows_per_shard, storage_options=storage_from(a), overwrite=a.overwrite, accept_transient_errors=a.accept_transient_errors,
+        rows_per_shard=a.rows_per_shard, storage_options=storage_from(a), overwrite=a.overwrite,
+        accept_transient_errors=a.accept_transient_errors,
         dry_run=a.dry_run, progress_interval=a.progress_interval, stall_timeout=a.stall_timeout,
     )
     return cfg, a.sample

@@ -209,12 +209,11 @@ class GroupEngine:
         ``micro_batch`` images: (1) the key sums K_i; (2) the stage-1 weights given the group's K (kept: n x P
         floats) and the confidences, hence the threshold; (3) each image's foreground mean (hence the prototype)
         and its regions' token sums (kept: R x C floats); (4) the region filter's decisions and the CRF, yielding
-        GroupResults of ``chunk`` images. The backbone runs three times per image (once with ``spill``); device and
-        host memory grow
-        with the micro-batch and n x P + R x C, not with n x P x C. The numbers are those of ``run`` on the
-        same group: the head and the filter see the same micro-batches. Pass (4) reads only the colour inputs,
-        and only when a CRF is asked for; with ``crf_backend="defer"`` they come back on the results
-        (``GroupResult.crf_rgb``).
+        GroupResults of ``chunk`` images. The backbone runs three times per image (once with ``spill``); device
+        and host memory grow with the micro-batch and n x P + R x C, not with n x P x C. The numbers are those of
+        ``run`` on the same group: the head and the filter see the same micro-batches. Pass (4) reads only the
+        colour inputs, and only when a CRF is asked for; with ``crf_backend="defer"`` they come back on the
+        results (``GroupResult.crf_rgb``).
 
         ``spill``: a folder on a local disk. When it has room for the group's tokens (n x P x C float32, 2.4 MB
         an image for ViT-B/8), pass (1) writes them to an unnamed temporary file there and passes (2) and (3)
