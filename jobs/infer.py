@@ -21,11 +21,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jobs.arguments import Formatter, KeyValues, add_storage_args, key_value, storage_from  # noqa: E402
 from pipeline.errors import Refusals  # noqa: E402
 from pipeline.infer import CRF_BACKEND_CHOICES, DEVICES, InferConfig, run_inference, validate  # noqa: E402
-from pipeline.listing import LAYOUTS  # noqa: E402
+from pipeline.listing import LAYOUTS, normal_extensions  # noqa: E402
 from pipeline.predictions import MASK_FORMATS  # noqa: E402
 from pipeline.storage import redact_text, redact_url  # noqa: E402
 from scosparc_core.crf import CRF_PRESETS  # noqa: E402
 from scosparc_core.precision import PRECISIONS  # noqa: E402
+
+
+def extension_list(text: str) -> tuple[str, ...]:
+    """--extensions' value: "jpg,PNG" -> ("jpg", "png"); one that names none is refused."""
+    found = normal_extensions(text)
+    if not found:
+        raise argparse.ArgumentTypeError(f"{text!r} names no file extension (e.g. jpg,png)")
+    return found
 
 
 def parse_args(argv=None) -> tuple[InferConfig, bool]:
@@ -36,6 +44,10 @@ def parse_args(argv=None) -> tuple[InferConfig, bool]:
     src.add_argument("--manifest", help="Parquet, CSV or CSV.gz with columns group, image_uri [, gt_uri]")
     src.add_argument("--layout", default=d.layout, choices=LAYOUTS,
                      help="how --input is read; auto refuses a root that looks like image/mask folders")
+    src.add_argument("--extensions", type=extension_list, default=d.extensions, metavar="EXT,EXT",
+                     help="only files with these extensions are images, e.g. jpg,jpeg,png,webp (case ignored), so "
+                          "sidecar files (.json, .txt) are not inputs; default: every file is, and one that is not "
+                          "an image becomes an error row")
     src.add_argument("--sample", action="store_true", help="write the embedded synthetic sample and run on it")
     src.add_argument("--output", default=d.output, help="URL or path for the results")
     src.add_argument("--overwrite", action="store_true", help="clear this job's earlier outputs first")
@@ -102,7 +114,7 @@ def parse_args(argv=None) -> tuple[InferConfig, bool]:
         crf=a.crf, crf_backend=a.crf_backend, device=a.device, dtype=a.dtype, micro_batch=a.micro_batch,
         chunk_size=a.chunk_size, compile=a.compile, gpu_actors=a.gpu_actors, gpus_per_actor=a.gpus_per_actor,
         gpu_wait=a.gpu_wait, max_pixels=a.max_pixels, fast_decode=a.fast_decode, row_images=a.row_images,
-        one_pass_images=a.one_pass_images, token_dir=a.token_dir, mask_format=a.mask_format,
+        one_pass_images=a.one_pass_images, token_dir=a.token_dir, extensions=a.extensions, mask_format=a.mask_format,
         rows_per_shard=a.rows_per_shard, storage_options=storage_from(a), overwrite=a.overwrite,
         accept_transient_errors=a.accept_transient_errors,
         dry_run=a.dry_run, progress_interval=a.progress_interval, stall_timeout=a.stall_timeout,

@@ -27,7 +27,7 @@ from scosparc_core.precision import PRECISIONS, resolve
 from .decode import DEFAULT_MAX_PIXELS, DecodeSettings, decode_group
 from .errors import Refusals
 from .lease import Lease
-from .listing import LAYOUTS, InputSpec, check_input, group_dataset, summarize
+from .listing import LAYOUTS, InputSpec, check_input, group_dataset, normal_extensions, summarize
 from .output_state import (RUN_FILE, OutputState, check_settings, clear_output, groups_to_do, groups_with_images,
                            remove_orphans)
 from .predictions import MASK_FORMATS, PredictionsSink
@@ -69,6 +69,7 @@ class InferConfig:
     row_images: int = 32  # larger groups are read by the stage-1 actor
     one_pass_images: int | None = None  # larger groups run stage 1 in passes; None: per device (stage1.one_pass_limit)
     token_dir: str = ""  # where groups in passes keep their tokens on each node: "" its temp folder, "none" nowhere
+    extensions: tuple[str, ...] = ()  # --input's image files (lowercase, no dot); (): every file is an input
     mask_format: str = "png"  # png | parquet | webdataset
     rows_per_shard: int = 10_000
     storage_options: dict = field(default_factory=dict)
@@ -84,7 +85,7 @@ class InferConfig:
 
     def spec(self) -> InputSpec:
         return InputSpec(input=self.input, manifest=self.manifest, layout=self.layout,
-                         storage_options=self.storage_options)
+                         storage_options=self.storage_options, extensions=normal_extensions(self.extensions))
 
     def replace(self, **changes) -> "InferConfig":
         return dataclasses.replace(self, **changes)
@@ -111,6 +112,10 @@ def validate(cfg: InferConfig) -> None:
         raise ValueError(f"gpu_wait must be 0 or more seconds, not {cfg.gpu_wait!r}")
     if cfg.stall_timeout is not None and not (cfg.stall_timeout > 0 or cfg.stall_timeout == -1):
         raise ValueError(f"stall_timeout must be positive seconds or -1 (never), not {cfg.stall_timeout!r}")
+    if cfg.extensions and cfg.manifest:
+        raise ValueError("--extensions filters the files of --input folders; a manifest lists its images itself")
+    if cfg.extensions and not normal_extensions(cfg.extensions):
+        raise ValueError(f"extensions {cfg.extensions!r} name no file extension")
     if cfg.head is None and not cfg.random_init:
         raise ValueError("no stage-1 head: pass --head model_combined.pt (README, 'Weights'), or --random-init "
                          "for a demo with random weights")
@@ -131,6 +136,8 @@ def fingerprint(cfg: InferConfig, digests: dict, precision: str, crf_backend: st
         "backbone_kwargs": cfg.backbone_kwargs, "crf": cfg.crf, "crf_backend": crf_backend,
         "precision": precision, "max_pixels": cfg.max_pixels, "fast_decode": cfg.fast_decode,
         "mask_format": cfg.mask_format,
+        # only when given: runs recorded before the option resume as they were
+        **({"extensions": list(normal_extensions(cfg.extensions))} if cfg.extensions else {}),
     })
 
 

@@ -6,7 +6,8 @@ Three input forms:
   * a manifest         Parquet, CSV or gzip-compressed CSV with columns group, image_uri [, gt_uri]
 
 Every file found is an input (hidden dot-files such as .DS_Store aside), so a file that is not an image comes out as an error row
-rather than vanishing.
+rather than vanishing - unless the folders are listed with ``extensions`` (``--extensions jpg,png``: sidecar files
+such as img2dataset's .json and .txt beside the images are then not inputs).
 
 Two ways to run the same per-group functions: ``group_dataset`` (a Ray Data dataset, one row per group, for
 inputs of millions of images: the driver lists only the group folder names, Ray tasks list the groups, a
@@ -68,6 +69,7 @@ class InputSpec:
     manifest: str | None = None  # Parquet, CSV or CSV.gz with columns group, image_uri [, gt_uri]
     layout: str = "auto"  # auto | cosod | groups
     storage_options: dict = field(default_factory=dict)
+    extensions: tuple[str, ...] = ()  # a folder layout's image files (lowercase, no dot); (): every file
 
 
 @dataclass
@@ -93,6 +95,17 @@ class GroupSpec:
 def _hidden(path: str) -> bool:
     # Hidden files (.DS_Store, ._AppleDouble) are not inputs; folders are, whatever their names.
     return posixpath.basename(path).startswith(".")
+
+
+def _wanted(path: str, extensions: tuple[str, ...]) -> bool:
+    """Whether an image file is an input under ``extensions`` (() takes every file)."""
+    return not extensions or posixpath.splitext(path)[1].lower().lstrip(".") in extensions
+
+
+def normal_extensions(text: str | tuple | list) -> tuple[str, ...]:
+    """"jpg, .PNG" or ["jpg", ".PNG"] -> ("jpg", "png"): lowercase, no dots, no blanks, sorted."""
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    return tuple(sorted({p.strip().lower().lstrip(".") for p in parts} - {""}))
 
 
 def _stem(name: str) -> str:
@@ -149,6 +162,7 @@ class LayoutRoots:
     storage_options: dict
     image_root: str
     gt_root: str | None
+    extensions: tuple[str, ...] = ()  # InputSpec.extensions
 
     def fs(self):
         return _listing_fs(self.url, self.storage_options)[0]
@@ -181,9 +195,10 @@ def resolve_layout(spec: InputSpec) -> tuple[LayoutRoots, list[str]]:
         entries = fs.ls(image_root, detail=True)
     else:
         image_root, gt_root = base, None
-    roots = LayoutRoots(spec.input, dict(spec.storage_options), image_root, gt_root)
+    roots = LayoutRoots(spec.input, dict(spec.storage_options), image_root, gt_root, tuple(spec.extensions))
     names = sorted({_relative(e["name"], image_root).rstrip("/") for e in entries if _is_dir(fs, e)} - {""})
-    if any(_is_input(e["name"], e, image_root) and not _is_dir(fs, e) for e in entries):
+    if any(_is_input(e["name"], e, image_root) and _wanted(e["name"], roots.extensions) and not _is_dir(fs, e)
+           for e in entries):
         names.insert(0, "")
     if not names:
         raise ValueError(f"input {shown} holds no images: {redact_url(fs.unstrip_protocol(image_root))} has no "
@@ -233,7 +248,7 @@ def _group_spec(fs, roots: LayoutRoots, group: str, images: dict, gts: dict) -> 
     spec = GroupSpec(group)
     for path in sorted(images):
         entry = images[path]
-        if not _is_input(path, entry, roots.image_root):
+        if not _is_input(path, entry, roots.image_root) or not _wanted(path, roots.extensions):
             continue
         rel = _relative(path, roots.image_root)
         name = rel[len(group) + 1:] if group else rel
@@ -343,11 +358,12 @@ def _list_runs(fs, roots: LayoutRoots, names: list[str], ranks: list[int] | None
     return specs + ([list_group(fs, roots, "")] if "" in names else [])
 
 
-def list_layout(storage: Storage, layout: str = "auto") -> list[GroupSpec]:
+def list_layout(storage: Storage, layout: str = "auto", extensions: tuple[str, ...] = ()) -> list[GroupSpec]:
     """Lists a CoSOD-layout root (image/ + groundtruth/) or a root of group folders on this process (training,
     small inputs). A group folder with no file is kept as an empty group (it yields no rows, and the run
     records it)."""
-    roots, names = resolve_layout(InputSpec(input=storage.root, layout=layout, storage_options=storage.options))
+    roots, names = resolve_layout(InputSpec(input=storage.root, layout=layout, storage_options=storage.options,
+                                            extensions=tuple(extensions)))
     return finish(_list_groups(roots.fs(), roots, names))
 
 

@@ -474,3 +474,23 @@ def test_webdataset_reads_one_sample_per_image_whatever_dots_the_names_hold(ray_
         assert tar_url.endswith(tar_path.name) and member.endswith(".png")
         png = samples[member.removesuffix(".png")]["png"]  # the row names the sample it reads
         assert np.asarray(Image.open(io.BytesIO(png))).shape == (h, w)
+
+
+def test_extensions_are_checked_and_recorded_only_when_given(tiny_weights, tmp_path):
+    """--extensions: refused with a manifest or when it names nothing; in the run's settings only when given, so
+    runs recorded before the option resume as they were."""
+    from pipeline.infer import fingerprint, validate
+
+    with pytest.raises(ValueError, match="a manifest lists its images"):
+        validate(config(tiny_weights, tmp_path, tmp_path / "out", manifest="m.csv", extensions=("jpg",)))
+    with pytest.raises(ValueError, match="name no file extension"):
+        validate(config(tiny_weights, tmp_path, tmp_path / "out", extensions=(" ", ".")))
+    assert "extensions" not in fingerprint(config(tiny_weights, tmp_path, tmp_path / "out"), {}, "float32", "none")
+    given = config(tiny_weights, tmp_path, tmp_path / "out", extensions=("JPG", ".png"))
+    assert fingerprint(given, {}, "float32", "none")["extensions"] == ["jpg", "png"]
+    assert given.spec().extensions == ("jpg", "png")
+    from jobs.infer import parse_args
+
+    assert parse_args(["--input", str(tmp_path), "--extensions", "JPG,.png"])[0].extensions == ("jpg", "png")
+    with pytest.raises(SystemExit):
+        parse_args(["--input", str(tmp_path), "--extensions", " , "])

@@ -211,6 +211,26 @@ def test_group_dataset_lists_in_ray_tasks_and_summarizes(ray_local, tmp_path, s3
         assert sizes[0] <= summary["group_size_percentiles"]["p50"] <= summary["group_size_percentiles"]["p90"]
 
 
+def test_extensions_leave_sidecar_files_out_of_the_listing(ray_local, tmp_path, s3_tree):
+    """With extensions, only files with them are images (case ignored), in every group and at the root, on a local
+    disk and in the S3 range listing alike; without, every file is (as the other tests list)."""
+    from pipeline.listing import normal_extensions
+
+    assert normal_extensions(" JPG,.png,,") == ("jpg", "png") and normal_extensions([".Webp"]) == ("webp",)
+    for name in ("a.jpg", "a.json", "a.txt", "B.JPG", "c.png"):  # img2dataset writes .json and .txt beside
+        touch(tmp_path / "g" / name)
+    touch(tmp_path / "h" / "x.json")
+    (group, empty) = list_layout(Storage(str(tmp_path)), extensions=("jpg",))
+    assert [im.name for im in group.images] == ["B.JPG", "a.jpg"] and empty.group == "h" and empty.images == []
+    assert [len(g.images) for g in list_layout(Storage(str(tmp_path)))] == [5, 1]
+    url, opts = s3_tree
+    rows = dataset_rows(ray_local, group_dataset(InputSpec(input=url, storage_options=opts, extensions=("png",))))
+    names = sorted(posixpath.basename(u) for r in rows for u in r["image_uris"])
+    assert names == ["a.png"]  # image/dog/a.png
+    # every group folder stays a group; no root group: image/top.jpg is not a png
+    assert {r["group"] for r in rows} == {"cat", "dog", "a..b", "empty", "..", "back\\slash"}
+
+
 # --- manifests: Parquet, CSV, gzip by content, relative URIs, the same rows on the driver and in Ray ---------
 
 MANIFEST = pd.DataFrame({
