@@ -30,7 +30,10 @@ from scosparc_core.precision import PRECISIONS  # noqa: E402
 
 def extension_list(text: str) -> tuple[str, ...]:
     """--extensions' value: "jpg,PNG" -> ("jpg", "png"); one that names none is refused."""
-    found = normal_extensions(text)
+    try:
+        found = normal_extensions(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if not found:
         raise argparse.ArgumentTypeError(f"{text!r} names no file extension (e.g. jpg,png)")
     return found

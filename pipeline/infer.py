@@ -190,6 +190,9 @@ def run_inference(cfg: InferConfig) -> dict:
         precision = resolve(cfg.dtype, device, view.accelerators())
         listing = group_dataset(cfg.spec()).materialize()
         summary = summarize(listing)
+        if cfg.extensions and not summary["images"]:  # a mistyped filter: not a successful run of nothing
+            raise ValueError(f"no file in {redact_url(cfg.input)} has one of the extensions "
+                             f"{', '.join(normal_extensions(cfg.extensions))} (--extensions)")
         plan, micro_batch = _plan(cfg, view, device, precision, summary)
         crf_backend = {"torch": "torch", "defer": "pydensecrf", "none": "none"}[plan.crf_backend]
         settings = fingerprint(cfg, digests, precision, crf_backend)

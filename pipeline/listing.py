@@ -103,9 +103,14 @@ def _wanted(path: str, extensions: tuple[str, ...]) -> bool:
 
 
 def normal_extensions(text: str | tuple | list) -> tuple[str, ...]:
-    """"jpg, .PNG" or ["jpg", ".PNG"] -> ("jpg", "png"): lowercase, no dots, no blanks, sorted."""
-    parts = text.split(",") if isinstance(text, str) else list(text)
-    return tuple(sorted({p.strip().lower().lstrip(".") for p in parts} - {""}))
+    """"jpg, .PNG" or ["jpg", ".PNG,webp"] -> ("jpg", "png", "webp"): lowercase, no leading dots, no blanks,
+    sorted. One with a dot inside ("tar.gz") is refused: a file's extension is what follows its last dot."""
+    parts = [q for p in ([text] if isinstance(text, str) else list(text)) for q in str(p).split(",")]
+    found = tuple(sorted({p.strip().lower().lstrip(".") for p in parts} - {""}))
+    bad = [e for e in found if "." in e]
+    if bad:
+        raise ValueError(f"extension {bad[0]!r}: a file's extension is what follows its last dot (e.g. gz)")
+    return found
 
 
 def _stem(name: str) -> str:
@@ -195,14 +200,16 @@ def resolve_layout(spec: InputSpec) -> tuple[LayoutRoots, list[str]]:
         entries = fs.ls(image_root, detail=True)
     else:
         image_root, gt_root = base, None
-    roots = LayoutRoots(spec.input, dict(spec.storage_options), image_root, gt_root, tuple(spec.extensions))
+    roots = LayoutRoots(spec.input, dict(spec.storage_options), image_root, gt_root,
+                        normal_extensions(spec.extensions))
     names = sorted({_relative(e["name"], image_root).rstrip("/") for e in entries if _is_dir(fs, e)} - {""})
     if any(_is_input(e["name"], e, image_root) and _wanted(e["name"], roots.extensions) and not _is_dir(fs, e)
            for e in entries):
         names.insert(0, "")
     if not names:
-        raise ValueError(f"input {shown} holds no images: {redact_url(fs.unstrip_protocol(image_root))} has no "
-                         "files or folders")
+        what = f"no file with the extensions {', '.join(roots.extensions)} and no folders" if roots.extensions \
+            else "no files or folders"
+        raise ValueError(f"input {shown} holds no images: {redact_url(fs.unstrip_protocol(image_root))} has {what}")
     return roots, names
 
 

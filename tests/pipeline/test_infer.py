@@ -476,9 +476,10 @@ def test_webdataset_reads_one_sample_per_image_whatever_dots_the_names_hold(ray_
         assert np.asarray(Image.open(io.BytesIO(png))).shape == (h, w)
 
 
-def test_extensions_are_checked_and_recorded_only_when_given(tiny_weights, tmp_path):
-    """--extensions: refused with a manifest or when it names nothing; in the run's settings only when given, so
-    runs recorded before the option resume as they were."""
+def test_extensions_are_checked_and_recorded_only_when_given(ray_local, tiny_weights, sample, tmp_path):
+    """--extensions: refused with a manifest, when it names nothing, and when no file has them (a typo is not a
+    successful run of nothing); in the run's settings only when given, so runs recorded before the option resume
+    as they were."""
     from pipeline.infer import fingerprint, validate
 
     with pytest.raises(ValueError, match="a manifest lists its images"):
@@ -492,5 +493,8 @@ def test_extensions_are_checked_and_recorded_only_when_given(tiny_weights, tmp_p
     from jobs.infer import parse_args
 
     assert parse_args(["--input", str(tmp_path), "--extensions", "JPG,.png"])[0].extensions == ("jpg", "png")
-    with pytest.raises(SystemExit):
-        parse_args(["--input", str(tmp_path), "--extensions", " , "])
+    for bad in (" , ", "tar.gz"):
+        with pytest.raises(SystemExit):
+            parse_args(["--input", str(tmp_path), "--extensions", bad])
+    with pytest.raises(ValueError, match="has one of the extensions jgp"):
+        run_inference(config(tiny_weights, sample, tmp_path / "typo", extensions=("jgp",), crf="none"))

@@ -216,11 +216,13 @@ def test_extensions_leave_sidecar_files_out_of_the_listing(ray_local, tmp_path, 
     disk and in the S3 range listing alike; without, every file is (as the other tests list)."""
     from pipeline.listing import normal_extensions
 
-    assert normal_extensions(" JPG,.png,,") == ("jpg", "png") and normal_extensions([".Webp"]) == ("webp",)
+    assert normal_extensions(" JPG,.png,,") == ("jpg", "png") and normal_extensions([".Webp,GIF"]) == ("gif", "webp")
+    with pytest.raises(ValueError, match="what follows its last dot"):
+        normal_extensions("tar.gz")
     for name in ("a.jpg", "a.json", "a.txt", "B.JPG", "c.png"):  # img2dataset writes .json and .txt beside
         touch(tmp_path / "g" / name)
     touch(tmp_path / "h" / "x.json")
-    (group, empty) = list_layout(Storage(str(tmp_path)), extensions=("jpg",))
+    (group, empty) = list_layout(Storage(str(tmp_path)), extensions=(".JPG",))  # normalised where it is used
     assert [im.name for im in group.images] == ["B.JPG", "a.jpg"] and empty.group == "h" and empty.images == []
     assert [len(g.images) for g in list_layout(Storage(str(tmp_path)))] == [5, 1]
     url, opts = s3_tree
