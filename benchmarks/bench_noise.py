@@ -28,6 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench_precision import binary_masks, iou, photo_arguments, photos  # noqa: E402
 from results_file import write_result  # noqa: E402
 
 
@@ -51,18 +52,12 @@ def noisy_maps(delta: float, seed: int):
 
 
 def masks(engine, tokens: dict, groups: dict) -> dict:
-    """crf -> group -> binary masks (n, 224, 224) from each group's tokens, as bench_precision.masks."""
-    out = {"coca": {}, "none": {}}
-    for g, t in tokens.items():
-        r = engine.run_on_tokens([t], [groups[g][1]], crf="coca", crf_backend="pydensecrf")[0]
-        out["coca"][g] = r.final >= 128
-        out["none"][g] = np.where(r.fallback[:, None, None], r.final >= 128, r.stage2 > 0)
-    return out
+    """bench_precision.binary_masks of each group's tokens (the CRF: pydensecrf)."""
+    return binary_masks({g: engine.run_on_tokens([t], [groups[g][1]], crf="coca", crf_backend="pydensecrf")[0]
+                         for g, t in tokens.items()})
 
 
 def compare(got: dict, ref: dict) -> dict:
-    from bench_precision import iou
-
     out = {}
     for crf in ("coca", "none"):
         scores = np.concatenate([iou(got[crf][g], ref[crf][g]) for g in ref[crf]])
@@ -82,9 +77,7 @@ def token_distance(a: dict, b: dict) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--photos", default=str(ROOT / "tests" / "realphotos"))
-    ap.add_argument("--limit", type=int, default=None, help="photos per group (quick checks)")
-    ap.add_argument("--tiny", action="store_true", help="a tiny ViT (quick checks of this script)")
+    photo_arguments(ap)
     ap.add_argument("--token-deltas", nargs="*", type=float, default=[1e-7, 1e-6, 1e-5, 1e-4])
     ap.add_argument("--map-deltas", nargs="*", type=float, default=[1e-7, 1e-6])
     ap.add_argument("--seeds", type=int, default=2, help="noise draws per delta")
@@ -92,11 +85,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     from bench_engine import make_engine
-    from bench_precision import load_groups
-
-    kwargs = dict(embed_dim=96, depth=2, num_heads=3) if a.tiny else {}
-    groups = load_groups(Path(a.photos), a.limit)
-    n = sum(len(p) for p, _ in groups.values())
+    kwargs, groups, n = photos(a)
     t0 = time.perf_counter()
     engine = make_engine("cpu", "float32", 32, kwargs)
     with torch.inference_mode():

@@ -42,14 +42,32 @@ def load_groups(root: Path, limit: int | None) -> dict:
     return groups
 
 
-def masks(engine, groups: dict) -> dict:
-    """crf -> group -> binary masks (n, 224, 224), with the CRF (pydensecrf) and without, from one run."""
+def photo_arguments(ap: argparse.ArgumentParser) -> None:
+    """The real photos and the model size, as this script and ``bench_noise.py`` take them."""
+    ap.add_argument("--photos", default=str(ROOT / "tests" / "realphotos"))
+    ap.add_argument("--limit", type=int, default=None, help="photos per group (quick checks)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny ViT (quick checks of this script)")
+
+
+def photos(a) -> tuple[dict, dict, int]:
+    """(the backbone's architecture overrides, group -> (network pixels, CRF colours), photos) for ``a``."""
+    groups = load_groups(Path(a.photos), a.limit)
+    return (dict(embed_dim=96, depth=2, num_heads=3) if a.tiny else {}), groups, sum(len(p) for p, _ in groups.values())
+
+
+def binary_masks(results: dict) -> dict:
+    """group -> GroupResult (CRF coca) => crf -> group -> binary masks (n, 224, 224), with the CRF and without."""
     out = {"coca": {}, "none": {}}
-    for g, (px, rgb) in groups.items():
-        r = engine.run([px], [rgb], crf="coca", crf_backend="pydensecrf")[0]
+    for g, r in results.items():
         out["coca"][g] = r.final >= 128
         out["none"][g] = np.where(r.fallback[:, None, None], r.final >= 128, r.stage2 > 0)
     return out
+
+
+def masks(engine, groups: dict) -> dict:
+    """binary_masks of one run of ``engine`` on each group (the CRF: pydensecrf)."""
+    return binary_masks({g: engine.run([px], [rgb], crf="coca", crf_backend="pydensecrf")[0]
+                         for g, (px, rgb) in groups.items()})
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -71,20 +89,16 @@ def worst(scores: dict, got: dict, ref: dict, k: int = 3) -> list[dict]:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--photos", default=str(ROOT / "tests" / "realphotos"))
-    ap.add_argument("--limit", type=int, default=None, help="photos per group (quick checks)")
+    photo_arguments(ap)
     ap.add_argument("--formats", nargs="+", default=["float32", "float64", "float16", "tf32", "bfloat16"],
                     help="measured in this order (the candidates for auto first)")
-    ap.add_argument("--tiny", action="store_true", help="a tiny ViT (quick checks of this script)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="the device under test (cpu only to check this script)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     from bench_engine import backbone_rate, make_engine
 
-    kwargs = dict(embed_dim=96, depth=2, num_heads=3) if a.tiny else {}
-    groups = load_groups(Path(a.photos), a.limit)
-    n = sum(len(p) for p, _ in groups.values())
+    kwargs, groups, n = photos(a)
     t0 = time.perf_counter()
     reference = make_engine("cpu", "float32", 32, kwargs, crf_workers=8)
     ref = masks(reference, groups)
