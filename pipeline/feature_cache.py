@@ -251,9 +251,14 @@ class FeatureActor:
         self.micro_batch = settings.micro_batch
 
     def __call__(self, batch: dict) -> dict:
-        out = {"cache": [], "key": [], "index": [], "images": [], "errors": [], "seconds": []}
+        """Per group: the index written (JSON), images and errors, and the call's timing: wall-clock ``started``
+        and ``ended`` (calls overlap on a GPU: ``busy_seconds`` takes their union), ``backbone_seconds`` (its
+        wait for the device included) and ``write_seconds`` (copy back, float16, storage)."""
+        out = {"cache": [], "key": [], "index": [], "images": [], "errors": [], "started": [], "ended": [],
+               "backbone_seconds": [], "write_seconds": []}
         for i in range(len(batch["key"])):
-            start = time.perf_counter()
+            started, start = time.time(), time.perf_counter()
+            backbone_seconds = write_seconds = 0.0
             row = {k: v[i] for k, v in batch.items()}
             ok = [bool(x) for x in row["ok"]]
             names = [str(n) for n, flag in zip(row["names"], ok) if flag]
@@ -268,24 +273,44 @@ class FeatureActor:
                 with thread_stream(torch.device(self.device), self._local):
                     tokens, attention = features(self.backbone, row["net"], self.device, self.dtype,
                                                  self.micro_batch, self._backbone)
+                    if self.device == "cuda":  # its own stream only: the other call's backbone runs on
+                        torch.cuda.current_stream().synchronize()
+                    mid = time.perf_counter()
                     index = cache.write(str(row["key"]), names, uris, tokens, attention,
                                         listed_uris=[str(u) for u in row["image_uris"]],
                                         sizes=[int(s) for s in row["sizes"]])
+                    backbone_seconds, write_seconds = mid - start, time.perf_counter() - mid
             out["cache"].append(folder)
             out["key"].append(str(row["key"]))
             out["index"].append(json.dumps(index))  # text: one column type whatever the index holds
             out["images"].append(len(names))
             out["errors"].append(len(ok) - len(names))
-            out["seconds"].append(time.perf_counter() - start)
+            out["started"].append(started)
+            out["ended"].append(started + time.perf_counter() - start)
+            out["backbone_seconds"].append(backbone_seconds)
+            out["write_seconds"].append(write_seconds)
         return out
+
+
+def busy_seconds(intervals) -> float:
+    """Seconds covered by at least one of the (start, end) intervals: the time some actor call was running."""
+    total, reached = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reached:
+            total += end - max(start, reached)
+            reached = end
+    return total
 
 
 def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings, plan: CachePlan,
                 start_timeout: float = 180.0) -> tuple[dict[str, dict], dict[str, dict[str, dict]]]:
     """Computes the features of every group not yet (validly) in its cache folder (``folders``: cache URL -> the
     groups it holds, e.g. the training data's and the validation data's), in one Ray Data job: one actor pool
-    start for all of them. Returns, per folder, a summary (counts, the actors' busy seconds, and the pass's
-    wall-clock seconds and images/s, start-up included and shared by the folders of the pass) and, by key, the
+    start for all of them. Returns, per folder, a summary: counts; the seconds its groups' calls spent in the
+    backbone and in writing (calls may overlap); and, shared by the folders of the pass, its wall-clock
+    ``seconds`` and ``images_per_s`` (start-up included), ``startup_seconds`` (until the first call began) and
+    ``busy_seconds`` and ``busy_images_per_s`` (while at least one call ran: a GPU's rate without the pass's
+    start-up and stalls). And, by key, the
     index of each group whose features it now holds (a group none of whose images decoded has none): what
     training reads, so it reads no index itself, and the arrays of that version whatever is written later. The
     file sizes the listing gives make a cached group stale when they change.
@@ -308,12 +333,14 @@ def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings,
         todo = [item for item, index in zip(listed, cached) if index is None]
         present[url] = {item[0].key: index for item, index in zip(listed, cached) if index is not None}
         summaries[url] = {"groups": len(groups), "cached_before": len(groups) - len(todo), "computed": len(todo),
-                          "images": 0, "errors": 0, "seconds": 0.0, "images_per_s": None, "actor_seconds": 0.0}
+                          "images": 0, "errors": 0, "seconds": 0.0, "images_per_s": None,
+                          "backbone_seconds": 0.0, "write_seconds": 0.0}
         rows += [{"cache": url, "key": g.key, "names": [im.name for im in g.images], "image_uris": uris,
                   "sizes": sizes} for g, uris, sizes in todo]
     if not rows:
         return summaries, present
-    start = time.perf_counter()
+    start, began = time.perf_counter(), time.time()
+    calls = []  # (started, ended) of every actor call
     # Checked first with a placement group that is given back: a pool whose actors Ray Data cannot start in time
     # leaves a pending actor behind that starts later and holds its CPUs or GPU while this process lives.
     check_placement({"CPU": plan.num_cpus, "GPU": plan.num_gpus}, plan.actors, start_timeout,
@@ -331,7 +358,9 @@ def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings,
             summary = summaries[str(row["cache"])]
             summary["images"] += int(row["images"])
             summary["errors"] += int(row["errors"])
-            summary["actor_seconds"] += float(row["seconds"])
+            summary["backbone_seconds"] += float(row["backbone_seconds"])
+            summary["write_seconds"] += float(row["write_seconds"])
+            calls.append((float(row["started"]), float(row["ended"])))
             if int(row["images"]):
                 present[str(row["cache"])][str(row["key"])] = json.loads(row["index"])
     except ray.exceptions.GetTimeoutError as exc:
@@ -344,7 +373,11 @@ def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings,
         gc.collect()
     seconds = time.perf_counter() - start
     images = sum(s["images"] for s in summaries.values())
+    busy = busy_seconds(calls)
+    shared = {"seconds": seconds, "images_per_s": images / seconds if seconds else None,
+              "startup_seconds": min(s for s, _ in calls) - began if calls else None,
+              "busy_seconds": busy, "busy_images_per_s": images / busy if busy else None}
     for summary in summaries.values():
         if summary["computed"]:
-            summary["seconds"], summary["images_per_s"] = seconds, images / seconds if seconds else None
+            summary.update(shared)
     return summaries, present
