@@ -1,4 +1,5 @@
-"""Command-line pieces the three jobs share: KEY=VALUE options, the storage flags, the help format."""
+"""Command-line pieces the three jobs share: KEY=VALUE options, the storage flags, --extensions' values, the help
+format."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pipeline.listing import normal_extensions  # noqa: E402
 from pipeline.storage import DEFAULT_RETRIES, storage_options  # noqa: E402
 
 
@@ -16,7 +18,7 @@ class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsH
     description's layout."""
 
     def _get_help_string(self, action):
-        if action.default is None or isinstance(action.default, (bool, list, dict)):
+        if action.default is None or action.default == () or isinstance(action.default, (bool, list, dict)):
             return action.help
         return super()._get_help_string(action)
 
@@ -54,6 +56,18 @@ def storage_key_value(text: str) -> tuple[str, object]:
         except json.JSONDecodeError as exc:
             raise argparse.ArgumentTypeError(f"{key}: a value in braces or brackets must be JSON ({exc})") from None
     return key, value
+
+
+def extension_list(text: str) -> tuple[str, ...]:
+    """--extensions' value (inference and training): "jpg,PNG" -> ("jpg", "png"); one that names none is
+    refused."""
+    try:
+        found = normal_extensions(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not found:
+        raise argparse.ArgumentTypeError(f"{text!r} names no file extension (e.g. jpg,png)")
+    return found
 
 
 def _split(text: str) -> tuple[str, str]:

@@ -18,25 +18,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jobs.arguments import Formatter, KeyValues, add_storage_args, key_value, storage_from  # noqa: E402
+from jobs.arguments import Formatter, KeyValues, add_storage_args, extension_list, key_value, storage_from  # noqa: E402
 from pipeline.errors import Refusals  # noqa: E402
 from pipeline.infer import CRF_BACKEND_CHOICES, DEVICES, InferConfig, run_inference, validate  # noqa: E402
-from pipeline.listing import LAYOUTS, normal_extensions  # noqa: E402
+from pipeline.listing import LAYOUTS  # noqa: E402
 from pipeline.predictions import MASK_FORMATS  # noqa: E402
 from pipeline.storage import redact_text, redact_url  # noqa: E402
 from scosparc_core.crf import CRF_PRESETS  # noqa: E402
 from scosparc_core.precision import PRECISIONS  # noqa: E402
-
-
-def extension_list(text: str) -> tuple[str, ...]:
-    """--extensions' value: "jpg,PNG" -> ("jpg", "png"); one that names none is refused."""
-    try:
-        found = normal_extensions(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if not found:
-        raise argparse.ArgumentTypeError(f"{text!r} names no file extension (e.g. jpg,png)")
-    return found
 
 
 def parse_args(argv=None) -> tuple[InferConfig, bool]:

@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jobs.arguments import Formatter, KeyValues, add_storage_args, key_value, storage_from  # noqa: E402
+from jobs.arguments import Formatter, KeyValues, add_storage_args, extension_list, key_value, storage_from  # noqa: E402
 from pipeline.listing import LAYOUTS  # noqa: E402
 from pipeline.storage import redact_text  # noqa: E402
 from pipeline.train import TrainConfig, config_defaults, run_training  # noqa: E402
@@ -36,6 +36,9 @@ def parse_args(argv=None) -> TrainConfig:
     ap.add_argument("--val", help="validation root with ground truth (e.g. CoCA)")
     ap.add_argument("--layout", default=d["layout"], choices=LAYOUTS,
                     help="how the roots are read: image/ + groundtruth/ (cosod), or group folders (groups)")
+    ap.add_argument("--extensions", type=extension_list, default=d["extensions"], metavar="EXT,EXT",
+                    help="only files with these extensions are images of --data and --val, e.g. jpg,jpeg,png "
+                         "(case ignored), so sidecar files (.json, .txt) are left out; default: every file is")
     ap.add_argument("--storage", required=True, help="URL or path for checkpoints, metrics and the feature cache")
     ap.add_argument("--name", required=True, help="run name; the same name resumes")
     ap.add_argument("--epochs", type=int, default=d["epochs"], help="epochs in all (a resumed run may add more)")
@@ -77,7 +80,8 @@ def parse_args(argv=None) -> TrainConfig:
 
 def _config(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
-        data=tuple(a.data), val=a.val, layout=a.layout, storage=a.storage, name=a.name, epochs=a.epochs,
+        data=tuple(a.data), val=a.val, layout=a.layout, extensions=a.extensions, storage=a.storage, name=a.name,
+        epochs=a.epochs,
         val_every=a.val_every, max_images=a.max_images, lr=a.lr, weight_decay=a.weight_decay, workers=a.workers,
         gpu=a.gpu, gpus_per_worker=a.gpus_per_worker, cpus_per_worker=a.cpus_per_worker,
         placement_timeout=a.placement_timeout,

@@ -56,7 +56,7 @@ from .errors import Refusals
 from .feature_cache import (BackboneSettings, FeatureCache, backbone_id, build_backbone, build_cache,
                             cache_folder, check_cuda, features, plan_cache)
 from .lease import Lease
-from .listing import GroupSpec, list_layout
+from .listing import GroupSpec, list_layout, normal_extensions
 from .resources import check_placement
 from .storage import Storage, URLOptions, redact
 
@@ -82,6 +82,7 @@ class TrainConfig:
     name: str
     val: str | None = None
     layout: str = "auto"  # auto | cosod | groups (pipeline.listing)
+    extensions: tuple[str, ...] = ()  # the roots' image files (lowercase, no dot); (): every file is an image
     epochs: int = 150
     val_every: int = 1
     max_images: int = 24
@@ -108,6 +109,11 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "data", tuple([self.data] if isinstance(self.data, str) else self.data))
+        if self.extensions:  # as the listing reads them; one with a dot inside ("tar.gz") is refused there
+            extensions = normal_extensions(self.extensions)
+            if not extensions:
+                raise ValueError(f"extensions {self.extensions!r} name no file extension (e.g. jpg,png)")
+            object.__setattr__(self, "extensions", extensions)
         if self.dtype not in PRECISIONS:
             raise ValueError(f"dtype {self.dtype!r}: choose one of {', '.join(PRECISIONS)}")
         if self.gpu and not 0 < self.gpus_per_worker <= 1:
@@ -506,6 +512,8 @@ def fingerprint(cfg: TrainConfig, digests: dict[str, str], weights: str | None, 
     """What decides a run's result; a run resumes only under the same fingerprint. As JSON gives it back (tuples
     become lists), so that it compares equal to the recorded one."""
     return json.loads(json.dumps({
+        # the listings, not how they were made: --layout and --extensions act through them alone, so a filter
+        # that lists the same files resumes its run and one that lists others is refused as other data
         "data": [digests[r] for r in cfg.data],
         "val": digests[cfg.val] if cfg.val else None,
         "backbone": weights or ("random-init" if cfg.random_init else "timm-pretrained"),
@@ -610,9 +618,14 @@ def run_training(cfg: TrainConfig):
     refusals = Refusals()
     with contextlib.ExitStack() as stack:
         stack.push(refusals)  # first in, so last out: it sees what the lease and Ray's shutdown let through
-        listed = {root: list_layout(Storage(root, cfg.storage_options), cfg.layout) for root in roots}
+        listed = {root: list_layout(Storage(root, cfg.storage_options), cfg.layout, cfg.extensions) for root in roots}
+        # with --extensions, a root none of whose files has them is a mistyped filter, not a run on nothing
+        wanted = f": no file has one of the extensions {', '.join(cfg.extensions)} (--extensions)" \
+            if cfg.extensions else ""
         if not any(spec.images for r in cfg.data for spec in listed[r]):
-            raise ValueError(f"no images found under {list(cfg.data)}")
+            raise ValueError(f"no images found under {', '.join(redact(r) for r in cfg.data)}{wanted}")
+        if cfg.extensions and cfg.val and not any(spec.images for spec in listed[cfg.val]):
+            raise ValueError(f"no images found under --val {redact(cfg.val)}{wanted}")
         dim = DinoBackbone.width(cfg.backbone_name, **cfg.backbone_kwargs)
         # both read on the driver, as the inference job does: a file that carries code, a backbone of another
         # architecture or a head of another width stops the job here, before anything is written (not in every
@@ -656,7 +669,8 @@ def run_training(cfg: TrainConfig):
             record["feature_cache"] = {}
             for root, folder in cache_folders.items():
                 summary = summaries[folder]
-                rate = f", {summary['images_per_s']:.1f} img/s" if summary["images_per_s"] else ""
+                rate = (f", {summary['images_per_s']:.1f} img/s ({summary['busy_images_per_s']:.1f} while the "
+                        f"actors worked)") if summary["images_per_s"] else ""
                 print(f"[train] feature cache {redact(folder)}: {summary['computed']} groups computed "
                       f"({summary['images']} images, {summary['errors']} unreadable) in a pass of "
                       f"{summary['seconds']:.1f}s{rate}, {summary['cached_before']} reused", file=sys.stderr,
