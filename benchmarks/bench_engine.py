@@ -124,20 +124,18 @@ def main(argv=None) -> dict:
     from scosparc_core.precision import resolve
 
     cuda = torch.device(a.device).type == "cuda"
-    mb = a.micro_batch or default_micro_batch(a.device)
-    precisions = a.precisions or (["float32", "tf32", "float16", "bfloat16"] if cuda else ["float32"])
+    precisions = a.precisions or (["float32", "float64", "tf32", "float16", "bfloat16"] if cuda else ["float32"])
     threads = a.threads or (2 if cuda else 1)
     repeat = a.repeat or (3 if cuda else 1)
     kwargs = dict(embed_dim=96, depth=2, num_heads=3) if a.tiny else {}
-    per_call = max(1, round(2 * mb / a.group_size))  # the stage-1 actor's groups per call
     pixels, rgbs = synthetic_groups(a.groups, a.group_size)
     result = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
-              "torch": torch.__version__, "micro_batch": mb, "groups": a.groups, "group_size": a.group_size,
-              "groups_per_call": per_call, "threads": threads, "tiny": a.tiny, "rows": []}
+              "torch": torch.__version__, "groups": a.groups, "group_size": a.group_size,
+              "threads": threads, "tiny": a.tiny, "rows": []}
     print(f"\nengine vs backbone, {'tiny ViT' if a.tiny else 'ViT-B/8'}, {a.groups} groups x {a.group_size} images, "
-          f"micro-batch {mb}, {per_call} groups per call, {threads} thread(s), {result['device']}")
-    print(f"{'format':>9} {'crf':>5} {'backbone img/s':>15} {'engine img/s':>13} {'ratio':>6}   split outside the backbone "
-          "(ms/img)")
+          f"{threads} thread(s), {result['device']}; micro-batch and groups per call: the stage-1 actor's per format")
+    print(f"{'format':>9} {'crf':>5} {'micro':>5} {'calls':>5} {'backbone img/s':>15} {'engine img/s':>13} {'ratio':>6}"
+          "   split outside the backbone (ms/img)")
     for precision in precisions:
         # the stage-1 actor's micro-batch for this format (float64 on CUDA: half), and its groups per call
         own = a.micro_batch or default_micro_batch(a.device, resolve(precision, a.device))
@@ -153,7 +151,8 @@ def main(argv=None) -> dict:
                    "backbone_tflops": bb * VIT_B8_GFLOP / 1e3 if not a.tiny else None}
             result["rows"].append(row)
             outside = ", ".join(f"{k} {1e3 * v:.3f}" for k, v in steps.items() if k != "backbone")
-            print(f"{precision:>9} {crf:>5} {bb:>15.1f} {rate:>13.1f} {rate / bb:>6.2f}   {outside}", flush=True)
+            print(f"{precision:>9} {crf:>5} {own:>5} {calls:>5} {bb:>15.1f} {rate:>13.1f} {rate / bb:>6.2f}   "
+                  f"{outside}", flush=True)
         del engine
         if cuda:
             torch.cuda.empty_cache()
