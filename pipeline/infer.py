@@ -309,7 +309,7 @@ def _dry_run(cfg: InferConfig, view) -> dict:
     return report
 
 
-SECONDS_PER_IMAGE = {"cpu": 4.0, "cuda": 0.1}  # stage 1's three passes and the CRF, generously
+SECONDS_PER_IMAGE = {"cpu": 4.0, "cuda": 0.1}  # stage 1's passes without a token file, and the CRF, generously
 
 
 def stall_timeout(cfg: InferConfig, device: str, largest_group: int) -> float:

@@ -171,12 +171,14 @@ class Stage1Actor:
         self._end(key)  # not reached when the process dies: then the batch is blamed
 
     def _run(self, rows: list[dict]) -> Iterator[dict]:
-        start = time.perf_counter()
         small = [r for r in rows if r["decoded"]]
         chunks = []
         for part in _by_images(small, self.one_pass_images):
-            for row, result in zip(part, self._run_small(part)):
-                chunks += self._chunks(row, result, start)
+            start = time.perf_counter()
+            results = self._run_small(part)
+            seconds = _per_image(time.perf_counter() - start, sum(int(np.sum(r["ok"])) for r in part))
+            for row, result in zip(part, results):
+                chunks += self._chunks(row, result, seconds)
         if chunks:
             yield _columns(chunks)
         for row in rows:
@@ -274,9 +276,11 @@ class Stage1Actor:
         ok = np.flatnonzero(probe.ok)
         if one_pass:
             row = {**row, "net": probe.net, "crf": probe.crf}
-            yield from _batched(self._chunks(row, self._run_small([row])[0], start), 8)
+            start = time.perf_counter()
+            result = self._run_small([row])[0]
+            yield from _batched(self._chunks(row, result, _per_image(time.perf_counter() - start, len(ok))), 8)
             return
-        failed = self._chunks(row, None, start, indices=np.flatnonzero(~probe.ok))
+        failed = self._chunks(row, None, 0.0, indices=np.flatnonzero(~probe.ok))
         if failed:
             yield failed
         ok_uris = [uris[i] for i in ok]
@@ -296,14 +300,18 @@ class Stage1Actor:
 
         out = 0  # images of ``ok`` whose rows are out
         try:
-            # tokens kept on the node's disk when it has room: each image read and through the backbone once
+            # tokens kept on the node's disk when it has room: each image through the backbone once
+            start = time.perf_counter()
             for part in self.engine.run_passes(len(ok), load, crf=s.crf, crf_backend=s.crf_backend,
                                                chunk=s.chunk_size, progress=tick, spill=self._token_dir()):
+                # the engine's time for this part (the first carries the passes before it), not the waits in yield
+                seconds = _per_image(time.perf_counter() - start, len(part))
                 part_idx = ok[part.start:part.start + len(part)]
                 # a deferred CRF's colour views come with the part: memory per chunk, not per group
-                yield self._chunks({**row, "crf": part.crf_rgb, "crf_indices": part_idx}, part, start,
+                yield self._chunks({**row, "crf": part.crf_rgb, "crf_indices": part_idx}, part, seconds,
                                    indices=part_idx)
                 out = part.start + len(part)
+                start = time.perf_counter()
         except Exception as exc:  # noqa: BLE001 - the rows not yet out become errors (one row per image)
             if poisons_cuda(exc):
                 self._exit(exc)
@@ -323,9 +331,10 @@ class Stage1Actor:
             net=cat([d.net for d in done]) if keep else None, crf=cat([d.crf for d in done]) if keep else None)
 
     # -- output rows ----------------------------------------------------------------------------------------
-    def _chunks(self, row: dict, result, start: float, indices=None) -> list[dict]:
+    def _chunks(self, row: dict, result, seconds: float, indices=None) -> list[dict]:
         """Output rows (``chunk_size`` images each) for the emitted images of ``row``. ``result``: the engine's
-        GroupResult over the ok images (in order), an exception (every ok image becomes an error), or None."""
+        GroupResult over the ok images (in order), an exception (every ok image becomes an error), or None.
+        ``seconds``: the engine's time per image of the work that gave ``result`` (its ``stage1_s``)."""
         n = len(row["image_uris"])
         ok = np.asarray(row["ok"], bool).copy()
         errors = [list(row["error"]), list(row["error_kind"]), list(row["error_class"])]
@@ -345,7 +354,6 @@ class Stage1Actor:
         emit = [int(i) for i in indices if not only or int(i) in only]
         if not emit:
             return []
-        seconds = (time.perf_counter() - start) / max(len(ok_idx), 1)
         deferred = result is not None and not isinstance(result, BaseException) and not result.crf_applied
         views = row.get("crf")
         crf_views = np.asarray(views) if deferred and views is not None and len(views) else None
@@ -392,7 +400,7 @@ class Stage1Actor:
         n = len(row["image_uris"])
         if not row.get("decoded"):
             row = {**row, "ok": np.ones(n, bool), "height": np.zeros(n, np.int32), "width": np.zeros(n, np.int32)}
-        return self._chunks(row, exc, time.perf_counter(), indices)
+        return self._chunks(row, exc, 0.0, indices)
 
     # -- faults ---------------------------------------------------------------------------------------------
     def _begin(self, key: str) -> int:
@@ -455,3 +463,8 @@ def _columns(rows: list[dict]) -> dict:
 def _batched(chunks: list[dict], n: int) -> Iterator[list[dict]]:
     for i in range(0, len(chunks), n):
         yield chunks[i:i + n]
+
+
+def _per_image(seconds: float, images: int) -> float:
+    """Seconds of work shared by its images: summed over the rows, ``stage1_s`` gives the actor's time."""
+    return seconds / max(images, 1)

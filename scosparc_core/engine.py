@@ -217,8 +217,8 @@ class GroupEngine:
 
         ``spill``: a folder on a local disk. When it has room for the group's tokens (n x P x C float32, 2.4 MB
         an image for ViT-B/8), pass (1) writes them to an unnamed temporary file there and passes (2) and (3)
-        read them back: ``load`` and the backbone run once per image instead of three times, with the same
-        numbers. Without room (``TokenFile.open``), on a RAM-backed folder, when a write or a read fails, or with
+        read them back: the backbone runs once per image instead of three times, with the same numbers, and
+        ``load`` once, or twice with a CRF (pass (4) reads the colour inputs). Without room (``TokenFile.open``), on a RAM-backed folder, when a write or a read fails, or with
         None, the passes recompute them.
         """
         if n == 0:
@@ -271,8 +271,9 @@ class GroupEngine:
             cosines = self._cosines(torch.cat(embeds), counts, prototype[None], np.zeros(n, np.int64))
             del means, has_fg, embeds
             offsets = np.concatenate([[0], np.cumsum(counts)])
-            for start in range(0, n, max(1, chunk or mb)):
-                stop = min(start + max(1, chunk or mb), n)
+            step = max(1, chunk or mb)
+            for start in range(0, n, step):
+                stop = min(start + step, n)
                 maps = stage1_map(weights[start:stop], self.grid)
                 taus = np.full(stop - start, threshold, np.float32)
                 labels, cnt = self._stage1_regions(maps, taus)

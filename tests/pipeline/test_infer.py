@@ -271,6 +271,35 @@ def test_a_stage1_failure_turns_its_group_into_error_rows(tiny_weights, sample):
     assert kinds == ["Stage1:RuntimeError"] * 3 and not any(ok for c in chunks for o in c["ok"] for ok in o)
 
 
+def test_stage1_seconds_share_a_batch_of_groups_time_among_its_images(tiny_weights, sample):
+    """``stage1_s`` is the batch's engine time per image: the same for every image of the batch, and summed over
+    the rows it is the time the call took, not once per group (it was the time since the batch began divided by
+    each group's own images)."""
+    import time
+
+    from pipeline.decode import DecodeSettings, decode_group
+    from pipeline.listing import group_row, list_layout
+    from pipeline.output_state import mark_todo
+    from pipeline.stage1 import ModelSettings, Stage1Actor, Stage1Settings
+    from pipeline.storage import Storage
+
+    backbone, head = tiny_weights
+    model = ModelSettings(backbone=backbone, head=head, backbone_name="vit_base_patch8_224",
+                          backbone_kwargs=dict(TINY_VIT))
+    rows = [decode_group(mark_todo(group_row(g), None)[0], DecodeSettings())
+            for g in list_layout(Storage(str(sample)))]  # disc (3 images), horse (4, one does not decode)
+    actor = Stage1Actor(Stage1Settings(model=model, decode=DecodeSettings(), crf="none"))
+    run = actor.engine.run
+    actor.engine.run = lambda *a, **k: time.sleep(0.5) or run(*a, **k)  # the engine's time: at least 0.5 s
+    start = time.perf_counter()
+    out = list(actor({k: [r[k] for r in rows] for k in rows[0]}))
+    wall = time.perf_counter() - start
+    seconds = [s for c in out for s, oks in zip(c["stage1_s"], c["ok"]) for _ in oks]
+    ok = sum(o for c in out for oks in c["ok"] for o in oks)
+    assert ok == 6 and len(seconds) == 7 and len(set(seconds)) == 1
+    assert 0.5 <= seconds[0] * ok <= wall
+
+
 def test_a_batch_of_groups_goes_to_the_engine_in_calls_of_at_most_one_pass_of_images(tiny_weights, sample):
     """Batches are sized in groups from the mean group size; a batch that brings many images anyway is split, so
     that the device holds at most --one-pass-images images' tokens at once. The masks do not change."""
