@@ -10,7 +10,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.listing import normal_extensions  # noqa: E402
-from pipeline.storage import DEFAULT_RETRIES, storage_options  # noqa: E402
+from pipeline.storage import DEFAULT_RETRIES, redact_text, storage_options  # noqa: E402
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -58,16 +58,23 @@ def storage_key_value(text: str) -> tuple[str, object]:
     return key, value
 
 
+def refused(exc: Exception) -> int:
+    """A job's exception: one found before any work (``before_work``: the settings, input, weights, storage or
+    cluster do not allow the job) prints one line, ``error: <why>``, and gives exit code 2; any other is raised
+    again, its traceback the report."""
+    if not getattr(exc, "before_work", False):
+        raise exc
+    print(f"error: {redact_text(str(exc))}", file=sys.stderr, flush=True)
+    return 2
+
+
 def extension_list(text: str) -> tuple[str, ...]:
     """--extensions' value (inference and training): "jpg,PNG" -> ("jpg", "png"); one that names none is
     refused."""
     try:
-        found = normal_extensions(text)
+        return normal_extensions(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    if not found:
-        raise argparse.ArgumentTypeError(f"{text!r} names no file extension (e.g. jpg,png)")
-    return found
 
 
 def _split(text: str) -> tuple[str, str]:

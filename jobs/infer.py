@@ -18,12 +18,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jobs.arguments import Formatter, KeyValues, add_storage_args, extension_list, key_value, storage_from  # noqa: E402
+from jobs.arguments import (Formatter, KeyValues, add_storage_args, extension_list, key_value, refused,  # noqa: E402
+                            storage_from)
 from pipeline.errors import Refusals  # noqa: E402
 from pipeline.infer import CRF_BACKEND_CHOICES, DEVICES, InferConfig, run_inference, validate  # noqa: E402
 from pipeline.listing import LAYOUTS  # noqa: E402
 from pipeline.predictions import MASK_FORMATS  # noqa: E402
-from pipeline.storage import redact_text, redact_url  # noqa: E402
+from pipeline.storage import redact_url  # noqa: E402
 from scosparc_core.crf import CRF_PRESETS  # noqa: E402
 from scosparc_core.precision import PRECISIONS  # noqa: E402
 
@@ -121,11 +122,7 @@ def main(argv=None) -> int:
             cfg = with_sample(cfg)
         result = run_inference(cfg)
     except Exception as exc:
-        if not getattr(exc, "before_work", False):
-            raise  # a failure during the work: its traceback is the report
-        # the settings, input, weights, output or cluster do not allow the job (checked before any work): say why
-        print(f"error: {redact_text(str(exc))}", file=sys.stderr, flush=True)
-        return 2
+        return refused(exc)
     if cfg.dry_run:
         return 0
     out = result["output"]

@@ -22,9 +22,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jobs.arguments import Formatter, KeyValues, add_storage_args, extension_list, key_value, storage_from  # noqa: E402
+from jobs.arguments import (Formatter, KeyValues, add_storage_args, extension_list, key_value, refused,  # noqa: E402
+                            storage_from)
 from pipeline.listing import LAYOUTS  # noqa: E402
-from pipeline.storage import redact_text  # noqa: E402
 from pipeline.train import TrainConfig, config_defaults, run_training  # noqa: E402
 from scosparc_core.precision import PRECISIONS  # noqa: E402
 
@@ -97,11 +97,7 @@ def main(argv=None) -> int:
     try:
         result = run_training(cfg)
     except Exception as exc:
-        if not getattr(exc, "before_work", False):
-            raise  # a failure during the work: its traceback is the report
-        # the settings, data, weights, storage, run or cluster do not allow the job (checked before any work)
-        print(f"error: {redact_text(str(exc))}", file=sys.stderr, flush=True)
-        return 2
+        return refused(exc)
     if result is None:  # the run has its epochs already (run_training said so)
         return 0
     print(f"final metrics: {result.metrics}")

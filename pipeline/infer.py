@@ -83,9 +83,13 @@ class InferConfig:
     lease_ttl: float = 120.0
     fault: dict | None = None  # fault injection for tests (see Stage1Actor); not on the command line
 
+    def __post_init__(self):
+        if self.extensions:  # as the listing reads them, once ("JPG,.png" -> ("jpg", "png"))
+            object.__setattr__(self, "extensions", normal_extensions(self.extensions))
+
     def spec(self) -> InputSpec:
         return InputSpec(input=self.input, manifest=self.manifest, layout=self.layout,
-                         storage_options=self.storage_options, extensions=normal_extensions(self.extensions))
+                         storage_options=self.storage_options, extensions=self.extensions)
 
     def replace(self, **changes) -> "InferConfig":
         return dataclasses.replace(self, **changes)
@@ -114,8 +118,6 @@ def validate(cfg: InferConfig) -> None:
         raise ValueError(f"stall_timeout must be positive seconds or -1 (never), not {cfg.stall_timeout!r}")
     if cfg.extensions and cfg.manifest:
         raise ValueError("--extensions filters the files of --input folders; a manifest lists its images itself")
-    if cfg.extensions and not normal_extensions(cfg.extensions):
-        raise ValueError(f"extensions {cfg.extensions!r} name no file extension")
     if cfg.head is None and not cfg.random_init:
         raise ValueError("no stage-1 head: pass --head model_combined.pt (README, 'Weights'), or --random-init "
                          "for a demo with random weights")
@@ -137,7 +139,7 @@ def fingerprint(cfg: InferConfig, digests: dict, precision: str, crf_backend: st
         "precision": precision, "max_pixels": cfg.max_pixels, "fast_decode": cfg.fast_decode,
         "mask_format": cfg.mask_format,
         # only when given: runs recorded before the option resume as they were
-        **({"extensions": list(normal_extensions(cfg.extensions))} if cfg.extensions else {}),
+        **({"extensions": list(cfg.extensions)} if cfg.extensions else {}),
     })
 
 
@@ -186,13 +188,14 @@ def run_inference(cfg: InferConfig) -> dict:
         # a lost lease interrupts the driver (a signal to this thread), which stops the dataset: LeaseLost
         lease = stack.enter_context(Lease(out, ttl=cfg.lease_ttl, holder={"job": "infer"},
                                           stop_main=True))
-        device, view = choose_device(cfg.device, view, cfg.gpu_wait, cfg.gpu_actors or 1)
-        precision = resolve(cfg.dtype, device, view.accelerators())
         listing = group_dataset(cfg.spec()).materialize()
         summary = summarize(listing)
         if cfg.extensions and not summary["images"]:  # a mistyped filter: not a successful run of nothing
             raise ValueError(f"no file in {redact_url(cfg.input)} has one of the extensions "
-                             f"{', '.join(normal_extensions(cfg.extensions))} (--extensions)")
+                             f"{', '.join(cfg.extensions)} (--extensions)")
+        # after the input is known good: the wait for GPUs may start nodes
+        device, view = choose_device(cfg.device, view, cfg.gpu_wait, cfg.gpu_actors or 1)
+        precision = resolve(cfg.dtype, device, view.accelerators())
         plan, micro_batch = _plan(cfg, view, device, precision, summary)
         crf_backend = {"torch": "torch", "defer": "pydensecrf", "none": "none"}[plan.crf_backend]
         settings = fingerprint(cfg, digests, precision, crf_backend)

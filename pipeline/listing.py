@@ -104,9 +104,12 @@ def _wanted(path: str, extensions: tuple[str, ...]) -> bool:
 
 def normal_extensions(text: str | tuple | list) -> tuple[str, ...]:
     """"jpg, .PNG" or ["jpg", ".PNG,webp"] -> ("jpg", "png", "webp"): lowercase, no leading dots, no blanks,
-    sorted. One with a dot inside ("tar.gz") is refused: a file's extension is what follows its last dot."""
+    sorted. Refused: one with a dot inside ("tar.gz": a file's extension is what follows its last dot), and a
+    text that names none (callers take () as "every file" before asking)."""
     parts = [q for p in ([text] if isinstance(text, str) else list(text)) for q in str(p).split(",")]
     found = tuple(sorted({p.strip().lower().lstrip(".") for p in parts} - {""}))
+    if not found:
+        raise ValueError(f"extensions {text!r} name no file extension (e.g. jpg,png)")
     bad = [e for e in found if "." in e]
     if bad:
         raise ValueError(f"extension {bad[0]!r}: a file's extension is what follows its last dot (e.g. gz)")
@@ -201,7 +204,7 @@ def resolve_layout(spec: InputSpec) -> tuple[LayoutRoots, list[str]]:
     else:
         image_root, gt_root = base, None
     roots = LayoutRoots(spec.input, dict(spec.storage_options), image_root, gt_root,
-                        normal_extensions(spec.extensions))
+                        normal_extensions(spec.extensions) if spec.extensions else ())
     names = sorted({_relative(e["name"], image_root).rstrip("/") for e in entries if _is_dir(fs, e)} - {""})
     if any(_is_input(e["name"], e, image_root) and _wanted(e["name"], roots.extensions) and not _is_dir(fs, e)
            for e in entries):
@@ -397,6 +400,11 @@ class ManifestFile:
     def fs(self):
         return _listing_fs(self.url, self.storage_options)[0]
 
+    @property
+    def present(self) -> list[str]:
+        """The manifest columns this file has, in MANIFEST_COLUMNS' order."""
+        return [c for c in MANIFEST_COLUMNS if c in self.columns]
+
 
 def check_manifest(url: str, options: dict) -> ManifestFile:
     """Reads a manifest's first bytes and header (never the whole file): the format from its content (Parquet's
@@ -444,7 +452,7 @@ def check_manifest(url: str, options: dict) -> ManifestFile:
 
 def _csv_convert_options(manifest: ManifestFile) -> pacsv.ConvertOptions:
     # Every column as text: a group "01" stays "01", "NA" stays "NA", an empty cell is "" (no ground truth).
-    present = [c for c in MANIFEST_COLUMNS if c in manifest.columns]
+    present = manifest.present
     return pacsv.ConvertOptions(column_types={c: pa.string() for c in present}, include_columns=present,
                                 strings_can_be_null=False)
 
@@ -452,10 +460,9 @@ def _csv_convert_options(manifest: ManifestFile) -> pacsv.ConvertOptions:
 def _read_manifest(manifest: ManifestFile) -> pa.Table:
     """The whole manifest on this process (list_manifest: small inputs)."""
     fs = manifest.fs()
-    present = [c for c in MANIFEST_COLUMNS if c in manifest.columns]
     if manifest.format == "parquet":
         with fs.open(manifest.path, "rb") as f:
-            return pq.read_table(f, columns=present)
+            return pq.read_table(f, columns=manifest.present)
     with fs.open(manifest.path, "rb", compression=manifest.compression) as f:
         return pacsv.read_csv(f, convert_options=_csv_convert_options(manifest))
 
@@ -553,8 +560,8 @@ def _manifest_dataset(manifest: ManifestFile):
 
     filesystem = PyFileSystem(FSSpecHandler(manifest.fs()))
     if manifest.format == "parquet":
-        present = [c for c in MANIFEST_COLUMNS if c in manifest.columns]
-        ds = ray.data.read_parquet(manifest.path, filesystem=filesystem, file_extensions=None).select_columns(present)
+        ds = ray.data.read_parquet(manifest.path, filesystem=filesystem, file_extensions=None) \
+            .select_columns(manifest.present)
     else:
         ds = ray.data.read_csv(manifest.path, filesystem=filesystem, file_extensions=None,
                                convert_options=_csv_convert_options(manifest),

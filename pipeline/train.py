@@ -109,11 +109,8 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "data", tuple([self.data] if isinstance(self.data, str) else self.data))
-        if self.extensions:  # as the listing reads them; one with a dot inside ("tar.gz") is refused there
-            extensions = normal_extensions(self.extensions)
-            if not extensions:
-                raise ValueError(f"extensions {self.extensions!r} name no file extension (e.g. jpg,png)")
-            object.__setattr__(self, "extensions", extensions)
+        if self.extensions:  # as the listing reads them, once ("JPG,.png" -> ("jpg", "png"))
+            object.__setattr__(self, "extensions", normal_extensions(self.extensions))
         if self.dtype not in PRECISIONS:
             raise ValueError(f"dtype {self.dtype!r}: choose one of {', '.join(PRECISIONS)}")
         if self.gpu and not 0 < self.gpus_per_worker <= 1:

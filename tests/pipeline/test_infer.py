@@ -525,5 +525,5 @@ def test_extensions_are_checked_and_recorded_only_when_given(ray_local, tiny_wei
     for bad in (" , ", "tar.gz"):
         with pytest.raises(SystemExit):
             parse_args(["--input", str(tmp_path), "--extensions", bad])
-    with pytest.raises(ValueError, match="has one of the extensions jgp"):
-        run_inference(config(tiny_weights, sample, tmp_path / "typo", extensions=("jgp",), crf="none"))
+    with pytest.raises(ValueError, match="has one of the extensions jgp"):  # before any wait for GPUs (none here)
+        run_inference(config(tiny_weights, sample, tmp_path / "typo", extensions=("jgp",), crf="none", device="cuda"))

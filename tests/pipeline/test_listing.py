@@ -219,6 +219,9 @@ def test_extensions_leave_sidecar_files_out_of_the_listing(ray_local, tmp_path, 
     assert normal_extensions(" JPG,.png,,") == ("jpg", "png") and normal_extensions([".Webp,GIF"]) == ("gif", "webp")
     with pytest.raises(ValueError, match="what follows its last dot"):
         normal_extensions("tar.gz")
+    for nothing in (" , ", [".", ""], ()):
+        with pytest.raises(ValueError, match="name no file extension"):
+            normal_extensions(nothing)
     for name in ("a.jpg", "a.json", "a.txt", "B.JPG", "c.png"):  # img2dataset writes .json and .txt beside
         touch(tmp_path / "g" / name)
     touch(tmp_path / "h" / "x.json")

@@ -59,7 +59,7 @@ def test_extensions_are_parsed_normalised_and_bad_values_refused(capsys):
     base = ["--data", "d", "--storage", "s", "--name", "n"]
     assert parse_args(base).extensions == ()
     assert parse_args([*base, "--extensions", "JPG,.png, webp"]).extensions == ("jpg", "png", "webp")
-    for bad, why in ((",", "names no file extension"), (" . ", "names no file extension"),
+    for bad, why in ((",", "name no file extension"), (" . ", "name no file extension"),
                      ("tar.gz", "what follows its last dot")):
         with pytest.raises(SystemExit) as done:
             parse_args([*base, "--extensions", bad])
