@@ -42,24 +42,9 @@ CHECK_BUDGET_S = 90.0
 
 def reference_q(args) -> np.ndarray:
     """pydensecrf's Q (iterations+1, 2, H, W) float32 for one image (runs in a worker process)."""
-    rgb, labels, params = args
-    import pydensecrf.densecrf as dcrf
-    from pydensecrf.utils import unary_from_labels
+    from scosparc_core.crf import dense_crf_q
 
-    h, w = labels.shape
-    crf = dcrf.DenseCRF2D(w, h, 2)
-    crf.setUnaryEnergy(unary_from_labels(labels.astype(np.int64).ravel(), 2, params.gt_prob, zero_unsure=False))
-    crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat, kernel=dcrf.DIAG_KERNEL,
-                            normalization=dcrf.NORMALIZE_SYMMETRIC)
-    crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
-                             rgbim=np.array(rgb, dtype=np.uint8, order="C"), compat=params.bilateral_compat,
-                             kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NORMALIZE_SYMMETRIC)
-    q, tmp1, tmp2 = crf.startInference()
-    out = [np.array(q).reshape(2, h, w)]
-    for _ in range(params.iterations):
-        crf.stepInference(q, tmp1, tmp2)
-        out.append(np.array(q).reshape(2, h, w))
-    return np.stack(out).astype(np.float32)
+    return dense_crf_q(*args)
 
 
 def _pool_ready(_=None) -> int:

@@ -24,6 +24,7 @@ import posixpath
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -239,9 +240,7 @@ def plan_cache(gpu: bool, cluster: dict) -> CachePlan:
 class FeatureActor:
     """Ray Data actor: decoded group rows -> their features written to the cache; returns a summary row each."""
 
-    def __init__(self, settings: BackboneSettings, cpu_threads: int = 0):
-        if cpu_threads and not settings.gpu:
-            torch.set_num_threads(cpu_threads)
+    def __init__(self, settings: BackboneSettings):
         self.backbone, self.device, self.dtype = build_backbone(settings)
         self.storage_options = settings.storage_options
         self.caches: dict[str, FeatureCache] = {}  # by folder: one pass fills the training and validation caches
@@ -332,7 +331,7 @@ def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings,
             cached = list(pool.map(lambda item: cache.current(item[0].key, *item[1:]), listed))
         todo = [item for item, index in zip(listed, cached) if index is None]
         present[url] = {item[0].key: index for item, index in zip(listed, cached) if index is not None}
-        summaries[url] = {"groups": len(groups), "cached_before": len(groups) - len(todo), "computed": len(todo),
+        summaries[url] = {"groups": len(groups), "cached_before": len(listed) - len(todo), "computed": len(todo),
                           "images": 0, "errors": 0, "seconds": 0.0, "images_per_s": None,
                           "backbone_seconds": 0.0, "write_seconds": 0.0}
         rows += [{"cache": url, "key": g.key, "names": [im.name for im in g.images], "image_uris": uris,
@@ -348,7 +347,8 @@ def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings,
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 10_000))
     ds.context.wait_for_min_actors_s = max(1, int(start_timeout))
     ds = ds.map(decode_for_cache, fn_kwargs={"storage_options": settings.storage_options}, num_cpus=0.25)
-    ds = ds.map_batches(FeatureActor, fn_constructor_kwargs={"settings": settings, "cpu_threads": plan.cpu_threads},
+    ds = ds.map_batches(FeatureActor,
+                        fn_constructor_kwargs={"settings": dataclasses.replace(settings, cpu_threads=plan.cpu_threads)},
                         batch_size=plan.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=plan.actors, max_concurrent_calls_per_actor=plan.calls,
                                                            enable_true_multi_threading=plan.calls > 1),

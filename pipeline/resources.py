@@ -306,7 +306,7 @@ def placement_message(bundle: dict, count: int, waited: float | None, what: str)
     import ray
 
     total, free = ray.cluster_resources(), ray.available_resources()
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    nodes = _alive_nodes()
     problems = []
     for k, v in bundle.items():
         need = v * count

@@ -77,28 +77,39 @@ def dense_crf(rgb: np.ndarray, labels: np.ndarray, params: CRFParams) -> np.ndar
     The result is returned as labels: the paper code min-max normalises it, which turns an all-foreground
     result into 0/0 (an empty mask); here all-foreground stays all-foreground.
     """
+    h, w = labels.shape
+    q = np.array(_densecrf(rgb, labels, params).inference(params.iterations)).reshape(2, h, w)
+    return np.argmax(q, axis=0).astype(np.uint8)
+
+
+def dense_crf_q(rgb: np.ndarray, labels: np.ndarray, params: CRFParams) -> np.ndarray:
+    """pydensecrf's Q after each mean-field step, (iterations+1, 2, H, W) float32, set up as ``dense_crf`` sets it
+    up: the reference the torch port is checked against."""
+    h, w = labels.shape
+    crf = _densecrf(rgb, labels, params)
+    q, tmp1, tmp2 = crf.startInference()
+    out = [np.array(q).reshape(2, h, w)]
+    for _ in range(params.iterations):
+        crf.stepInference(q, tmp1, tmp2)
+        out.append(np.array(q).reshape(2, h, w))
+    return np.stack(out).astype(np.float32)
+
+
+def _densecrf(rgb: np.ndarray, labels: np.ndarray, params: CRFParams):
+    """The paper code's pydensecrf model: unary from the 0/1 labels, a Gaussian and a bilateral kernel."""
     import pydensecrf.densecrf as dcrf
     from pydensecrf.utils import unary_from_labels
 
     h, w = labels.shape
     crf = dcrf.DenseCRF2D(w, h, 2)
     crf.setUnaryEnergy(unary_from_labels(labels.astype(np.int64).ravel(), 2, params.gt_prob, zero_unsure=False))
-    crf.addPairwiseGaussian(
-        sxy=params.gaussian_sxy,
-        compat=params.gaussian_compat,
-        kernel=dcrf.DIAG_KERNEL,
-        normalization=dcrf.NORMALIZE_SYMMETRIC,
-    )
-    crf.addPairwiseBilateral(
-        sxy=params.bilateral_sxy,
-        srgb=params.bilateral_srgb,
-        rgbim=np.array(rgb, dtype=np.uint8, order="C"),  # a writable copy: pydensecrf rejects read-only buffers
-        compat=params.bilateral_compat,
-        kernel=dcrf.DIAG_KERNEL,
-        normalization=dcrf.NORMALIZE_SYMMETRIC,
-    )
-    q = np.array(crf.inference(params.iterations)).reshape(2, h, w)
-    return np.argmax(q, axis=0).astype(np.uint8)
+    crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat, kernel=dcrf.DIAG_KERNEL,
+                            normalization=dcrf.NORMALIZE_SYMMETRIC)
+    crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
+                             # a writable copy: pydensecrf rejects read-only buffers
+                             rgbim=np.array(rgb, dtype=np.uint8, order="C"), compat=params.bilateral_compat,
+                             kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NORMALIZE_SYMMETRIC)
+    return crf
 
 
 def unary_energies(gt_prob: float) -> tuple[float, float]:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from scosparc_core.crf import CRF_PRESETS, CRFParams, crf_mean_field, dense_crf, dense_crf_torch
+from scosparc_core.crf import CRF_PRESETS, CRFParams, crf_mean_field, dense_crf, dense_crf_q, dense_crf_torch
 
 REAL = Path(__file__).parents[1] / "realphotos"
 Q_TOL = 1e-5
@@ -30,34 +30,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def reference_q(rgb: np.ndarray, labels: np.ndarray, params: CRFParams) -> np.ndarray:
-    """pydensecrf's Q (iterations+1, 2, H, W) for one image, set up exactly as ``dense_crf`` sets it up."""
-    import pydensecrf.densecrf as dcrf
-    from pydensecrf.utils import unary_from_labels
-
-    h, w = labels.shape
-    crf = dcrf.DenseCRF2D(w, h, 2)
-    crf.setUnaryEnergy(unary_from_labels(labels.astype(np.int64).ravel(), 2, params.gt_prob, zero_unsure=False))
-    crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat, kernel=dcrf.DIAG_KERNEL,
-                            normalization=dcrf.NORMALIZE_SYMMETRIC)
-    crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
-                             rgbim=np.array(rgb, dtype=np.uint8, order="C"), compat=params.bilateral_compat,
-                             kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NORMALIZE_SYMMETRIC)
-    q, tmp1, tmp2 = crf.startInference()
-    out = [np.array(q).reshape(2, h, w)]
-    for _ in range(params.iterations):
-        crf.stepInference(q, tmp1, tmp2)
-        out.append(np.array(q).reshape(2, h, w))
-    return np.stack(out)
-
-
 def compare(rgb: np.ndarray, labels: np.ndarray, params: CRFParams, labels_from_q: bool = True) -> dict:
     """Runs both CRFs on a batch (B, H, W, 3) / (B, H, W); returns the worst Q difference per iteration and the
     pixel agreement of the labels with pydensecrf's argmax. Labels are the argmax of the last Q (what
     ``dense_crf_torch`` returns), or with ``labels_from_q=False`` a separate ``dense_crf_torch`` call."""
     rgb_t, labels_t = torch.from_numpy(rgb), torch.from_numpy(labels.astype(np.uint8))
     ours = np.stack([q.numpy() for q in crf_mean_field(rgb_t, labels_t, params)], axis=1)  # (B, T, 2, H, W)
-    ref = np.stack([reference_q(rgb[i], labels[i], params) for i in range(len(rgb))])
+    ref = np.stack([dense_crf_q(rgb[i], labels[i], params) for i in range(len(rgb))])
     if labels_from_q:
         out = (ours[:, -1, 1] > ours[:, -1, 0]).astype(np.uint8)
     else:
@@ -87,9 +66,9 @@ def test_golden_fixture_matches_pydensecrf_every_iteration(golden, preset):
 
 
 def test_dense_crf_is_the_last_step_of_the_reference(golden):
-    # reference_q steps the same CRF that dense_crf runs: its last argmax is dense_crf's output.
+    # dense_crf_q steps the same CRF that dense_crf runs: its last argmax is dense_crf's output.
     params = CRF_PRESETS["coca"]
-    q = reference_q(golden["crf_rgb"][0], golden["crf_input"][0], params)
+    q = dense_crf_q(golden["crf_rgb"][0], golden["crf_input"][0], params)
     np.testing.assert_array_equal(np.argmax(q[-1], axis=0), dense_crf(golden["crf_rgb"][0], golden["crf_input"][0], params))
 
 
