@@ -91,7 +91,7 @@ def parse_args(argv=None) -> tuple[InferConfig, bool]:
                           "at most 2048")
     run.add_argument("--token-dir", default=d.token_dir,
                      help="a local folder where groups run in passes keep their tokens (2.4 MB an image for ViT-B/8) "
-                          "between passes, so each image is read and run through the backbone once; default: each "
+                          "between passes, so each image runs through the backbone once (not three times); default: each "
                           "node's temp folder, when it has room and is not RAM-backed; none: recompute them")
     run.add_argument("--progress-interval", type=float, default=d.progress_interval, help="seconds")
     run.add_argument("--stall-timeout", type=float, default=d.stall_timeout,

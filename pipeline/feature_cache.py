@@ -250,8 +250,8 @@ class FeatureActor:
         self.micro_batch = settings.micro_batch
 
     def __call__(self, batch: dict) -> dict:
-        """Per group: the index written (JSON), images and errors, and the call's timing: wall-clock ``started``
-        and ``ended`` (calls overlap on a GPU: ``busy_seconds`` takes their union), ``backbone_seconds`` (its
+        """Per group: the index written (JSON), images and errors, and its timing: wall-clock ``started`` and
+        ``ended`` (two calls overlap on a GPU: ``busy_seconds`` takes the union), ``backbone_seconds`` (its
         wait for the device included) and ``write_seconds`` (copy back, float16, storage)."""
         out = {"cache": [], "key": [], "index": [], "images": [], "errors": [], "started": [], "ended": [],
                "backbone_seconds": [], "write_seconds": []}
@@ -339,7 +339,7 @@ def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings,
     if not rows:
         return summaries, present
     start, began = time.perf_counter(), time.time()
-    calls = []  # (started, ended) of every actor call
+    calls = []  # (started, ended) of each group's work in an actor: node clocks, assumed in step with this one
     # Checked first with a placement group that is given back: a pool whose actors Ray Data cannot start in time
     # leaves a pending actor behind that starts later and holds its CPUs or GPU while this process lives.
     check_placement({"CPU": plan.num_cpus, "GPU": plan.num_gpus}, plan.actors, start_timeout,
@@ -375,7 +375,7 @@ def build_cache(folders: dict[str, list[GroupSpec]], settings: BackboneSettings,
     images = sum(s["images"] for s in summaries.values())
     busy = busy_seconds(calls)
     shared = {"seconds": seconds, "images_per_s": images / seconds if seconds else None,
-              "startup_seconds": min(s for s, _ in calls) - began if calls else None,
+              "startup_seconds": max(0.0, min(s for s, _ in calls) - began) if calls else None,
               "busy_seconds": busy, "busy_images_per_s": images / busy if busy else None}
     for summary in summaries.values():
         if summary["computed"]:

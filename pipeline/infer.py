@@ -188,13 +188,10 @@ def run_inference(cfg: InferConfig) -> dict:
         # a lost lease interrupts the driver (a signal to this thread), which stops the dataset: LeaseLost
         lease = stack.enter_context(Lease(out, ttl=cfg.lease_ttl, holder={"job": "infer"},
                                           stop_main=True))
-        listing = group_dataset(cfg.spec()).materialize()
-        summary = summarize(listing)
-        if cfg.extensions and not summary["images"]:  # a mistyped filter: not a successful run of nothing
-            raise ValueError(f"no file in {redact_url(cfg.input)} has one of the extensions "
-                             f"{', '.join(cfg.extensions)} (--extensions)")
-        # after the input is known good: the wait for GPUs may start nodes
-        device, view = choose_device(cfg.device, view, cfg.gpu_wait, cfg.gpu_actors or 1)
+        listed: list = []  # while GPU nodes start, if they must: a bad input is refused before the wait
+        device, view = choose_device(cfg.device, view, cfg.gpu_wait, cfg.gpu_actors or 1,
+                                     meanwhile=lambda: listed.append(_list_input(cfg)))
+        listing, summary = listed[0] if listed else _list_input(cfg)
         precision = resolve(cfg.dtype, device, view.accelerators())
         plan, micro_batch = _plan(cfg, view, device, precision, summary)
         crf_backend = {"torch": "torch", "defer": "pydensecrf", "none": "none"}[plan.crf_backend]
@@ -295,9 +292,20 @@ def _plan(cfg: InferConfig, view, device: str, precision: str, summary: dict) ->
     return plan, micro_batch
 
 
+def _list_input(cfg: InferConfig):
+    """(the listing's dataset, materialised; its summary). A filter no file passes is a typo, not a run of
+    nothing."""
+    listing = group_dataset(cfg.spec()).materialize()
+    summary = summarize(listing)
+    if cfg.extensions and not summary["images"]:
+        raise ValueError(f"no file in {redact_url(cfg.input)} has one of the extensions "
+                         f"{', '.join(cfg.extensions)} (--extensions)")
+    return listing, summary
+
+
 def _dry_run(cfg: InferConfig, view) -> dict:
     """Lists the input and prints the plan; starts nothing, writes nothing, waits for no GPU."""
-    summary = summarize(group_dataset(cfg.spec()).materialize())
+    summary = _list_input(cfg)[1]
     device, _ = choose_device(cfg.device, view, cfg.gpu_wait, wait=False)
     precision = resolve(cfg.dtype, device, view.accelerators())
     plan, micro_batch = _plan(cfg, view, device, precision, summary)

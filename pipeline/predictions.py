@@ -61,7 +61,8 @@ SCHEMA = pa.schema(
         ("foreground_fraction", pa.float64()),  # share of mask pixels >= 128 at original size
         ("decode_s", pa.float64()),
         # backbone + stage 1 + region filter (+ GPU CRF; a group in passes: its later reads too), per image of
-        # the work that gave the row (a batch of groups, or a part of a group in passes): rows sum to the actor's time
+        # the work that gave the row (a batch of groups, or a part of a group in passes): the ok rows sum to the
+        # engine's time
         ("stage1_s", pa.float64()),
         ("crf_s", pa.float64()),  # the CPU CRF (pydensecrf); 0 when it ran on the GPU
         ("write_s", pa.float64()),

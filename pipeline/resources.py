@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 CLUSTER_MARKER = "scosparc_head"  # a resource cluster.yaml gives its head node
@@ -122,10 +123,11 @@ class Plan:
 
 
 def choose_device(requested: str, view: ClusterView, wait_s: float, want_gpus: int = 1,
-                  wait: bool = True) -> tuple[str, ClusterView]:
+                  wait: bool = True, meanwhile: Callable[[], None] | None = None) -> tuple[str, ClusterView]:
     """``auto``: CUDA when the cluster has GPUs or is one of ours (then they are asked for and waited for);
     ``cuda``: GPUs or an error; ``cpu``: CPUs on purpose. Returns the device and the view after any wait
-    (``wait=False``, a plan only: no request, no wait)."""
+    (``wait=False``, a plan only: no request, no wait). ``meanwhile`` runs after GPUs are asked for and before
+    the wait for them (the job lists its input while nodes start, so a bad input is refused without waiting)."""
     if requested == "cpu":
         return "cpu", view
     if view.resources.get("GPU", 0) >= 1:
@@ -136,7 +138,7 @@ def choose_device(requested: str, view: ClusterView, wait_s: float, want_gpus: i
         if not cluster_can_grow():  # nothing could add a GPU: waiting --gpu-wait would only delay the error
             raise NoGPUError("no GPU in this Ray cluster, and it has no autoscaler that could add one: run on a "
                              "machine or cluster with GPUs, or pass --device cpu to run stage 1 on CPUs on purpose.")
-        view = wait_for_gpus(view, max(1, want_gpus), wait_s)
+        view = wait_for_gpus(view, max(1, want_gpus), wait_s, meanwhile=meanwhile)
     return "cuda", view
 
 
@@ -150,8 +152,10 @@ def cluster_can_grow() -> bool:
         return True
 
 
-def wait_for_gpus(view: ClusterView, want: int, wait_s: float, poll_s: float = 2.0) -> ClusterView:
-    """Asks the autoscaler for ``want`` GPU bundles and waits up to ``wait_s`` for the first GPU."""
+def wait_for_gpus(view: ClusterView, want: int, wait_s: float, poll_s: float = 2.0,
+                  meanwhile: Callable[[], None] | None = None) -> ClusterView:
+    """Asks the autoscaler for ``want`` GPU bundles, runs ``meanwhile``, and waits until ``wait_s`` after the
+    request for the first GPU (looking at least once)."""
     import ray
     from ray.autoscaler.sdk import request_resources
 
@@ -162,10 +166,14 @@ def wait_for_gpus(view: ClusterView, want: int, wait_s: float, poll_s: float = 2
     start = last = time.monotonic()
     print(f"[infer] no GPU in the cluster yet; asked the autoscaler for {want} GPU node(s), waiting up to "
           f"{wait_s:.0f}s", file=sys.stderr, flush=True)
-    while time.monotonic() - start < wait_s:
+    if meanwhile is not None:
+        meanwhile()
+    while True:
         resources = dict(ray.cluster_resources())
         if resources.get("GPU", 0) >= 1:
             return ClusterView(resources, view.node_types, _alive_nodes())
+        if time.monotonic() - start >= wait_s:
+            break
         if time.monotonic() - last >= 30:
             last = time.monotonic()
             print(f"[infer] still waiting for a GPU ({last - start:.0f}s)", file=sys.stderr, flush=True)

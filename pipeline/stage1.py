@@ -176,7 +176,8 @@ class Stage1Actor:
         for part in _by_images(small, self.one_pass_images):
             start = time.perf_counter()
             results = self._run_small(part)
-            seconds = _per_image(time.perf_counter() - start, sum(int(np.sum(r["ok"])) for r in part))
+            done = sum(int(np.sum(r["ok"])) for r, res in zip(part, results) if not isinstance(res, BaseException))
+            seconds = _per_image(time.perf_counter() - start, done)
             for row, result in zip(part, results):
                 chunks += self._chunks(row, result, seconds)
         if chunks:
@@ -466,5 +467,6 @@ def _batched(chunks: list[dict], n: int) -> Iterator[list[dict]]:
 
 
 def _per_image(seconds: float, images: int) -> float:
-    """Seconds of work shared by its images: summed over the rows, ``stage1_s`` gives the actor's time."""
+    """Seconds of work shared by the images it gave masks: summed over the ok rows, ``stage1_s`` gives the
+    engine's time (less on a resume that writes only some images of a group)."""
     return seconds / max(images, 1)

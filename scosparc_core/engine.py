@@ -218,8 +218,9 @@ class GroupEngine:
         ``spill``: a folder on a local disk. When it has room for the group's tokens (n x P x C float32, 2.4 MB
         an image for ViT-B/8), pass (1) writes them to an unnamed temporary file there and passes (2) and (3)
         read them back: the backbone runs once per image instead of three times, with the same numbers, and
-        ``load`` once, or twice with a CRF (pass (4) reads the colour inputs). Without room (``TokenFile.open``), on a RAM-backed folder, when a write or a read fails, or with
-        None, the passes recompute them.
+        ``load`` once, or twice with a CRF (pass (4) reads the colour inputs). Without room
+        (``TokenFile.open``), on a RAM-backed folder, when a write or a read fails, or with None, the passes
+        recompute them.
         """
         if n == 0:
             return

@@ -505,7 +505,8 @@ def test_webdataset_reads_one_sample_per_image_whatever_dots_the_names_hold(ray_
         assert np.asarray(Image.open(io.BytesIO(png))).shape == (h, w)
 
 
-def test_extensions_are_checked_and_recorded_only_when_given(ray_local, tiny_weights, sample, tmp_path):
+def test_extensions_are_checked_and_recorded_only_when_given(ray_local, tiny_weights, sample, tmp_path,
+                                                             monkeypatch):
     """--extensions: refused with a manifest, when it names nothing, and when no file has them (a typo is not a
     successful run of nothing); in the run's settings only when given, so runs recorded before the option resume
     as they were."""
@@ -525,5 +526,13 @@ def test_extensions_are_checked_and_recorded_only_when_given(ray_local, tiny_wei
     for bad in (" , ", "tar.gz"):
         with pytest.raises(SystemExit):
             parse_args(["--input", str(tmp_path), "--extensions", bad])
-    with pytest.raises(ValueError, match="has one of the extensions jgp"):  # before any wait for GPUs (none here)
-        run_inference(config(tiny_weights, sample, tmp_path / "typo", extensions=("jgp",), crf="none", device="cuda"))
+    from pipeline import resources
+
+    # a cluster that could grow GPU nodes: the input is listed while they start, and a typo is refused then,
+    # not after the wait (none comes here: the error would be "no GPU appeared")
+    monkeypatch.setattr(resources, "cluster_can_grow", lambda: True)
+    with pytest.raises(ValueError, match="has one of the extensions jgp"):
+        run_inference(config(tiny_weights, sample, tmp_path / "typo", extensions=("jgp",), crf="none", device="cuda",
+                             gpu_wait=30))
+    with pytest.raises(ValueError, match="has one of the extensions jgp"):  # the dry run's plan refuses it too
+        run_inference(config(tiny_weights, sample, tmp_path / "typo", extensions=("jgp",), dry_run=True))
