@@ -527,7 +527,7 @@ class TokenFile:
         (twice the file beside the other open ones, plus ``margin``: others write there too), when ``folder`` is
         RAM-backed (tmpfs: memory that no resource request covers), or when it cannot be written."""
         size = n * per_image * 4
-        if not hasattr(os, "pwrite") or _memory_fs(folder):
+        if not hasattr(os, "preadv") or _memory_fs(folder):
             return None
         try:
             with cls._lock:
@@ -563,11 +563,10 @@ class TokenFile:
         view, offset = memoryview(buf).cast("B"), start * self.per_image * 4
         try:
             while view:
-                chunk = os.pread(self.fd, min(len(view), 2**30), offset)  # Linux reads < 2 GiB a call
-                if not chunk:
+                got = os.preadv(self.fd, [view[:2**30]], offset)  # into the array; Linux reads < 2 GiB a call
+                if not got:
                     raise OSError("token file ended early")
-                view[:len(chunk)] = chunk
-                view, offset = view[len(chunk):], offset + len(chunk)
+                view, offset = view[got:], offset + got
         except OSError:
             self.close()
             return None

@@ -139,7 +139,7 @@ def test_passes_with_a_spill_read_the_tokens_back_instead_of_recomputing_them(en
     monkeypatch.setattr(engine_module, "_memory_fs", lambda folder: False)  # whatever this machine's /tmp is
     assert run() == {"backbone": n, "pixels": 2 * n}  # pass 1, then the CRF's colours in pass 4
     recomputed = {"backbone": 3 * n, "pixels": 4 * n}
-    writes, pwrite, pread = [], os.pwrite, os.pread
+    writes, pwrite, preadv = [], os.pwrite, os.preadv
 
     def filling(fd, data, offset):  # the disk fills up during pass 1
         writes.append(len(data))
@@ -150,9 +150,9 @@ def test_passes_with_a_spill_read_the_tokens_back_instead_of_recomputing_them(en
     monkeypatch.setattr(os, "pwrite", filling)
     assert run() == recomputed and len(writes) == 3
     monkeypatch.setattr(os, "pwrite", pwrite)
-    monkeypatch.setattr(os, "pread", lambda *args: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    monkeypatch.setattr(os, "preadv", lambda *args: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     assert run() == recomputed
-    monkeypatch.setattr(os, "pread", pread)
+    monkeypatch.setattr(os, "preadv", preadv)
     monkeypatch.setattr(engine_module, "_memory_fs", lambda folder: True)  # tmpfs: memory, not disk
     assert run() == recomputed
     monkeypatch.setattr(engine_module, "_memory_fs", lambda folder: False)
