@@ -8,9 +8,9 @@ CUDA in float32 (TF32 off), tf32, float16 and bfloat16 autocast, and float64. Ma
 (pydensecrf on both sides, so only the backbone's format differs) and without it, as IoU of the binary masks at
 224. The backbone's speed per format comes from the same run. float64 (the backbone in float64, tokens rounded to
 float32) shows how far masks move when the only difference is the reference's own float32 rounding;
-``--device cpu --formats float64`` measures that without a GPU. The fastest format with mean IoU >= 0.995 and min
-IoU >= 0.98 is what ``--dtype auto`` should pick on CUDA; the script says which, and what ``auto`` picks on this
-card (``scosparc_core.precision.resolve``: float64 on cards with fast float64, else float32).
+``--device cpu --formats float64`` measures that without a GPU. The script names the fastest format with mean
+IoU >= 0.995 and min IoU >= 0.98 (float32 when none is) and what ``--dtype auto`` resolves to here
+(``scosparc_core.precision.resolve``: float32).
 """
 from __future__ import annotations
 

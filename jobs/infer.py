@@ -65,8 +65,7 @@ def parse_args(argv=None) -> tuple[InferConfig, bool]:
     model.add_argument("--crf-backend", default=d.crf_backend, choices=CRF_BACKEND_CHOICES,
                        help="auto: the torch CRF beside stage 1 on GPUs, pydensecrf on CPU workers otherwise")
     model.add_argument("--dtype", default=d.dtype, choices=PRECISIONS,
-                       help="the backbone's number format; auto: float32 on CPU, on CUDA float64 where every card "
-                            "is an A100/H100/H200 (fast float64) and float32 elsewhere (README, Precision on GPUs)")
+                       help="the backbone's number format; auto: float32, on CUDA too (README, Precision on GPUs)")
     model.add_argument("--compile", action="store_true", help="torch.compile the backbone (long runs)")
     run = ap.add_argument_group("resources")
     run.add_argument("--device", default=d.device, choices=DEVICES,

@@ -64,8 +64,7 @@ def parse_args(argv=None) -> TrainConfig:
     ap.add_argument("--random-init", action="store_true", help="random backbone when none is given (tests)")
     ap.add_argument("--init-head", help="start from this stage-1 checkpoint")
     ap.add_argument("--dtype", default=d["dtype"], choices=PRECISIONS,
-                    help="the backbone's number format (auto: float32, on CUDA too: training needs no "
-                         "mask-exact float64)")
+                    help="the backbone's number format (auto: float32, on CUDA too)")
     ap.add_argument("--micro-batch", type=int, default=d["micro_batch"], help="backbone images per forward pass")
     ap.add_argument("--seed", type=int, default=d["seed"], help="seeds the head, the group order and the sampling")
     ap.add_argument("--max-failures", type=int, default=d["max_failures"],

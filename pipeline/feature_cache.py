@@ -68,9 +68,8 @@ class BackboneSettings:
 
     @property
     def resolved_precision(self) -> str:
-        """``precision`` resolved, the same in the driver and on every worker: ``auto`` is float32 on CUDA here
-        too, whatever the card (training's features need no mask-exact float64, which would halve the cache pass)."""
-        return resolve(self.precision, self.device, accelerators=())
+        """``precision`` resolved, the same in the driver and on every worker."""
+        return resolve(self.precision, self.device)
 
 
 def check_cuda(where: str) -> None:

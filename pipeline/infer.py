@@ -192,7 +192,7 @@ def run_inference(cfg: InferConfig) -> dict:
         device, view = choose_device(cfg.device, view, cfg.gpu_wait, cfg.gpu_actors or 1,
                                      meanwhile=lambda: listed.append(_list_input(cfg)))
         listing, summary = listed[0] if listed else _list_input(cfg)
-        precision = resolve(cfg.dtype, device, view.accelerators())
+        precision = resolve(cfg.dtype, device)
         plan, micro_batch = _plan(cfg, view, device, precision, summary)
         crf_backend = {"torch": "torch", "defer": "pydensecrf", "none": "none"}[plan.crf_backend]
         settings = fingerprint(cfg, digests, precision, crf_backend)
@@ -307,7 +307,7 @@ def _dry_run(cfg: InferConfig, view) -> dict:
     """Lists the input and prints the plan; starts nothing, writes nothing, waits for no GPU."""
     summary = _list_input(cfg)[1]
     device, _ = choose_device(cfg.device, view, cfg.gpu_wait, wait=False)
-    precision = resolve(cfg.dtype, device, view.accelerators())
+    precision = resolve(cfg.dtype, device)
     plan, micro_batch = _plan(cfg, view, device, precision, summary)
     report = {"input": summary, "device": device, "precision": precision, "micro_batch": micro_batch,
               "plan": asdict(plan), "cluster": view.resources}

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 CLUSTER_MARKER = "scosparc_head"  # a resource cluster.yaml gives its head node
-ACCELERATOR = "accelerator_type:"  # Ray's resource naming a node's card, e.g. accelerator_type:H100
 STAGE_RESOURCES = {"stage1": "scosparc_stage1", "refine": "scosparc_stage2"}
 # Seconds per image on one core (README "Resources"): what one GPU's output costs on CPUs.
 DECODE_S = 0.003  # 0.1-0.2 MP JPEG, read + both views
@@ -51,17 +50,6 @@ class ClusterView:
     def gpu_node_cpus(self) -> float:
         """CPUs of the smallest alive node with a GPU (0 when none)."""
         return min((float(n.get("CPU", 0)) for n in self.nodes if n.get("GPU", 0) >= 1), default=0.0)
-
-    def accelerators(self) -> list[str] | None:
-        """The card types (Ray's ``accelerator_type:<name>`` resources) of the alive GPU nodes and the declared GPU
-        node types, "" for one that names none (an unknown card): what ``auto`` precision is resolved for. None
-        when there is no GPU node at all (then ``resolve`` looks at this process's card, if any)."""
-        declared = [t.get("resources", {}) for t in self.node_types.values()]
-        names = set()
-        for r in (*self.nodes, *declared):
-            if float(r.get("GPU", 0)) >= 1:
-                names.add(next((key.split(":", 1)[1] for key in r if key.startswith(ACCELERATOR)), ""))
-        return sorted(names) or None
 
     @property
     def ours(self) -> bool:
