@@ -68,7 +68,7 @@ class InferConfig:
     fast_decode: bool = False
     row_images: int = 32  # larger groups are read by the stage-1 actor
     one_pass_images: int | None = None  # larger groups run stage 1 in passes; None: per device (stage1.one_pass_limit)
-    token_dir: str = ""  # where groups in passes keep their tokens on each node: "" its temp folder, "none" nowhere
+    token_dir: str = ""  # where groups in passes keep views and tokens on each node: "" its temp folder, "none" nowhere
     extensions: tuple[str, ...] = ()  # --input's image files (lowercase, no dot); (): every file is an input
     mask_format: str = "png"  # png | parquet | webdataset
     rows_per_shard: int = 10_000

@@ -15,6 +15,7 @@ killing its actor becomes error rows after ``max_attempts``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -24,14 +25,18 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .decode import VIEW, DecodeSettings, decode_images
+from .decode import VIEW, DecodeSettings, Decoded, decode_images
 from .errors import TRANSIENT, classify, is_out_of_memory, poisons_cuda
 from .memory import keep_large_blocks_out_of_the_heap
 from .resources import CPU_STAGE1_MEMORY, GIB
 from .storage import URLOptions
+
+if TYPE_CHECKING:
+    from scosparc_core.engine import SpillFile
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,7 @@ CPU_BACKBONE_PEAK = int(2.1 * GIB)  # ViT-B/8 at micro-batch 32 (README "Resourc
 # leaves as much again for the backbone's activations and the torch CRF.
 CUDA_ONE_PASS_SHARE = 0.25
 MAX_ONE_PASS_IMAGES = 2048
+VIEWS_PER_THREAD = 16  # images each decode thread holds at a time while a group in passes spills its views
 
 
 def one_pass_limit(device: str, num_patches: int, embed_dim: int, micro_batch: int,
@@ -91,7 +97,7 @@ class Stage1Settings:
     crf_backend: str = "defer"
     chunk_size: int = 32
     one_pass_images: int | None = None
-    token_dir: str = ""  # where groups in passes keep their tokens: "" the node's temp folder, "none" nowhere
+    token_dir: str = ""  # where groups in passes keep views and tokens: "" the node's temp folder, "none" nowhere
     decode_threads: int = 4
     max_attempts: int = 3
     fault: dict | None = None
@@ -255,20 +261,34 @@ class Stage1Actor:
         return _joined(parts)
 
     def _token_dir(self) -> str | None:
-        """Where the engine's passes keep a group's tokens (``GroupEngine.run_passes``'s spill), or None."""
+        """Where a group in passes keeps its tokens (``GroupEngine.run_passes``'s spill) and its decoded views,
+        or None."""
         d = self.settings.token_dir
         return None if d == "none" else d or tempfile.gettempdir()
+
+    def _spill(self, n: int, per_image: int, dtype) -> SpillFile | None:
+        from scosparc_core.engine import SpillFile
+
+        folder = self._token_dir()
+        return SpillFile.open(folder, n, per_image, dtype=dtype) if folder else None
 
     # -- large groups (read here) ---------------------------------------------------------------------------
     def _run_large(self, row: dict) -> Iterator[list[dict]]:
         """A group that came undecoded: read in micro-batches; one pass when it fits, else the engine's passes."""
-        s = self.settings
         uris = list(row["image_uris"])
         start = time.perf_counter()
-        key = str(row["group_key"])
         one_pass = len(uris) <= self.one_pass_images
+        # A group in passes keeps its decoded views on the node's disk when there is room: each image is then read
+        # and decoded once, by the probe, instead of once more in each pass that needs pixels or colours.
+        views = None if one_pass else self._spill(len(uris), 2 * int(np.prod(VIEW)), np.uint8)
+        with views if views is not None else contextlib.nullcontext():
+            yield from self._run_probed(row, uris, one_pass, views, start)
+
+    def _run_probed(self, row: dict, uris: list[str], one_pass: bool, views: SpillFile | None,
+                    start: float) -> Iterator[list[dict]]:
+        s, key = self.settings, str(row["group_key"])
         try:
-            probe = self._decode(uris, keep=one_pass)
+            probe = self._decode(uris, keep=one_pass) if views is None else self._decode_into(uris, views)
         except Exception as exc:  # noqa: BLE001
             yield self._error_chunks(row, exc)
             return
@@ -287,6 +307,10 @@ class Stage1Actor:
         ok_uris = [uris[i] for i in ok]
 
         def load(a: int, b: int):
+            kept = views.read(a, b) if views is not None else None  # the ok images, in order
+            if kept is not None:
+                both = kept.reshape(b - a, 2, *VIEW)
+                return both[:, 0], both[:, 1]
             d = self._decode(ok_uris[a:b], keep=True)
             if not d.ok.all():  # it decoded in the first pass: a read that failed now is transient
                 bad = int(np.flatnonzero(~d.ok)[0])
@@ -319,17 +343,24 @@ class Stage1Actor:
             if out < len(ok):  # a failure after the last chunk went out leaves no row to write
                 yield self._error_chunks(row, exc, indices=ok[out:])
 
-    def _decode(self, uris: list[str], keep: bool):
+    def _decode(self, uris: list[str], keep: bool) -> Decoded:
         """decode_images over ``decode_threads`` threads (PIL and OpenCV release the GIL)."""
         s = self.settings
         parts = np.array_split(np.arange(len(uris)), max(1, min(s.decode_threads, len(uris))))
         with ThreadPoolExecutor(len(parts)) as pool:
-            done = list(pool.map(lambda p: decode_images([uris[i] for i in p], s.decode, keep), parts))
-        cat = (lambda xs: np.concatenate(xs)) if len(done) > 1 else (lambda xs: xs[0])
-        return type(done[0])(
-            ok=cat([d.ok for d in done]), errors=[e for d in done for e in d.errors],
-            height=cat([d.height for d in done]), width=cat([d.width for d in done]),
-            net=cat([d.net for d in done]) if keep else None, crf=cat([d.crf for d in done]) if keep else None)
+            return _joined_decoded(list(pool.map(lambda p: decode_images([uris[i] for i in p], s.decode, keep),
+                                                 parts)), keep)
+
+    def _decode_into(self, uris: list[str], views: SpillFile) -> Decoded:
+        """Like ``_decode(keep=False)``, but the views of the images that decode are appended to ``views`` in
+        order, both views of an image in one row, a few images per thread at a time: memory per chunk."""
+        step = VIEWS_PER_THREAD * max(1, self.settings.decode_threads)
+        done = []
+        for a in range(0, len(uris), step):
+            d = self._decode(uris[a:a + step], keep=True)
+            views.append(np.stack([d.net[d.ok], d.crf[d.ok]], axis=1))
+            done.append(dataclasses.replace(d, net=None, crf=None))
+        return _joined_decoded(done, keep=False)
 
     # -- output rows ----------------------------------------------------------------------------------------
     def _chunks(self, row: dict, result, seconds: float, indices=None) -> list[dict]:
@@ -455,6 +486,14 @@ def _joined(parts: list):
     per_image = ("image_confidence", "regions_found", "regions_kept", "fallback", "stage2", "final")
     return dataclasses.replace(parts[0], start=0, crf_rgb=None,
                                **{f: np.concatenate([getattr(p, f) for p in parts]) for f in per_image})
+
+
+def _joined_decoded(parts: list[Decoded], keep: bool) -> Decoded:
+    """Consecutive ranges of a group's decoded images -> one range (views only with ``keep``)."""
+    cat = (lambda xs: np.concatenate(xs)) if len(parts) > 1 else (lambda xs: xs[0])
+    return Decoded(ok=cat([d.ok for d in parts]), errors=[e for d in parts for e in d.errors],
+                   height=cat([d.height for d in parts]), width=cat([d.width for d in parts]),
+                   net=cat([d.net for d in parts]) if keep else None, crf=cat([d.crf for d in parts]) if keep else None)
 
 
 def _columns(rows: list[dict]) -> dict:

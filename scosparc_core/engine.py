@@ -219,7 +219,7 @@ class GroupEngine:
         an image for ViT-B/8), pass (1) writes them to an unnamed temporary file there and passes (2) and (3)
         read them back: the backbone runs once per image instead of three times, with the same numbers, and
         ``load`` once, or twice with a CRF (pass (4) reads the colour inputs). Without room
-        (``TokenFile.open``), on a RAM-backed folder, when a write or a read fails, or with None, the passes
+        (``SpillFile.open``), on a RAM-backed folder, when a write or a read fails, or with None, the passes
         recompute them.
         """
         if n == 0:
@@ -228,7 +228,7 @@ class GroupEngine:
         mb = micro_batch or self.micro_batch
         spans = [(s, min(s + mb, n)) for s in range(0, n, mb)]
 
-        store = TokenFile.open(spill, n, self.backbone.num_patches * self.backbone.embed_dim) if spill else None
+        store = SpillFile.open(spill, n, self.backbone.num_patches * self.backbone.embed_dim) if spill else None
 
         def tokens(start: int, stop: int) -> torch.Tensor:
             kept = store.read(start, stop) if store is not None else None  # None: not written, or failed
@@ -510,42 +510,45 @@ def thread_stream(device: torch.device, local: threading.local):
     stream.synchronize()
 
 
-class TokenFile:
-    """A group's tokens on a local disk, written in image order, read back by image range: an unnamed temporary
-    file (gone with the process, whatever happens to it), float32 as computed, so reads give the same numbers.
-    A failed write or read closes it, and it reads nothing more: the caller recomputes."""
+class SpillFile:
+    """Rows of a fixed size on a local disk, written in order, read back by range: an unnamed temporary file (gone
+    with the process, whatever happens to it), in the dtype written, so reads give the same numbers. A group's
+    tokens between the engine's passes (float32), or its decoded views (uint8, the pipeline). A failed write or
+    read closes it, and it reads nothing more: the caller recomputes."""
 
-    _reserved = 0  # bytes of the open token files of this process: two groups at once check against one disk
+    _reserved = 0  # bytes of the open spill files of this process: two groups at once check against one disk
     _lock = threading.Lock()
 
-    def __init__(self, fd: int, per_image: int, size: int):
-        self.fd, self.per_image, self.size, self.written = fd, per_image, size, 0
+    def __init__(self, fd: int, per_image: int, size: int, dtype: np.dtype):
+        self.fd, self.per_image, self.size, self.dtype, self.written = fd, per_image, size, dtype, 0
 
     @classmethod
-    def open(cls, folder: str, n: int, per_image: int, margin: int = 2**30) -> "TokenFile | None":
-        """A token file for ``n`` images of ``per_image`` floats in ``folder``, or None: when the disk lacks room
-        (twice the file beside the other open ones, plus ``margin``: others write there too), when ``folder`` is
-        RAM-backed (tmpfs: memory that no resource request covers), or when it cannot be written."""
-        size = n * per_image * 4
+    def open(cls, folder: str, n: int, per_image: int, margin: int = 2**30, dtype=np.float32) -> "SpillFile | None":
+        """A file for ``n`` rows of ``per_image`` values of ``dtype`` in ``folder``, or None: when the disk lacks
+        room (twice the file beside the other open ones, plus ``margin``: others write there too), when ``folder``
+        is RAM-backed (tmpfs: memory that no resource request covers), or when it cannot be written."""
+        dtype = np.dtype(dtype)
+        size = n * per_image * dtype.itemsize
         if not hasattr(os, "preadv") or _memory_fs(folder):
             return None
         try:
             with cls._lock:
                 if shutil.disk_usage(folder).free - cls._reserved < 2 * size + margin:
                     return None
-                fd, path = tempfile.mkstemp(dir=folder, prefix="scosparc-tokens-")
+                fd, path = tempfile.mkstemp(dir=folder, prefix="scosparc-spill-")
                 os.unlink(path)
                 cls._reserved += size
-            return cls(fd, per_image, size)
+            return cls(fd, per_image, size, dtype)
         except OSError:
             return None
 
-    def append(self, tokens: torch.Tensor) -> None:
-        """The next images' tokens (m, P, C) float32."""
+    def append(self, rows: torch.Tensor | np.ndarray) -> None:
+        """The next rows (m, ...) of ``per_image`` values each, in the file's dtype (tokens (m, P, C) float32)."""
         if self.fd < 0:
             return
-        data = memoryview(np.ascontiguousarray(tokens.cpu().numpy())).cast("B")
-        offset = self.written * self.per_image * 4
+        rows = rows.cpu().numpy() if isinstance(rows, torch.Tensor) else rows
+        data = memoryview(np.ascontiguousarray(rows, self.dtype)).cast("B")
+        offset = self.written * self.per_image * self.dtype.itemsize
         try:
             while data:
                 done = os.pwrite(self.fd, data, offset)
@@ -553,19 +556,20 @@ class TokenFile:
         except OSError:
             self.close()
             return
-        self.written += len(tokens)
+        self.written += len(rows)
 
     def read(self, start: int, stop: int) -> np.ndarray | None:
-        """Images start..stop-1 -> (stop - start, P * C) float32; None when they are not there to read."""
+        """Rows start..stop-1 -> (stop - start, per_image) of the file's dtype; None when they are not there to
+        read."""
         if self.fd < 0 or stop > self.written:
             return None
-        buf = np.empty((stop - start, self.per_image), np.float32)
-        view, offset = memoryview(buf).cast("B"), start * self.per_image * 4
+        buf = np.empty((stop - start, self.per_image), self.dtype)
+        view, offset = memoryview(buf).cast("B"), start * self.per_image * self.dtype.itemsize
         try:
             while view:
                 got = os.preadv(self.fd, [view[:2**30]], offset)  # into the array; Linux reads < 2 GiB a call
                 if not got:
-                    raise OSError("token file ended early")
+                    raise OSError("spill file ended early")
                 view, offset = view[got:], offset + got
         except OSError:
             self.close()
@@ -576,10 +580,10 @@ class TokenFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-            with TokenFile._lock:
-                TokenFile._reserved -= self.size
+            with SpillFile._lock:
+                SpillFile._reserved -= self.size
 
-    def __enter__(self) -> "TokenFile":
+    def __enter__(self) -> "SpillFile":
         return self
 
     def __exit__(self, *exc) -> None:

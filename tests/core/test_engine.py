@@ -126,13 +126,13 @@ def test_passes_with_a_spill_read_the_tokens_back_instead_of_recomputing_them(en
 
     def run() -> dict:
         calls.update(backbone=0, pixels=0)
-        reserved = engine_module.TokenFile._reserved
+        reserved = engine_module.SpillFile._reserved
         for a, b in zip(plain, engine.run_passes(len(pixels), load, crf="coca", chunk=10, spill=str(tmp_path)),
                         strict=True):
             for field in ("image_confidence", "regions_found", "regions_kept", "fallback", "stage2", "final"):
                 np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
         assert list(tmp_path.iterdir()) == []  # an unnamed file: nothing to clean up
-        assert engine_module.TokenFile._reserved == reserved  # given back
+        assert engine_module.SpillFile._reserved == reserved  # given back
         return dict(calls)
 
     monkeypatch.setattr(engine, "_tokens", counted_tokens)
@@ -159,7 +159,7 @@ def test_passes_with_a_spill_read_the_tokens_back_instead_of_recomputing_them(en
     per_image = engine.backbone.num_patches * engine.backbone.embed_dim
     room = shutil.disk_usage(tmp_path)._replace(free=2 * n * per_image * 4 + 2**30)  # for one such group
     monkeypatch.setattr(engine_module.shutil, "disk_usage", lambda path: room)
-    other = engine_module.TokenFile.open(str(tmp_path), n, per_image)  # another group's file takes it
+    other = engine_module.SpillFile.open(str(tmp_path), n, per_image)  # another group's file takes it
     assert other is not None and run() == recomputed
     other.close()
     assert run() == {"backbone": n, "pixels": 2 * n}

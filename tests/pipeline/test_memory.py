@@ -116,26 +116,42 @@ def test_by_default_the_actor_runs_a_group_above_its_devices_limit_in_passes(tin
     assert actor.passes == [7] and sum(ok for c in out for oks in c["ok"] for ok in oks) == 7
 
 
-def test_passes_decode_the_colour_views_only_for_a_crf_and_give_each_chunk_its_own(tiny_weights, tmp_path,
-                                                                                   monkeypatch):
-    """The passes keep the tokens on the node's disk (--token-dir), so each image is decoded by the probe and the
-    first pass only (with ``none``: by all three); the last pass reads the colour views only for a CRF, and a
-    deferred CRF's rows carry those of their own images."""
+def test_passes_decode_each_image_once_and_give_each_deferred_chunk_its_own_colours(tiny_weights, tmp_path,
+                                                                                     monkeypatch):
+    """A group in passes keeps its decoded views and its tokens on the node's disk (--token-dir): each image is
+    read and decoded once, by the probe, and runs through the backbone once. Without the files (--token-dir none,
+    or a disk that fills up) the passes decode again: three times with ``none``. A deferred CRF's rows carry the
+    colour views of their own images."""
+    import os
+
     import scosparc_core.engine as engine_module
     from pipeline.decode import DecodeSettings, decode_images
 
     monkeypatch.setattr(engine_module, "_memory_fs", lambda folder: False)  # whatever this machine's /tmp is
     batch = _group(tmp_path, 7, row_images=4)
     none = _actor(tiny_weights, crf="none", one_pass_images=4, chunk_size=3)
-    list(none(batch))
-    assert none.passes == [7] and none.decoded[0] == (7, False)
-    assert sum(n for n, keep in none.decoded if keep) == 7  # keys; weights and regions read the tokens back
+    def finals(out) -> list[bytes]:
+        return [np.asarray(f).tobytes() for c in out for f in c["final"]]
+
+    masks = finals(none(batch))
+    assert len(masks) == 3 and any(m.strip(b"\0") for m in masks)  # three chunks, not all background
+    assert none.passes == [7] and none.decoded == [(7, True)]  # the probe, into the views file
     again = _actor(tiny_weights, crf="none", one_pass_images=4, chunk_size=3, token_dir="none")
-    list(again(batch))
-    assert sum(n for n, keep in again.decoded if keep) == 3 * 7  # keys, weights, regions
+    assert finals(again(batch)) == masks
+    assert again.decoded[0] == (7, False) and sum(n for n, keep in again.decoded if keep) == 3 * 7
+    pwrite = os.pwrite
+
+    def full(fd, data, offset):  # the disk is full: neither the views nor the tokens stay
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    filled = _actor(tiny_weights, crf="none", one_pass_images=4, chunk_size=3)
+    assert finals(filled(batch)) == masks
+    assert filled.decoded[0] == (7, True) and sum(n for n, keep in filled.decoded if keep) == 4 * 7
+    monkeypatch.setattr(os, "pwrite", pwrite)
     deferred = _actor(tiny_weights, crf="coca", crf_backend="defer", one_pass_images=4, chunk_size=3)
     out = list(deferred(batch))
-    assert deferred.passes == [7] and sum(n for n, keep in deferred.decoded if keep) == 2 * 7  # + colours
+    assert deferred.passes == [7] and deferred.decoded == [(7, True)]  # the colours, too, from the file
     views = decode_images(list(batch["image_uris"][0]), DecodeSettings()).crf
     rows = [(idx, crf, pending) for c in out for idx, crf, pending in zip(c["index"], c["crf"], c["crf_pending"])]
     assert sorted(i for idx, _, _ in rows for i in idx) == list(range(7)) and len(rows) == 3
