@@ -23,6 +23,8 @@ STAGE_RESOURCES = {"stage1": "scosparc_stage1", "refine": "scosparc_stage2"}
 DECODE_S = 0.003  # 0.1-0.2 MP JPEG, read + both views
 WRITE_S = 0.002  # resize to the original size + PNG
 CRF_CPU_S = 0.11  # pydensecrf, 224 x 224, 10 iterations
+# ViT-B/8's backbone img/s on one H100 per format (README "Speed"): what a GPU actor asks of the CPUs around it
+GPU_BACKBONE_RATE = {"float32": 270.0, "tf32": 750.0, "float16": 2000.0, "bfloat16": 2000.0, "float64": 135.0}
 GIB = 1024**3
 CPU_STAGE1_MEMORY = 3 * GIB  # what a CPU stage-1 actor asks Ray for (README "Resources")
 # float64's backbone peaks higher: ViT-B/8 at micro-batch 32, RSS 3.0 GiB against float32's 1.9 (README "Resources");
@@ -212,7 +214,7 @@ def plan_resources(view: ClusterView, device: str, *, gpu_actors: int | None = N
             stage1_args["resources"] = {STAGE_RESOURCES["stage1"]: per_actor}
         if backend == "defer" and view.ours and view.has(STAGE_RESOURCES["refine"]):
             refine_args["resources"] = {STAGE_RESOURCES["refine"]: 1}
-        per_gpu_rate = 2000.0  # backbone img/s on one H100/H200 (README "Speed")
+        per_gpu_rate = GPU_BACKBONE_RATE.get(precision, 270.0)
         notes.append(f"stage 1 on up to {most} GPU actor(s); keeping one GPU busy takes ~"
                      f"{per_gpu_rate * (DECODE_S + WRITE_S):.0f} cores for decode and writes"
                      + (f" and ~{per_gpu_rate * CRF_CPU_S:.0f} for the CPU CRF" if backend == "defer" else ""))

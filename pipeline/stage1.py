@@ -279,8 +279,10 @@ class Stage1Actor:
         start = time.perf_counter()
         one_pass = len(uris) <= self.one_pass_images
         # A group in passes keeps its decoded views on the node's disk when there is room: each image is then read
-        # and decoded once, by the probe, instead of once more in each pass that needs pixels or colours.
-        views = None if one_pass else self._spill(len(uris), 2 * int(np.prod(VIEW)), np.uint8)
+        # and decoded once, by the probe, instead of once more in each pass that needs pixels or colours. The
+        # colour view only for a CRF: no pass reads it otherwise.
+        kinds = 1 if self.settings.crf == "none" else 2
+        views = None if one_pass else self._spill(len(uris), kinds * int(np.prod(VIEW)), np.uint8)
         with views if views is not None else contextlib.nullcontext():
             yield from self._run_probed(row, uris, one_pass, views, start)
 
@@ -309,8 +311,8 @@ class Stage1Actor:
         def load(a: int, b: int):
             kept = views.read(a, b) if views is not None else None  # the ok images, in order
             if kept is not None:
-                both = kept.reshape(b - a, 2, *VIEW)
-                return both[:, 0], both[:, 1]
+                both = kept.reshape(b - a, -1, *VIEW)
+                return both[:, 0], both[:, 1] if both.shape[1] > 1 else None
             d = self._decode(ok_uris[a:b], keep=True)
             if not d.ok.all():  # it decoded in the first pass: a read that failed now is transient
                 bad = int(np.flatnonzero(~d.ok)[0])
@@ -353,12 +355,14 @@ class Stage1Actor:
 
     def _decode_into(self, uris: list[str], views: SpillFile) -> Decoded:
         """Like ``_decode(keep=False)``, but the views of the images that decode are appended to ``views`` in
-        order, both views of an image in one row, a few images per thread at a time: memory per chunk."""
+        order, an image's network view and (when the file has room for it) its colour view in one row, a few
+        images per thread at a time: memory per chunk."""
         step = VIEWS_PER_THREAD * max(1, self.settings.decode_threads)
+        both = views.per_image == 2 * int(np.prod(VIEW))
         done = []
         for a in range(0, len(uris), step):
             d = self._decode(uris[a:a + step], keep=True)
-            views.append(np.stack([d.net[d.ok], d.crf[d.ok]], axis=1))
+            views.append(np.stack([d.net[d.ok], d.crf[d.ok]], axis=1) if both else d.net[d.ok])
             done.append(dataclasses.replace(d, net=None, crf=None))
         return _joined_decoded(done, keep=False)
 

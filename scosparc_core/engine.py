@@ -544,7 +544,7 @@ class SpillFile:
 
     def append(self, rows: torch.Tensor | np.ndarray) -> None:
         """The next rows (m, ...) of ``per_image`` values each, in the file's dtype (tokens (m, P, C) float32)."""
-        if self.fd < 0:
+        if self.fd < 0 or not len(rows):
             return
         rows = rows.cpu().numpy() if isinstance(rows, torch.Tensor) else rows
         data = memoryview(np.ascontiguousarray(rows, self.dtype)).cast("B")
@@ -564,6 +564,8 @@ class SpillFile:
         if self.fd < 0 or stop > self.written:
             return None
         buf = np.empty((stop - start, self.per_image), self.dtype)
+        if start == stop:
+            return buf
         view, offset = memoryview(buf).cast("B"), start * self.per_image * self.dtype.itemsize
         try:
             while view:

@@ -1,11 +1,12 @@
 """The number format the backbone runs in, per device.
 
 float32 on the CPU is the paper code's arithmetic and the reference, and ``auto`` is float32 on CUDA too: on an
-H100 and an H200 (README, "Precision on GPUs"; ``benchmarks/bench_precision.py``) it is the only format whose
-masks came near CPU float32's on real photos (mean IoU 0.9997; one pixel of 4 M differs before the CRF, which the
-CRF grows to 6 on a photo whose mask has 244, min IoU 0.976). The reduced formats changed far more.
-``float64`` (the backbone's weights and arithmetic in float64, its tokens rounded to float32) gave the same
-masks as CUDA float32, that pixel included, at half its rate on an H100, so it is an explicit choice only.
+H100 and an H200 (README, "Precision on GPUs"; ``benchmarks/bench_precision.py``) no format came nearer CPU
+float32's masks on real photos (mean IoU 0.9997; 3 pixels of 4 M differ before the CRF, one of which the CRF
+grows to 6 on a photo whose mask has 244: min IoU 0.976). The reduced formats changed far more. ``float64`` (the
+backbone's weights and arithmetic in float64, its tokens rounded to float32) differed in 1 pixel before the CRF,
+the same one, and gave the same final masks as CUDA float32, at half its rate on an H100, so it is an explicit
+choice only.
 Only the backbone changes format: the stage-1 head, the threshold, the region filter and the CRF run in float32 -
 except that TF32 is torch's process-wide matmul setting, so with ``tf32`` another thread's stage-1 matmuls may
 use it while a backbone forward runs.

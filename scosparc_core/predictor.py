@@ -115,8 +115,7 @@ class SCoSPARC:
         """backbone: DINO state_dict path/URL, or None for timm's pretrained weights (needs a network).
         head: official-format stage-1 checkpoint path/URL. With ``random_init=True`` whichever is None gets
         random weights, with a warning; without it a missing head is an error. ``dtype``: the backbone's number
-        format (``scosparc_core.precision``: auto = float32 on CPU; on CUDA float64 on an A100/H100/H200, else
-        float32).
+        format (``scosparc_core.precision``: auto = float32, on the CPU and on CUDA).
         ``micro_batch``: backbone images per forward (default per device). ``compile=True``: see
         ``DinoBackbone.compile_forward``. ``crf_workers`` >= 2 runs a group's pydensecrf CRFs in that many
         spawned processes (scripts then need the ``if __name__ == "__main__":`` guard). ``storage_options`` go

@@ -130,6 +130,7 @@ def test_passes_decode_each_image_once_and_give_each_deferred_chunk_its_own_colo
     monkeypatch.setattr(engine_module, "_memory_fs", lambda folder: False)  # whatever this machine's /tmp is
     batch = _group(tmp_path, 7, row_images=4)
     none = _actor(tiny_weights, crf="none", one_pass_images=4, chunk_size=3)
+
     def finals(out) -> list[bytes]:
         return [np.asarray(f).tobytes() for c in out for f in c["final"]]
 
@@ -159,3 +160,61 @@ def test_passes_decode_each_image_once_and_give_each_deferred_chunk_its_own_colo
     for idx, crf, pending in rows:
         assert pending
         np.testing.assert_array_equal(np.asarray(crf), views[list(idx)])
+
+
+def test_a_group_in_passes_with_bad_images_gives_the_rows_it_gives_without_the_views_file(tiny_weights, tmp_path,
+                                                                                          monkeypatch):
+    """The views file holds the images that decode, in order, a chunk of the probe at a time. With a bad image in
+    the middle, a last chunk in which nothing decodes, writes that fail after the first, or reads that fail, the
+    rows equal those of --token-dir none, with and without the colour views; the file's disk reservation is given
+    back after every run, also when the rows stop being read early."""
+    import os
+
+    import pipeline.stage1 as stage1
+    import scosparc_core.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_memory_fs", lambda folder: False)  # whatever this machine's /tmp is
+    monkeypatch.setattr(stage1, "VIEWS_PER_THREAD", 3)  # probe chunks 0-2, 3-5, 6
+    batch = _group(tmp_path, 7, row_images=4)
+    uris = list(batch["image_uris"][0])
+    for i in (2, 6):  # 6: alone in its chunk
+        with open(uris[i].split("://", 1)[-1], "wb") as f:
+            f.write(b"not an image")
+    reserved = engine_module.SpillFile._reserved
+
+    def rows(crf: dict, **settings) -> list:
+        actor = _actor(tiny_weights, one_pass_images=4, chunk_size=3, decode_threads=1, **crf, **settings)
+        out = [(tuple(idx), tuple(ok), tuple(kind), np.asarray(final).tobytes(), np.asarray(colours).tobytes())
+               for c in actor(batch) for idx, ok, kind, final, colours
+               in zip(c["index"], c["ok"], c["error_kind"], c["final"], c["crf"])]
+        assert engine_module.SpillFile._reserved == reserved
+        return sorted(out), actor.decoded
+
+    for crf in ({"crf": "none"}, {"crf": "coca", "crf_backend": "defer"}):
+        expected, _ = rows(crf, token_dir="none")
+        assert sum(ok for _, oks, _, _, _ in expected for ok in oks) == 5  # 2 and 6 are error rows
+        got, decoded = rows(crf)
+        assert got == expected and decoded == [(3, True), (3, True), (1, True)]  # the probe only
+        pwrite, calls = os.pwrite, []
+
+        def failing_after_one(fd, data, offset, pwrite=pwrite, calls=calls):
+            calls.append(1)
+            if len(calls) > 1:
+                raise OSError(28, "No space left on device")
+            return pwrite(fd, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", failing_after_one)
+        got, decoded = rows(crf)
+        assert got == expected and len(decoded) > 3  # the passes decoded what the file lacks
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        monkeypatch.setattr(os, "preadv", lambda *args: (_ for _ in ()).throw(OSError(5, "I/O error")))
+        got, decoded = rows(crf)
+        assert got == expected and len(decoded) > 3
+        monkeypatch.undo()
+        monkeypatch.setattr(engine_module, "_memory_fs", lambda folder: False)
+        monkeypatch.setattr(stage1, "VIEWS_PER_THREAD", 3)
+    early = _actor(tiny_weights, crf="none", one_pass_images=4, chunk_size=3, decode_threads=1)(batch)
+    next(early)
+    assert engine_module.SpillFile._reserved > reserved  # the views file is open while rows come
+    early.close()
+    assert engine_module.SpillFile._reserved == reserved
