@@ -615,14 +615,7 @@ def run_training(cfg: TrainConfig):
     refusals = Refusals()
     with contextlib.ExitStack() as stack:
         stack.push(refusals)  # first in, so last out: it sees what the lease and Ray's shutdown let through
-        listed = {root: list_layout(Storage(root, cfg.storage_options), cfg.layout, cfg.extensions) for root in roots}
-        # with --extensions, a root none of whose files has them is a mistyped filter, not a run on nothing
-        wanted = f": no file has one of the extensions {', '.join(cfg.extensions)} (--extensions)" \
-            if cfg.extensions else ""
-        if not any(spec.images for r in cfg.data for spec in listed[r]):
-            raise ValueError(f"no images found under {', '.join(redact(r) for r in cfg.data)}{wanted}")
-        if cfg.extensions and cfg.val and not any(spec.images for spec in listed[cfg.val]):
-            raise ValueError(f"no images found under --val {redact(cfg.val)}{wanted}")
+        listed = _list_roots(cfg, roots)
         dim = DinoBackbone.width(cfg.backbone_name, **cfg.backbone_kwargs)
         # both read on the driver, as the inference job does: a file that carries code, a backbone of another
         # architecture or a head of another width stops the job here, before anything is written (not in every
@@ -655,44 +648,15 @@ def run_training(cfg: TrainConfig):
         what = f"{cfg.workers} training worker(s)"
         check_placement(cfg.worker_resources, cfg.workers, cfg.placement_timeout, what)
         settings = cfg.backbone_settings()
-        cache_folders: dict[str, str] = {}
+        cache_folders, cached = {}, {}
         if cfg.feature_cache:
-            plan = plan_cache(cfg.gpu, ray.cluster_resources())
-            cache_root = cfg.cache_url or f"{cfg.storage.rstrip('/')}/feature-cache"
-            model = backbone_id(settings, weights)
-            cache_folders = {root: cache_folder(cache_root, root, model) for root in roots}
-            summaries, cached = build_cache({cache_folders[root]: listed[root] for root in roots}, settings,
-                                            plan, cfg.placement_timeout)
-            record["feature_cache"] = {}
-            for root, folder in cache_folders.items():
-                summary = summaries[folder]
-                rate = (f", {summary['images_per_s']:.1f} img/s ({summary['busy_images_per_s']:.1f} while the "
-                        f"actors worked)") if summary["images_per_s"] else ""
-                print(f"[train] feature cache {redact(folder)}: {summary['computed']} groups computed "
-                      f"({summary['images']} images, {summary['errors']} unreadable) in a pass of "
-                      f"{summary['seconds']:.1f}s{rate}, {summary['cached_before']} reused", file=sys.stderr,
-                      flush=True)
-                record["feature_cache"][redact(root)] = {"folder": redact(folder), **summary}
-            run.write_json(RUN_RECORD, record)
+            cache_folders, cached = _fill_feature_cache(cfg, settings, weights, listed, run, record)
             if cfg.gpu:  # the pass's actors must have handed their GPUs back before the workers can start
                 check_placement(cfg.worker_resources, cfg.workers, cfg.placement_timeout, what)
 
-        def usable(rs: list[str]) -> tuple[TrainGroup, ...]:
-            groups = []
-            for r in rs:
-                for spec in listed[r]:
-                    gts = {im.image_uri: im.gt_uri for im in spec.images}
-                    if not cache_folders:
-                        rows, version = list(gts), None
-                    else:  # the rows the cache holds; a group none of whose images decoded has none: left out
-                        index = cached[cache_folders[r]].get(spec.key, {"image_uris": [], "version": None})
-                        rows, version = index["image_uris"], index["version"]
-                    if rows:
-                        groups.append(TrainGroup(r, spec.key, tuple(rows), tuple(gts[u] for u in rows), version))
-            return tuple(groups)
-
         loop = LoopSettings(
-            backbone=settings, groups=usable(list(cfg.data)), val_groups=usable([cfg.val] if cfg.val else []),
+            backbone=settings, groups=_usable_groups(list(cfg.data), listed, cache_folders, cached),
+            val_groups=_usable_groups([cfg.val] if cfg.val else [], listed, cache_folders, cached),
             cache_folders=cache_folders, run_url=cfg.run_url(), storage_options=cfg.storage_options,
             dim=dim, epochs=cfg.epochs,
             val_every=cfg.val_every, max_images=cfg.max_images, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -734,6 +698,62 @@ def run_training(cfg: TrainConfig):
                 "groups): nothing to train on. Check the workers' access to the data (--storage-option) and the "
                 "files.")
     return result
+
+
+def _list_roots(cfg: TrainConfig, roots: list[str]) -> dict[str, list]:
+    """Each data root (training and validation) -> its groups; refused when the training data has no image, or,
+    with --extensions, when a root has none: a mistyped filter, not a run on nothing."""
+    listed = {root: list_layout(Storage(root, cfg.storage_options), cfg.layout, cfg.extensions) for root in roots}
+    wanted = f": no file has one of the extensions {', '.join(cfg.extensions)} (--extensions)" \
+        if cfg.extensions else ""
+    if not any(spec.images for r in cfg.data for spec in listed[r]):
+        raise ValueError(f"no images found under {', '.join(redact(r) for r in cfg.data)}{wanted}")
+    if cfg.extensions and cfg.val and not any(spec.images for spec in listed[cfg.val]):
+        raise ValueError(f"no images found under --val {redact(cfg.val)}{wanted}")
+    return listed
+
+
+def _fill_feature_cache(cfg: TrainConfig, settings: BackboneSettings, weights: str | None, listed: dict,
+                        run: Storage, record: dict) -> tuple[dict[str, str], dict]:
+    """The feature-cache pass over every root's groups (build_cache), its figures printed and kept in the run's
+    record. Returns (root -> cache folder, cache folder -> key -> the index of the features it holds)."""
+    import ray
+
+    plan = plan_cache(cfg.gpu, ray.cluster_resources())
+    cache_root = cfg.cache_url or f"{cfg.storage.rstrip('/')}/feature-cache"
+    model = backbone_id(settings, weights)
+    cache_folders = {root: cache_folder(cache_root, root, model) for root in listed}
+    summaries, cached = build_cache({cache_folders[root]: listed[root] for root in listed}, settings, plan,
+                                    cfg.placement_timeout)
+    record["feature_cache"] = {}
+    for root, folder in cache_folders.items():
+        summary = summaries[folder]
+        rate = (f", {summary['images_per_s']:.1f} img/s ({summary['busy_images_per_s']:.1f} while the "
+                f"actors worked)") if summary["images_per_s"] else ""
+        print(f"[train] feature cache {redact(folder)}: {summary['computed']} groups computed "
+              f"({summary['images']} images, {summary['errors']} unreadable) in a pass of "
+              f"{summary['seconds']:.1f}s{rate}, {summary['cached_before']} reused", file=sys.stderr, flush=True)
+        record["feature_cache"][redact(root)] = {"folder": redact(folder), **summary}
+    run.write_json(RUN_RECORD, record)
+    return cache_folders, cached
+
+
+def _usable_groups(roots: list[str], listed: dict, cache_folders: dict[str, str], cached: dict
+                   ) -> tuple[TrainGroup, ...]:
+    """The groups of ``roots`` to train or validate on: with the feature cache, the rows it holds (a group none of
+    whose images decoded has none, and is left out); without it, every image."""
+    groups = []
+    for r in roots:
+        for spec in listed[r]:
+            gts = {im.image_uri: im.gt_uri for im in spec.images}
+            if not cache_folders:
+                rows, version = list(gts), None
+            else:
+                index = cached[cache_folders[r]].get(spec.key, {"image_uris": [], "version": None})
+                rows, version = index["image_uris"], index["version"]
+            if rows:
+                groups.append(TrainGroup(r, spec.key, tuple(rows), tuple(gts[u] for u in rows), version))
+    return tuple(groups)
 
 
 def config_defaults() -> dict:

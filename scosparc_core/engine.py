@@ -100,6 +100,19 @@ class GroupResult:
         return len(self.fallback)
 
 
+@dataclass
+class _GroupStage1:
+    """What ``run_passes``' first three passes leave for the last: stage-1 weights (n, P) on the device,
+    confidences (n,), (confidence, threshold), the prototype (C,), region counts (n,) and cosines (sum(counts),)."""
+
+    weights: torch.Tensor
+    conf: np.ndarray
+    tau: tuple[float, float]
+    prototype: torch.Tensor
+    counts: np.ndarray
+    cosines: np.ndarray
+
+
 class GroupEngine:
     """Runs the method on groups of decoded images with one backbone and head on one device.
 
@@ -240,55 +253,77 @@ class GroupEngine:
             return computed
 
         with thread_stream(self.device, self._local), store if store is not None else contextlib.nullcontext():
-            sums = []
-            for start, stop in spans:
-                sums.append(tokens(start, stop).sum(dim=1))
-                _tick(progress, "stage-1 keys", stop)
-            key_sums = self.head.keys_from_token_sums(torch.cat(sums), self.backbone.num_patches)  # as _weights
-            del sums
-            total = key_sums.sum(dim=0)
-            weights, conf = [], []
-            for start, stop in spans:
-                w = self.head.weights(tokens(start, stop), key_sums[start:stop], total, n, chunk=mb)
-                weights.append(w)
-                conf.append(image_confidences(stage1_map(w, self.grid), self.grid).cpu().numpy())
-                _tick(progress, "stage-1 weights", stop)
-            weights, conf = torch.cat(weights), np.concatenate(conf)
-            confidence, threshold = adaptive_threshold(conf)
-            means, has_fg, embeds, counts = [], [], [], []
-            for start, stop in spans:
-                t = tokens(start, stop)
-                m, h = foreground_means(t, weights[start:stop], threshold)
-                labels, cnt = self._stage1_regions(stage1_map(weights[start:stop], self.grid), threshold)
-                means.append(m)
-                has_fg.append(h)
-                embeds.append(self._region_embeddings(labels, cnt, t))
-                counts.append(cnt)
-                _tick(progress, "regions", stop)
+            key_sums = self._keys_pass(tokens, spans, progress)
+            weights, conf = self._weights_pass(tokens, spans, key_sums, mb, progress)
+            tau = adaptive_threshold(conf)
+            prototype, counts, cosines = self._regions_pass(tokens, spans, weights, tau[1], progress)
             if store is not None:
                 store.close()  # read for the last time: its disk is free while the masks stream out
-            prototype = prototype_from_means(torch.cat(means), torch.cat(has_fg))
-            counts = np.concatenate(counts)
-            cosines = self._cosines(torch.cat(embeds), counts, prototype[None], np.zeros(n, np.int64))
-            del means, has_fg, embeds
-            offsets = np.concatenate([[0], np.cumsum(counts)])
-            step = max(1, chunk or mb)
-            for start in range(0, n, step):
-                stop = min(start + step, n)
-                maps = stage1_map(weights[start:stop], self.grid)
-                taus = np.full(stop - start, threshold, np.float32)
-                labels, cnt = self._stage1_regions(maps, taus)
-                # the colours only for a CRF, here or deferred: otherwise this pass would decode every image again
-                rgb = load(start, stop)[1] if params is not None else None
-                outs = self._finish(maps, weights[start:stop], taus, labels, cnt,
-                                    cosines[offsets[start]:offsets[stop]], [rgb], params, backend,
-                                    False, defaultdict(float))
-                result = _result(outs, slice(0, stop - start), (confidence, threshold), conf[start:stop], prototype,
-                                 False, {}, start=start)
-                if backend == "defer":
-                    result.crf_rgb = rgb
-                yield result
-                _tick(progress, "masks", stop)
+            found = _GroupStage1(weights, conf, tau, prototype, counts, cosines)
+            yield from self._masks_pass(found, load, max(1, chunk or mb), params, backend, progress)
+
+    def _keys_pass(self, tokens: Callable[[int, int], torch.Tensor], spans: list[tuple[int, int]],
+                   progress) -> torch.Tensor:
+        """Pass 1: every image's key sum K_i (n, C), the key transform once on the whole group's token sums (as
+        ``_weights``)."""
+        sums = []
+        for start, stop in spans:
+            sums.append(tokens(start, stop).sum(dim=1))
+            _tick(progress, "stage-1 keys", stop)
+        return self.head.keys_from_token_sums(torch.cat(sums), self.backbone.num_patches)
+
+    def _weights_pass(self, tokens: Callable[[int, int], torch.Tensor], spans: list[tuple[int, int]],
+                      key_sums: torch.Tensor, mb: int, progress) -> tuple[torch.Tensor, np.ndarray]:
+        """Pass 2: the stage-1 weights (n, P) given the group's K, and the images' confidences (n,)."""
+        n, total = len(key_sums), key_sums.sum(dim=0)
+        weights, conf = [], []
+        for start, stop in spans:
+            w = self.head.weights(tokens(start, stop), key_sums[start:stop], total, n, chunk=mb)
+            weights.append(w)
+            conf.append(image_confidences(stage1_map(w, self.grid), self.grid).cpu().numpy())
+            _tick(progress, "stage-1 weights", stop)
+        return torch.cat(weights), np.concatenate(conf)
+
+    def _regions_pass(self, tokens: Callable[[int, int], torch.Tensor], spans: list[tuple[int, int]],
+                      weights: torch.Tensor, threshold: float, progress) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """Pass 3: the prototype (C,) from each image's foreground mean, the stage-1 masks' region counts (n,) and
+        every region's cos(prototype, e_k) (sum(counts),)."""
+        means, has_fg, embeds, counts = [], [], [], []
+        for start, stop in spans:
+            t = tokens(start, stop)
+            m, h = foreground_means(t, weights[start:stop], threshold)
+            labels, cnt = self._stage1_regions(stage1_map(weights[start:stop], self.grid), threshold)
+            means.append(m)
+            has_fg.append(h)
+            embeds.append(self._region_embeddings(labels, cnt, t))
+            counts.append(cnt)
+            _tick(progress, "regions", stop)
+        prototype = prototype_from_means(torch.cat(means), torch.cat(has_fg))
+        counts = np.concatenate(counts)
+        return prototype, counts, self._cosines(torch.cat(embeds), counts, prototype[None],
+                                                np.zeros(len(counts), np.int64))
+
+    def _masks_pass(self, found: _GroupStage1, load: Callable[[int, int], tuple[np.ndarray, np.ndarray | None]],
+                    step: int, params: CRFParams | None, backend: str, progress) -> Iterator[GroupResult]:
+        """Pass 4: the region filter's decisions and the CRF, as GroupResults of ``step`` images."""
+        n = len(found.conf)
+        offsets = np.concatenate([[0], np.cumsum(found.counts)])
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            maps = stage1_map(found.weights[start:stop], self.grid)
+            taus = np.full(stop - start, found.tau[1], np.float32)
+            labels, cnt = self._stage1_regions(maps, taus)
+            # the colours only for a CRF, here or deferred: otherwise this pass would decode every image again
+            rgb = load(start, stop)[1] if params is not None else None
+            outs = self._finish(maps, found.weights[start:stop], taus, labels, cnt,
+                                found.cosines[offsets[start]:offsets[stop]], [rgb], params, backend, False,
+                                defaultdict(float))
+            result = _result(outs, slice(0, stop - start), found.tau, found.conf[start:stop], found.prototype,
+                             False, {}, start=start)
+            if backend == "defer":
+                result.crf_rgb = rgb
+            yield result
+            _tick(progress, "masks", stop)
 
     # -- shared steps -----------------------------------------------------------------------------------------
     def _weights(self, tokens: torch.Tensor, micro_batch: int | None = None) -> torch.Tensor:
