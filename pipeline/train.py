@@ -648,9 +648,10 @@ def run_training(cfg: TrainConfig):
         what = f"{cfg.workers} training worker(s)"
         check_placement(cfg.worker_resources, cfg.workers, cfg.placement_timeout, what)
         settings = cfg.backbone_settings()
-        cache_folders, cached = {}, {}
+        cache_folders: dict[str, str] = {}
+        cached: dict[str, dict] = {}
         if cfg.feature_cache:
-            cache_folders, cached = _fill_feature_cache(cfg, settings, weights, listed, run, record)
+            cache_folders, cached = _fill_feature_cache(cfg, settings, weights, roots, listed, run, record)
             if cfg.gpu:  # the pass's actors must have handed their GPUs back before the workers can start
                 check_placement(cfg.worker_resources, cfg.workers, cfg.placement_timeout, what)
 
@@ -700,9 +701,9 @@ def run_training(cfg: TrainConfig):
     return result
 
 
-def _list_roots(cfg: TrainConfig, roots: list[str]) -> dict[str, list]:
-    """Each data root (training and validation) -> its groups; refused when the training data has no image, or,
-    with --extensions, when a root has none: a mistyped filter, not a run on nothing."""
+def _list_roots(cfg: TrainConfig, roots: list[str]) -> dict[str, list[GroupSpec]]:
+    """Each data root (training and validation) -> its groups; refused when the training roots together have no
+    image, or, with --extensions, when the --val root has none: a mistyped filter, not a run on nothing."""
     listed = {root: list_layout(Storage(root, cfg.storage_options), cfg.layout, cfg.extensions) for root in roots}
     wanted = f": no file has one of the extensions {', '.join(cfg.extensions)} (--extensions)" \
         if cfg.extensions else ""
@@ -713,8 +714,8 @@ def _list_roots(cfg: TrainConfig, roots: list[str]) -> dict[str, list]:
     return listed
 
 
-def _fill_feature_cache(cfg: TrainConfig, settings: BackboneSettings, weights: str | None, listed: dict,
-                        run: Storage, record: dict) -> tuple[dict[str, str], dict]:
+def _fill_feature_cache(cfg: TrainConfig, settings: BackboneSettings, weights: str | None, roots: list[str],
+                        listed: dict[str, list[GroupSpec]], run: Storage, record: dict) -> tuple[dict[str, str], dict]:
     """The feature-cache pass over every root's groups (build_cache), its figures printed and kept in the run's
     record. Returns (root -> cache folder, cache folder -> key -> the index of the features it holds)."""
     import ray
@@ -722,8 +723,8 @@ def _fill_feature_cache(cfg: TrainConfig, settings: BackboneSettings, weights: s
     plan = plan_cache(cfg.gpu, ray.cluster_resources())
     cache_root = cfg.cache_url or f"{cfg.storage.rstrip('/')}/feature-cache"
     model = backbone_id(settings, weights)
-    cache_folders = {root: cache_folder(cache_root, root, model) for root in listed}
-    summaries, cached = build_cache({cache_folders[root]: listed[root] for root in listed}, settings, plan,
+    cache_folders = {root: cache_folder(cache_root, root, model) for root in roots}
+    summaries, cached = build_cache({cache_folders[root]: listed[root] for root in roots}, settings, plan,
                                     cfg.placement_timeout)
     record["feature_cache"] = {}
     for root, folder in cache_folders.items():

@@ -256,14 +256,16 @@ class GroupEngine:
             key_sums = self._keys_pass(tokens, spans, progress)
             weights, conf = self._weights_pass(tokens, spans, key_sums, mb, progress)
             tau = adaptive_threshold(conf)
-            prototype, counts, cosines = self._regions_pass(tokens, spans, weights, tau[1], progress)
+            means, has_fg, embeds, counts = self._regions_pass(tokens, spans, weights, tau[1], progress)
             if store is not None:
-                store.close()  # read for the last time: its disk is free while the masks stream out
+                store.close()  # read for the last time: its disk is free for the rest
+            prototype = prototype_from_means(means, has_fg)
+            cosines = self._cosines(embeds, counts, prototype[None], np.zeros(n, np.int64))
             found = _GroupStage1(weights, conf, tau, prototype, counts, cosines)
             yield from self._masks_pass(found, load, max(1, chunk or mb), params, backend, progress)
 
     def _keys_pass(self, tokens: Callable[[int, int], torch.Tensor], spans: list[tuple[int, int]],
-                   progress) -> torch.Tensor:
+                   progress: Callable[[str, int], None] | None) -> torch.Tensor:
         """Pass 1: every image's key sum K_i (n, C), the key transform once on the whole group's token sums (as
         ``_weights``)."""
         sums = []
@@ -273,7 +275,8 @@ class GroupEngine:
         return self.head.keys_from_token_sums(torch.cat(sums), self.backbone.num_patches)
 
     def _weights_pass(self, tokens: Callable[[int, int], torch.Tensor], spans: list[tuple[int, int]],
-                      key_sums: torch.Tensor, mb: int, progress) -> tuple[torch.Tensor, np.ndarray]:
+                      key_sums: torch.Tensor, mb: int, progress: Callable[[str, int], None] | None
+                      ) -> tuple[torch.Tensor, np.ndarray]:
         """Pass 2: the stage-1 weights (n, P) given the group's K, and the images' confidences (n,)."""
         n, total = len(key_sums), key_sums.sum(dim=0)
         weights, conf = [], []
@@ -285,9 +288,10 @@ class GroupEngine:
         return torch.cat(weights), np.concatenate(conf)
 
     def _regions_pass(self, tokens: Callable[[int, int], torch.Tensor], spans: list[tuple[int, int]],
-                      weights: torch.Tensor, threshold: float, progress) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        """Pass 3: the prototype (C,) from each image's foreground mean, the stage-1 masks' region counts (n,) and
-        every region's cos(prototype, e_k) (sum(counts),)."""
+                      weights: torch.Tensor, threshold: float, progress: Callable[[str, int], None] | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
+        """Pass 3: each image's foreground mean (n, C) and whether it has one (n,) (hence the prototype), and its
+        stage-1 mask's region token sums e_k (sum(counts), C) and region counts (n,)."""
         means, has_fg, embeds, counts = [], [], [], []
         for start, stop in spans:
             t = tokens(start, stop)
@@ -298,13 +302,11 @@ class GroupEngine:
             embeds.append(self._region_embeddings(labels, cnt, t))
             counts.append(cnt)
             _tick(progress, "regions", stop)
-        prototype = prototype_from_means(torch.cat(means), torch.cat(has_fg))
-        counts = np.concatenate(counts)
-        return prototype, counts, self._cosines(torch.cat(embeds), counts, prototype[None],
-                                                np.zeros(len(counts), np.int64))
+        return torch.cat(means), torch.cat(has_fg), torch.cat(embeds), np.concatenate(counts)
 
     def _masks_pass(self, found: _GroupStage1, load: Callable[[int, int], tuple[np.ndarray, np.ndarray | None]],
-                    step: int, params: CRFParams | None, backend: str, progress) -> Iterator[GroupResult]:
+                    step: int, params: CRFParams | None, backend: str,
+                    progress: Callable[[str, int], None] | None) -> Iterator[GroupResult]:
         """Pass 4: the region filter's decisions and the CRF, as GroupResults of ``step`` images."""
         n = len(found.conf)
         offsets = np.concatenate([[0], np.cumsum(found.counts)])
