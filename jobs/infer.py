@@ -89,10 +89,10 @@ def parse_args(argv=None) -> tuple[InferConfig, bool]:
                           "what fits the stage-1 actor: ~250 on CPUs (ViT-B/8), from free GPU memory on CUDA, "
                           "at most 2048")
     run.add_argument("--token-dir", default=d.token_dir,
-                     help="a local folder where groups run in passes keep their decoded images (0.3 MB an image) and "
-                          "tokens (2.4 MB for ViT-B/8) between passes, so each image is decoded and runs through the "
-                          "backbone once (not three times); default: each node's temp folder, when it has room and is "
-                          "not RAM-backed; none: recompute them")
+                     help="a local folder where groups run in passes keep their decoded images (0.15 MB an image, "
+                          "0.3 MB with a CRF) and tokens (2.4 MB for ViT-B/8) between passes, so each image is "
+                          "decoded and runs through the backbone once (not three times); default: each node's temp "
+                          "folder, when it has room and is not RAM-backed; none: recompute them")
     run.add_argument("--progress-interval", type=float, default=d.progress_interval, help="seconds")
     run.add_argument("--stall-timeout", type=float, default=d.stall_timeout,
                      help="seconds without a row out before the job stops (-1: never); default: 1800 plus 4 s "

@@ -241,8 +241,6 @@ class GroupEngine:
         mb = micro_batch or self.micro_batch
         spans = [(s, min(s + mb, n)) for s in range(0, n, mb)]
 
-        store = SpillFile.open(spill, n, self.backbone.num_patches * self.backbone.embed_dim) if spill else None
-
         def tokens(start: int, stop: int) -> torch.Tensor:
             kept = store.read(start, stop) if store is not None else None  # None: not written, or failed
             if kept is not None:
@@ -252,16 +250,18 @@ class GroupEngine:
                 store.append(computed)
             return computed
 
-        with thread_stream(self.device, self._local), store if store is not None else contextlib.nullcontext():
-            key_sums = self._keys_pass(tokens, spans, progress)
-            weights, conf = self._weights_pass(tokens, spans, key_sums, mb, progress)
-            tau = adaptive_threshold(conf)
-            means, has_fg, embeds, counts = self._regions_pass(tokens, spans, weights, tau[1], progress)
-            if store is not None:
-                store.close()  # read for the last time: its disk is free for the rest
+        with thread_stream(self.device, self._local):
+            store = SpillFile.open(spill, n, self.backbone.num_patches * self.backbone.embed_dim) if spill else None
+            with store if store is not None else contextlib.nullcontext():
+                key_sums = self._keys_pass(tokens, spans, progress)
+                weights, conf = self._weights_pass(tokens, spans, key_sums, mb, progress)
+                tau = adaptive_threshold(conf)
+                means, has_fg, embeds, counts = self._regions_pass(tokens, spans, weights, tau[1], progress)
+            # the tokens were read for the last time: the file's disk is free for the rest
             prototype = prototype_from_means(means, has_fg)
             cosines = self._cosines(embeds, counts, prototype[None], np.zeros(n, np.int64))
             found = _GroupStage1(weights, conf, tau, prototype, counts, cosines)
+            del key_sums, means, has_fg, embeds  # not held on the device through the masks pass
             yield from self._masks_pass(found, load, max(1, chunk or mb), params, backend, progress)
 
     def _keys_pass(self, tokens: Callable[[int, int], torch.Tensor], spans: list[tuple[int, int]],
@@ -553,17 +553,19 @@ class SpillFile:
     tokens between the engine's passes (float32), or its decoded views (uint8, the pipeline). A failed write or
     read closes it, and it reads nothing more: the caller recomputes."""
 
-    _reserved = 0  # bytes of the open spill files of this process: two groups at once check against one disk
+    _reserved = 0  # bytes the open spill files of this process have yet to write: two groups at once, one disk
     _lock = threading.Lock()
 
     def __init__(self, fd: int, per_image: int, size: int, dtype: np.dtype):
         self.fd, self.per_image, self.size, self.dtype, self.written = fd, per_image, size, dtype, 0
+        self.unwritten = size  # of its reservation; what it wrote already shows in the disk's free space
 
     @classmethod
     def open(cls, folder: str, n: int, per_image: int, margin: int = 2**30, dtype=np.float32) -> "SpillFile | None":
         """A file for ``n`` rows of ``per_image`` values of ``dtype`` in ``folder``, or None: when the disk lacks
-        room (twice the file beside the other open ones, plus ``margin``: others write there too), when ``folder``
-        is RAM-backed (tmpfs: memory that no resource request covers), or when it cannot be written."""
+        room (twice the file beside what the other open ones have yet to write, plus ``margin``: others write
+        there too), when ``folder`` is RAM-backed (tmpfs: memory that no resource request covers), or when it
+        cannot be written."""
         dtype = np.dtype(dtype)
         size = n * per_image * dtype.itemsize
         if not hasattr(os, "preadv") or _memory_fs(folder):
@@ -573,7 +575,11 @@ class SpillFile:
                 if shutil.disk_usage(folder).free - cls._reserved < 2 * size + margin:
                     return None
                 fd, path = tempfile.mkstemp(dir=folder, prefix="scosparc-spill-")
-                os.unlink(path)
+                try:
+                    os.unlink(path)
+                except OSError:
+                    os.close(fd)
+                    raise
                 cls._reserved += size
             return cls(fd, per_image, size, dtype)
         except OSError:
@@ -594,6 +600,10 @@ class SpillFile:
             self.close()
             return
         self.written += len(rows)
+        with SpillFile._lock:
+            done = min(self.unwritten, len(rows) * self.per_image * self.dtype.itemsize)
+            self.unwritten -= done
+            SpillFile._reserved -= done
 
     def read(self, start: int, stop: int) -> np.ndarray | None:
         """Rows start..stop-1 -> (stop - start, per_image) of the file's dtype; None when they are not there to
@@ -620,7 +630,8 @@ class SpillFile:
             os.close(self.fd)
             self.fd = -1
             with SpillFile._lock:
-                SpillFile._reserved -= self.size
+                SpillFile._reserved -= self.unwritten
+                self.unwritten = 0
 
     def __enter__(self) -> "SpillFile":
         return self

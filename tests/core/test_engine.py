@@ -163,6 +163,10 @@ def test_passes_with_a_spill_read_the_tokens_back_instead_of_recomputing_them(en
     assert other is not None and run() == recomputed
     other.close()
     assert run() == {"backbone": n, "pixels": 2 * n}
+    written = engine_module.SpillFile.open(str(tmp_path), n, per_image)  # its rows are in the disk's used space:
+    written.append(np.zeros((n, per_image), np.float32))  # they no longer count against the room
+    assert run() == {"backbone": n, "pixels": 2 * n}
+    written.close()
 
 
 def test_deferred_crf_leaves_the_stage2_mask_for_cpu_workers(engine, groups):

@@ -167,7 +167,8 @@ def test_a_group_in_passes_with_bad_images_gives_the_rows_it_gives_without_the_v
     """The views file holds the images that decode, in order, a chunk of the probe at a time. With a bad image in
     the middle, a last chunk in which nothing decodes, writes that fail after the first, or reads that fail, the
     rows equal those of --token-dir none, with and without the colour views; the file's disk reservation is given
-    back after every run, also when the rows stop being read early."""
+    back after every run, and the file is closed also when the rows stop being read early."""
+    import contextlib
     import os
 
     import pipeline.stage1 as stage1
@@ -213,8 +214,16 @@ def test_a_group_in_passes_with_bad_images_gives_the_rows_it_gives_without_the_v
         monkeypatch.undo()
         monkeypatch.setattr(engine_module, "_memory_fs", lambda folder: False)
         monkeypatch.setattr(stage1, "VIEWS_PER_THREAD", 3)
+    def spill_files() -> int:  # the process's open spill files (unnamed: "... (deleted)")
+        names = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+                names.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return sum("scosparc-spill-" in name for name in names)
+
+    before = spill_files()
     early = _actor(tiny_weights, crf="none", one_pass_images=4, chunk_size=3, decode_threads=1)(batch)
     next(early)
-    assert engine_module.SpillFile._reserved > reserved  # the views file is open while rows come
+    assert spill_files() == before + 1  # the views file is open while rows come
     early.close()
-    assert engine_module.SpillFile._reserved == reserved
+    assert spill_files() == before and engine_module.SpillFile._reserved == reserved

@@ -611,10 +611,12 @@ def test_pretrained_weights_the_driver_cannot_fetch_stop_the_job_before_anything
     assert not (tmp_path / "runs").exists()
 
 
-def test_training_resolves_auto_to_float32_on_a_gpu(monkeypatch):
-    """Training's auto on a GPU is float32, in the run's fingerprint and on the workers alike (both read
-    BackboneSettings.resolved_precision); an explicit format stays itself."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    cfg = TrainConfig(data="unused", storage="unused", name="unused", gpu=True)
-    assert cfg.backbone_settings().resolved_precision == "float32"
-    assert replace(cfg, dtype="float64").backbone_settings().resolved_precision == "float64"
+def test_training_resolves_its_format_for_the_device_it_runs_on():
+    """The run's fingerprint and the workers read the same resolved format (BackboneSettings.resolved_precision),
+    for the device --gpu gives: auto is float32 on both, tf32 is itself on a GPU and plain float32 on CPUs, an
+    explicit format stays itself."""
+    gpu = TrainConfig(data="unused", storage="unused", name="unused", gpu=True)
+    cpu = replace(gpu, gpu=False)
+    assert [c.backbone_settings().resolved_precision for c in (gpu, cpu)] == ["float32", "float32"]
+    assert [replace(c, dtype="tf32").backbone_settings().resolved_precision for c in (gpu, cpu)] == ["tf32", "float32"]
+    assert replace(gpu, dtype="float64").backbone_settings().resolved_precision == "float64"
