@@ -255,7 +255,8 @@ class Stage1Actor:
         """The engine's passes over one group's decoded images -> one GroupResult for the whole group."""
         self._inject([row], micro_batch)
         s = self.settings
-        parts = list(self.engine.run_passes(len(pixels), lambda a, b: (pixels[a:b], crf[a:b]), crf=s.crf,
+        parts = list(self.engine.run_passes(len(pixels), lambda a, b: pixels[a:b],
+                                            None if crf is None else lambda a, b: crf[a:b], crf=s.crf,
                                             crf_backend=s.crf_backend, chunk=micro_batch, micro_batch=micro_batch,
                                             spill=self._token_dir()))
         return _joined(parts)
@@ -279,18 +280,23 @@ class Stage1Actor:
         start = time.perf_counter()
         one_pass = len(uris) <= self.one_pass_images
         # A group in passes keeps its decoded views on the node's disk when there is room: each image is then read
-        # and decoded once, by the probe, instead of once more in each pass that needs pixels or colours. The
-        # colour view only for a CRF: no pass reads it otherwise.
-        kinds = 1 if self.settings.crf == "none" else 2
-        views = None if one_pass else self._spill(len(uris), kinds * int(np.prod(VIEW)), np.uint8)
-        with views if views is not None else contextlib.nullcontext():
-            yield from self._run_probed(row, uris, one_pass, views, start)
+        # and decoded once, by the probe, instead of once more in each pass that needs pixels or colours. One file
+        # per view, so a pass reads only the view it needs; the colour view only for a CRF.
+        with contextlib.ExitStack() as files:
+            views = [None, None]
+            if not one_pass:
+                for i in range(1 if self.settings.crf == "none" else 2):
+                    views[i] = self._spill(len(uris), int(np.prod(VIEW)), np.uint8)
+                    if views[i] is not None:
+                        files.enter_context(views[i])
+            yield from self._run_probed(row, uris, one_pass, *views, start)
 
-    def _run_probed(self, row: dict, uris: list[str], one_pass: bool, views: SpillFile | None,
-                    start: float) -> Iterator[list[dict]]:
+    def _run_probed(self, row: dict, uris: list[str], one_pass: bool, net_file: SpillFile | None,
+                    crf_file: SpillFile | None, start: float) -> Iterator[list[dict]]:
         s, key = self.settings, str(row["group_key"])
         try:
-            probe = self._decode(uris, keep=one_pass) if views is None else self._decode_into(uris, views)
+            probe = (self._decode(uris, keep=one_pass) if net_file is None and crf_file is None
+                     else self._decode_into(uris, net_file, crf_file))
         except Exception as exc:  # noqa: BLE001
             yield self._error_chunks(row, exc)
             return
@@ -308,18 +314,22 @@ class Stage1Actor:
             yield failed
         ok_uris = [uris[i] for i in ok]
 
-        def load(a: int, b: int):
-            kept = views.read(a, b) if views is not None else None  # the ok images, in order
-            if kept is not None:
-                both = kept.reshape(b - a, -1, *VIEW)
-                return both[:, 0], both[:, 1] if both.shape[1] > 1 else None
+        def redecode(a: int, b: int) -> Decoded:
             d = self._decode(ok_uris[a:b], keep=True)
             if not d.ok.all():  # it decoded in the first pass: a read that failed now is transient
                 bad = int(np.flatnonzero(~d.ok)[0])
                 exc = RuntimeError(f"image {ok[a + bad]} of the group failed on a later pass: {d.errors[bad][2]}")
                 exc.error_class = TRANSIENT
                 raise exc
-            return d.net, d.crf
+            return d
+
+        def pixels(a: int, b: int) -> np.ndarray:
+            kept = net_file.read(a, b) if net_file is not None else None  # the ok images, in order
+            return kept.reshape(b - a, *VIEW) if kept is not None else redecode(a, b).net
+
+        def colours(a: int, b: int) -> np.ndarray:
+            kept = crf_file.read(a, b) if crf_file is not None else None
+            return kept.reshape(b - a, *VIEW) if kept is not None else redecode(a, b).crf
 
         def tick(step: str, done: int) -> None:
             if self.state is not None:
@@ -329,7 +339,7 @@ class Stage1Actor:
         try:
             # tokens kept on the node's disk when it has room: each image through the backbone once
             start = time.perf_counter()
-            for part in self.engine.run_passes(len(ok), load, crf=s.crf, crf_backend=s.crf_backend,
+            for part in self.engine.run_passes(len(ok), pixels, colours, crf=s.crf, crf_backend=s.crf_backend,
                                                chunk=s.chunk_size, progress=tick, spill=self._token_dir()):
                 # the engine's time for this part (the first carries the passes before it), not the waits in yield
                 seconds = _per_image(time.perf_counter() - start, len(part))
@@ -353,16 +363,17 @@ class Stage1Actor:
             return _joined_decoded(list(pool.map(lambda p: decode_images([uris[i] for i in p], s.decode, keep),
                                                  parts)), keep)
 
-    def _decode_into(self, uris: list[str], views: SpillFile) -> Decoded:
-        """Like ``_decode(keep=False)``, but the views of the images that decode are appended to ``views`` in
-        order, an image's network view and (when the file has room for it) its colour view in one row, a few
-        images per thread at a time: memory per chunk."""
+    def _decode_into(self, uris: list[str], net_file: SpillFile | None, crf_file: SpillFile | None) -> Decoded:
+        """Like ``_decode(keep=False)``, but the network and colour views of the images that decode are appended
+        in order to ``net_file`` and ``crf_file`` (each when not None), a few images per thread at a time: memory
+        per chunk."""
         step = VIEWS_PER_THREAD * max(1, self.settings.decode_threads)
-        both = views.per_image == 2 * int(np.prod(VIEW))
         done = []
         for a in range(0, len(uris), step):
             d = self._decode(uris[a:a + step], keep=True)
-            views.append(np.stack([d.net[d.ok], d.crf[d.ok]], axis=1) if both else d.net[d.ok])
+            for file, view in ((net_file, d.net), (crf_file, d.crf)):
+                if file is not None:
+                    file.append(view[d.ok])
             done.append(dataclasses.replace(d, net=None, crf=None))
         return _joined_decoded(done, keep=False)
 

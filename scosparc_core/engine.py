@@ -211,12 +211,14 @@ class GroupEngine:
 
     # -- one large group in passes ----------------------------------------------------------------------------
     @torch.inference_mode()
-    def run_passes(self, n: int, load: Callable[[int, int], tuple[np.ndarray, np.ndarray | None]],
+    def run_passes(self, n: int, pixels: Callable[[int, int], np.ndarray],
+                   colours: Callable[[int, int], np.ndarray] | None = None,
                    crf: str | CRFParams | None = "coca", crf_backend: str = "auto", chunk: int | None = None,
                    progress: Callable[[str, int], None] | None = None,
                    micro_batch: int | None = None, spill: str | None = None) -> Iterator[GroupResult]:
-        """A group of ``n`` images too large to hold, streamed: ``load(start, stop)`` returns the network pixels
-        (m, 224, 224, 3) and the CRF's colour input (or None) of images start..stop-1, each time it is called.
+        """A group of ``n`` images too large to hold, streamed: ``pixels(start, stop)`` returns the network pixels
+        (m, 224, 224, 3) of images start..stop-1 and ``colours(start, stop)`` their CRF colour inputs (m, 224, 224,
+        3), each time they are called; ``colours`` only with a CRF.
 
         Stage 1 is linear in the images' key sums, so the group is read in passes over micro-batches of
         ``micro_batch`` images: (1) the key sums K_i; (2) the stage-1 weights given the group's K (kept: n x P
@@ -230,14 +232,15 @@ class GroupEngine:
 
         ``spill``: a folder on a local disk. When it has room for the group's tokens (n x P x C float32, 2.4 MB
         an image for ViT-B/8), pass (1) writes them to an unnamed temporary file there and passes (2) and (3)
-        read them back: the backbone runs once per image instead of three times, with the same numbers, and
-        ``load`` once, or twice with a CRF (pass (4) reads the colour inputs). Without room
-        (``SpillFile.open``), on a RAM-backed folder, when a write or a read fails, or with None, the passes
-        recompute them.
+        read them back: the backbone and ``pixels`` run once per image instead of three times, with the same
+        numbers. Without room (``SpillFile.open``), on a RAM-backed folder, when a write or a read fails, or with
+        None, the passes recompute them.
         """
         if n == 0:
             return
         params, backend = crf_params(crf), self.crf_backend(crf_backend)
+        if params is not None and colours is None:
+            raise ValueError("the CRF needs the images' colour inputs: pass colours, or crf='none'")
         mb = micro_batch or self.micro_batch
         spans = [(s, min(s + mb, n)) for s in range(0, n, mb)]
 
@@ -245,7 +248,7 @@ class GroupEngine:
             kept = store.read(start, stop) if store is not None else None  # None: not written, or failed
             if kept is not None:
                 return torch.from_numpy(kept).view(stop - start, self.backbone.num_patches, -1).to(self.device)
-            computed = self._tokens([load(start, stop)[0]], mb)
+            computed = self._tokens([pixels(start, stop)], mb)
             if store is not None:
                 store.append(computed)
             return computed
@@ -262,7 +265,7 @@ class GroupEngine:
             cosines = self._cosines(embeds, counts, prototype[None], np.zeros(n, np.int64))
             found = _GroupStage1(weights, conf, tau, prototype, counts, cosines)
             del key_sums, means, has_fg, embeds  # not held on the device through the masks pass
-            yield from self._masks_pass(found, load, max(1, chunk or mb), params, backend, progress)
+            yield from self._masks_pass(found, colours, max(1, chunk or mb), params, backend, progress)
 
     def _keys_pass(self, tokens: Callable[[int, int], torch.Tensor], spans: list[tuple[int, int]],
                    progress: Callable[[str, int], None] | None) -> torch.Tensor:
@@ -304,9 +307,9 @@ class GroupEngine:
             _tick(progress, "regions", stop)
         return torch.cat(means), torch.cat(has_fg), torch.cat(embeds), np.concatenate(counts)
 
-    def _masks_pass(self, found: _GroupStage1, load: Callable[[int, int], tuple[np.ndarray, np.ndarray | None]],
-                    step: int, params: CRFParams | None, backend: str,
-                    progress: Callable[[str, int], None] | None) -> Iterator[GroupResult]:
+    def _masks_pass(self, found: _GroupStage1, colours: Callable[[int, int], np.ndarray] | None, step: int,
+                    params: CRFParams | None, backend: str, progress: Callable[[str, int], None] | None
+                    ) -> Iterator[GroupResult]:
         """Pass 4: the region filter's decisions and the CRF, as GroupResults of ``step`` images."""
         n = len(found.conf)
         offsets = np.concatenate([[0], np.cumsum(found.counts)])
@@ -316,7 +319,7 @@ class GroupEngine:
             taus = np.full(stop - start, found.tau[1], np.float32)
             labels, cnt = self._stage1_regions(maps, taus)
             # the colours only for a CRF, here or deferred: otherwise this pass would decode every image again
-            rgb = load(start, stop)[1] if params is not None else None
+            rgb = colours(start, stop) if params is not None else None
             outs = self._finish(maps, found.weights[start:stop], taus, labels, cnt,
                                 found.cosines[offsets[start]:offsets[stop]], [rgb], params, backend, False,
                                 defaultdict(float))

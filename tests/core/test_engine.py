@@ -87,11 +87,13 @@ def test_passes_equal_one_pass(engine):
     whole = engine.run([pixels], [rgb], crf="coca", details=True)[0]
     loads = []
 
-    def load(start, stop):
-        loads.append((start, stop))
-        return pixels[start:stop], rgb[start:stop]
+    def load(views):
+        def read(start, stop):
+            loads.append((start, stop))
+            return views[start:stop]
+        return read
 
-    chunks = list(engine.run_passes(len(pixels), load, crf="coca", chunk=10))
+    chunks = list(engine.run_passes(len(pixels), load(pixels), load(rgb), crf="coca", chunk=10))
     assert [c.start for c in chunks] == [0, 10, 20] and sum(len(c) for c in chunks) == 29
     assert max(stop - start for start, stop in loads) <= 10  # a micro-batch (8) or an output chunk (10)
     for c in chunks:
@@ -102,9 +104,10 @@ def test_passes_equal_one_pass(engine):
 
 
 def test_passes_with_a_spill_read_the_tokens_back_instead_of_recomputing_them(engine, tmp_path, monkeypatch):
-    """spill: the backbone and ``load`` run once per image (plus ``load`` for the CRF's colours), the masks are
+    """spill: the backbone and ``pixels`` run once per image (and ``colours`` once, for the CRF), the masks are
     those of the passes without it, and no file is left. A write or a read that fails, a disk without room (also
-    when other groups' files hold it) and a RAM-backed folder fall back to recomputing, with the same masks."""
+    when other groups' files hold it) and a RAM-backed folder fall back to recomputing, with the same masks (those
+    runs without the CRF: it is 80% of this test's time, and the spill is only about the first three passes)."""
     import errno
     import shutil
 
@@ -112,23 +115,26 @@ def test_passes_with_a_spill_read_the_tokens_back_instead_of_recomputing_them(en
 
     pixels, rgb = _group("horse", 19, seed=4)  # 3 micro-batches of 8
     n = len(pixels)
-    plain = list(engine.run_passes(len(pixels), lambda a, b: (pixels[a:b], rgb[a:b]), crf="coca", chunk=10))
-    calls = {"backbone": 0, "pixels": 0}
+    plain = {crf: list(engine.run_passes(n, lambda a, b: pixels[a:b], lambda a, b: rgb[a:b], crf=crf, chunk=10))
+             for crf in ("coca", "none")}
+    calls = {"backbone": 0, "pixels": 0, "colours": 0}
     tokens = engine._tokens
 
     def counted_tokens(groups, micro_batch=None):
         calls["backbone"] += sum(len(g) for g in groups)
         return tokens(groups, micro_batch)
 
-    def load(start, stop):
-        calls["pixels"] += stop - start
-        return pixels[start:stop], rgb[start:stop]
+    def load(kind, views):
+        def read(start, stop):
+            calls[kind] += stop - start
+            return views[start:stop]
+        return read
 
-    def run() -> dict:
-        calls.update(backbone=0, pixels=0)
+    def run(crf: str = "none") -> dict:
+        calls.update(backbone=0, pixels=0, colours=0)
         reserved = engine_module.SpillFile._reserved
-        for a, b in zip(plain, engine.run_passes(len(pixels), load, crf="coca", chunk=10, spill=str(tmp_path)),
-                        strict=True):
+        for a, b in zip(plain[crf], engine.run_passes(n, load("pixels", pixels), load("colours", rgb), crf=crf,
+                                                      chunk=10, spill=str(tmp_path)), strict=True):
             for field in ("image_confidence", "regions_found", "regions_kept", "fallback", "stage2", "final"):
                 np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
         assert list(tmp_path.iterdir()) == []  # an unnamed file: nothing to clean up
@@ -137,8 +143,8 @@ def test_passes_with_a_spill_read_the_tokens_back_instead_of_recomputing_them(en
 
     monkeypatch.setattr(engine, "_tokens", counted_tokens)
     monkeypatch.setattr(engine_module, "_memory_fs", lambda folder: False)  # whatever this machine's /tmp is
-    assert run() == {"backbone": n, "pixels": 2 * n}  # pass 1, then the CRF's colours in pass 4
-    recomputed = {"backbone": 3 * n, "pixels": 4 * n}
+    assert run("coca") == {"backbone": n, "pixels": n, "colours": n}  # pass 1, then the CRF's colours in pass 4
+    once, recomputed = {"backbone": n, "pixels": n, "colours": 0}, {"backbone": 3 * n, "pixels": 3 * n, "colours": 0}
     writes, pwrite, preadv = [], os.pwrite, os.preadv
 
     def filling(fd, data, offset):  # the disk fills up during pass 1
@@ -162,10 +168,10 @@ def test_passes_with_a_spill_read_the_tokens_back_instead_of_recomputing_them(en
     other = engine_module.SpillFile.open(str(tmp_path), n, per_image)  # another group's file takes it
     assert other is not None and run() == recomputed
     other.close()
-    assert run() == {"backbone": n, "pixels": 2 * n}
+    assert run() == once
     written = engine_module.SpillFile.open(str(tmp_path), n, per_image)  # its rows are in the disk's used space:
     written.append(np.zeros((n, per_image), np.float32))  # they no longer count against the room
-    assert run() == {"backbone": n, "pixels": 2 * n}
+    assert run() == once
     written.close()
 
 
@@ -244,7 +250,7 @@ def test_results_do_not_depend_on_the_micro_batch(engine):
     for mb, r in runs.items():
         np.testing.assert_array_equal(r.details.stage1_weights, forward, err_msg=f"micro-batch {mb}")
         _same(r, runs[32])
-    passes = list(engine.run_passes(len(pixels), lambda a, b: (pixels[a:b], rgb[a:b]), crf="none", micro_batch=5))
+    passes = list(engine.run_passes(len(pixels), lambda a, b: pixels[a:b], crf="none", micro_batch=5))
     assert {(p.confidence, p.threshold) for p in passes} == {(runs[32].confidence, runs[32].threshold)}
     np.testing.assert_array_equal(np.concatenate([p.final for p in passes]), runs[32].final)
 
@@ -259,25 +265,29 @@ def test_scosparc_stage1_gives_the_weights_of_predict_group(model):
 
 def test_passes_read_the_colour_views_only_for_a_crf_and_return_a_deferred_crfs(engine):
     """The last pass needs no backbone: it reads the colour views, and only when a CRF runs (here or deferred);
-    a deferred CRF gets each chunk's own views on its result."""
+    the first three read only the network views. A deferred CRF gets each chunk's own views on its result; a CRF
+    without colours is refused."""
     pixels, _ = _group("horse", 20, seed=7)
     rgb = np.stack([np.full((224, 224, 3), i, np.uint8) for i in range(20)])  # image i's colour view is all i
     for crf, backend, colours in (("none", "auto", False), ("coca", "defer", True), ("coca", "pydensecrf", True)):
-        loads = []
+        loads = {"pixels": [], "colours": []}
 
-        def load(a, b):
-            loads.append((a, b))
-            return pixels[a:b], rgb[a:b]
+        def load(kind, views):
+            return lambda a, b: loads[kind].append((a, b)) or views[a:b]
 
-        chunks = list(engine.run_passes(20, load, crf=crf, crf_backend=backend, chunk=6))
+        chunks = list(engine.run_passes(20, load("pixels", pixels), load("colours", rgb), crf=crf,
+                                        crf_backend=backend, chunk=6))
         backbone_loads = 3 * len(range(0, 20, engine.micro_batch))  # three passes of micro-batches (8)
-        assert len(loads) == backbone_loads + (len(chunks) if colours else 0), (crf, backend, loads)
+        assert len(loads["pixels"]) == backbone_loads, (crf, backend, loads)
+        assert len(loads["colours"]) == (len(chunks) if colours else 0), (crf, backend, loads)
         for c in chunks:
             if backend == "defer":
                 assert not c.crf_applied
                 np.testing.assert_array_equal(c.crf_rgb, rgb[c.start:c.start + len(c)])
             else:
                 assert c.crf_applied and c.crf_rgb is None
+    with pytest.raises(ValueError, match="colour inputs"):
+        next(engine.run_passes(20, load("pixels", pixels), crf="coca"))
 
 
 def _crf_images(n, size, seed):

@@ -227,3 +227,8 @@ def test_a_group_in_passes_with_bad_images_gives_the_rows_it_gives_without_the_v
     assert spill_files() == before + 1  # the views file is open while rows come
     early.close()
     assert spill_files() == before and engine_module.SpillFile._reserved == reserved
+    early = _actor(tiny_weights, crf="coca", crf_backend="defer", one_pass_images=4, chunk_size=3)(batch)
+    next(early)
+    assert spill_files() == before + 2  # with a CRF the colour views have their own file: passes read one view
+    early.close()
+    assert spill_files() == before and engine_module.SpillFile._reserved == reserved
