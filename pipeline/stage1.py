@@ -22,7 +22,7 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -283,13 +283,13 @@ class Stage1Actor:
         # and decoded once, by the probe, instead of once more in each pass that needs pixels or colours. One file
         # per view, so a pass reads only the view it needs; the colour view only for a CRF.
         with contextlib.ExitStack() as files:
-            views = [None, None]
-            if not one_pass:
-                for i in range(1 if self.settings.crf == "none" else 2):
-                    views[i] = self._spill(len(uris), int(np.prod(VIEW)), np.uint8)
-                    if views[i] is not None:
-                        files.enter_context(views[i])
-            yield from self._run_probed(row, uris, one_pass, *views, start)
+            def view_file() -> SpillFile | None:
+                file = self._spill(len(uris), int(np.prod(VIEW)), np.uint8)
+                return files.enter_context(file) if file is not None else None
+
+            net_file = None if one_pass else view_file()
+            crf_file = None if one_pass or self.settings.crf == "none" else view_file()
+            yield from self._run_probed(row, uris, one_pass, net_file, crf_file, start)
 
     def _run_probed(self, row: dict, uris: list[str], one_pass: bool, net_file: SpillFile | None,
                     crf_file: SpillFile | None, start: float) -> Iterator[list[dict]]:
@@ -323,13 +323,12 @@ class Stage1Actor:
                 raise exc
             return d
 
-        def pixels(a: int, b: int) -> np.ndarray:
-            kept = net_file.read(a, b) if net_file is not None else None  # the ok images, in order
-            return kept.reshape(b - a, *VIEW) if kept is not None else redecode(a, b).net
-
-        def colours(a: int, b: int) -> np.ndarray:
-            kept = crf_file.read(a, b) if crf_file is not None else None
-            return kept.reshape(b - a, *VIEW) if kept is not None else redecode(a, b).crf
+        def reader(file: SpillFile | None, view: str) -> Callable[[int, int], np.ndarray]:
+            """One view ("net" or "crf") of the ok images a..b-1, in order: from its file, else decoded again."""
+            def read(a: int, b: int) -> np.ndarray:
+                kept = file.read(a, b) if file is not None else None
+                return kept.reshape(b - a, *VIEW) if kept is not None else getattr(redecode(a, b), view)
+            return read
 
         def tick(step: str, done: int) -> None:
             if self.state is not None:
@@ -339,8 +338,9 @@ class Stage1Actor:
         try:
             # tokens kept on the node's disk when it has room: each image through the backbone once
             start = time.perf_counter()
-            for part in self.engine.run_passes(len(ok), pixels, colours, crf=s.crf, crf_backend=s.crf_backend,
-                                               chunk=s.chunk_size, progress=tick, spill=self._token_dir()):
+            for part in self.engine.run_passes(len(ok), reader(net_file, "net"), reader(crf_file, "crf"),
+                                               crf=s.crf, crf_backend=s.crf_backend, chunk=s.chunk_size,
+                                               progress=tick, spill=self._token_dir()):
                 # the engine's time for this part (the first carries the passes before it), not the waits in yield
                 seconds = _per_image(time.perf_counter() - start, len(part))
                 part_idx = ok[part.start:part.start + len(part)]

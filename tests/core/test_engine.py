@@ -69,6 +69,11 @@ def groups():
     return [_group("horse", 5), _group("disc", 3, seed=1), _group("horse", 11, seed=2)]
 
 
+def _reader(views, log: list):
+    """``views[a:b]`` for ``run_passes``, each call's range appended to ``log``."""
+    return lambda a, b: log.append((a, b)) or views[a:b]
+
+
 def _same(a, b):
     assert (a.confidence, a.threshold) == (b.confidence, b.threshold)
     for field in ("image_confidence", "regions_found", "regions_kept", "fallback", "stage2", "final"):
@@ -86,14 +91,7 @@ def test_passes_equal_one_pass(engine):
     pixels, rgb = _group("horse", 29, seed=4)
     whole = engine.run([pixels], [rgb], crf="coca", details=True)[0]
     loads = []
-
-    def load(views):
-        def read(start, stop):
-            loads.append((start, stop))
-            return views[start:stop]
-        return read
-
-    chunks = list(engine.run_passes(len(pixels), load(pixels), load(rgb), crf="coca", chunk=10))
+    chunks = list(engine.run_passes(len(pixels), _reader(pixels, loads), _reader(rgb, loads), crf="coca", chunk=10))
     assert [c.start for c in chunks] == [0, 10, 20] and sum(len(c) for c in chunks) == 29
     assert max(stop - start for start, stop in loads) <= 10  # a micro-batch (8) or an output chunk (10)
     for c in chunks:
@@ -117,29 +115,24 @@ def test_passes_with_a_spill_read_the_tokens_back_instead_of_recomputing_them(en
     n = len(pixels)
     plain = {crf: list(engine.run_passes(n, lambda a, b: pixels[a:b], lambda a, b: rgb[a:b], crf=crf, chunk=10))
              for crf in ("coca", "none")}
-    calls = {"backbone": 0, "pixels": 0, "colours": 0}
-    tokens = engine._tokens
+    tokens, backbone = engine._tokens, []
 
     def counted_tokens(groups, micro_batch=None):
-        calls["backbone"] += sum(len(g) for g in groups)
+        backbone.extend(len(g) for g in groups)
         return tokens(groups, micro_batch)
 
-    def load(kind, views):
-        def read(start, stop):
-            calls[kind] += stop - start
-            return views[start:stop]
-        return read
-
     def run(crf: str = "none") -> dict:
-        calls.update(backbone=0, pixels=0, colours=0)
+        backbone.clear()
+        loads = {"pixels": [], "colours": []}
         reserved = engine_module.SpillFile._reserved
-        for a, b in zip(plain[crf], engine.run_passes(n, load("pixels", pixels), load("colours", rgb), crf=crf,
-                                                      chunk=10, spill=str(tmp_path)), strict=True):
+        for a, b in zip(plain[crf], engine.run_passes(n, _reader(pixels, loads["pixels"]),
+                                                      _reader(rgb, loads["colours"]), crf=crf, chunk=10,
+                                                      spill=str(tmp_path)), strict=True):
             for field in ("image_confidence", "regions_found", "regions_kept", "fallback", "stage2", "final"):
                 np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
         assert list(tmp_path.iterdir()) == []  # an unnamed file: nothing to clean up
         assert engine_module.SpillFile._reserved == reserved  # given back
-        return dict(calls)
+        return {"backbone": sum(backbone), **{k: sum(b - a for a, b in v) for k, v in loads.items()}}
 
     monkeypatch.setattr(engine, "_tokens", counted_tokens)
     monkeypatch.setattr(engine_module, "_memory_fs", lambda folder: False)  # whatever this machine's /tmp is
@@ -271,12 +264,8 @@ def test_passes_read_the_colour_views_only_for_a_crf_and_return_a_deferred_crfs(
     rgb = np.stack([np.full((224, 224, 3), i, np.uint8) for i in range(20)])  # image i's colour view is all i
     for crf, backend, colours in (("none", "auto", False), ("coca", "defer", True), ("coca", "pydensecrf", True)):
         loads = {"pixels": [], "colours": []}
-
-        def load(kind, views):
-            return lambda a, b: loads[kind].append((a, b)) or views[a:b]
-
-        chunks = list(engine.run_passes(20, load("pixels", pixels), load("colours", rgb), crf=crf,
-                                        crf_backend=backend, chunk=6))
+        chunks = list(engine.run_passes(20, _reader(pixels, loads["pixels"]), _reader(rgb, loads["colours"]),
+                                        crf=crf, crf_backend=backend, chunk=6))
         backbone_loads = 3 * len(range(0, 20, engine.micro_batch))  # three passes of micro-batches (8)
         assert len(loads["pixels"]) == backbone_loads, (crf, backend, loads)
         assert len(loads["colours"]) == (len(chunks) if colours else 0), (crf, backend, loads)
@@ -287,7 +276,7 @@ def test_passes_read_the_colour_views_only_for_a_crf_and_return_a_deferred_crfs(
             else:
                 assert c.crf_applied and c.crf_rgb is None
     with pytest.raises(ValueError, match="colour inputs"):
-        next(engine.run_passes(20, load("pixels", pixels), crf="coca"))
+        next(engine.run_passes(20, _reader(pixels, []), crf="coca"))
 
 
 def _crf_images(n, size, seed):

@@ -222,13 +222,10 @@ def test_a_group_in_passes_with_bad_images_gives_the_rows_it_gives_without_the_v
         return sum("scosparc-spill-" in name for name in names)
 
     before = spill_files()
-    early = _actor(tiny_weights, crf="none", one_pass_images=4, chunk_size=3, decode_threads=1)(batch)
-    next(early)
-    assert spill_files() == before + 1  # the views file is open while rows come
-    early.close()
-    assert spill_files() == before and engine_module.SpillFile._reserved == reserved
-    early = _actor(tiny_weights, crf="coca", crf_backend="defer", one_pass_images=4, chunk_size=3)(batch)
-    next(early)
-    assert spill_files() == before + 2  # with a CRF the colour views have their own file: passes read one view
-    early.close()
-    assert spill_files() == before and engine_module.SpillFile._reserved == reserved
+    # the views files are open while rows come; with a CRF the colour views have their own: passes read one view
+    for crf, files in (({"crf": "none"}, 1), ({"crf": "coca", "crf_backend": "defer"}, 2)):
+        early = _actor(tiny_weights, one_pass_images=4, chunk_size=3, decode_threads=1, **crf)(batch)
+        next(early)
+        assert spill_files() == before + files
+        early.close()
+        assert spill_files() == before and engine_module.SpillFile._reserved == reserved
